@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models built from configs (no weights are downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 128
+
+
+def make_tiny_llama(attention_bias: bool = False, vocab_size: int = VOCAB, seed: int = 0,
+                    tie_word_embeddings: bool = False, **kw) -> LlamaForCausalLM:
+    """A 2-layer Llama-style model (q/k/v/o, gate/up/down), random weights, eval mode."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, attention_bias=attention_bias,
+                      tie_word_embeddings=tie_word_embeddings, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_tiny_gpt2(vocab_size: int = VOCAB, seed: int = 0, **kw) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2-style model; its projections are transformers `Conv1D` (weight in×out)."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2() -> GPT2LMHeadModel:
+    return make_tiny_gpt2()
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (2, 11), generator=g)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The embedded SmolLM2-135M converted into the lorakit cache (tests marked default_model)."""
+    from lorakit.base.default_model import default_model_dir as _dir
+    return _dir()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(default_model_dir):
+    """SmolLM2's real tokenizer and chat template, from the cached default model."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(default_model_dir)
