@@ -24,7 +24,8 @@ def make_tiny_gpt2(vocab_size: int = VOCAB, seed: int = 0, **kw) -> GPT2LMHeadMo
     """A 2-layer GPT-2-style model; its projections are transformers `Conv1D` (weight in×out)."""
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
+                     eos_token_id=2, **kw)
     return GPT2LMHeadModel(cfg).eval()
 
 

@@ -1,0 +1,139 @@
+"""Adapter files in the PEFT on-disk format.
+
+A directory holds `adapter_config.json` (the LoraConfig, sorted keys) and
+`adapter_model.safetensors` with PEFT's tensor names: "base_model.model." + the module path in
+the transformers model + ".lora_A.weight" / ".lora_B.weight" (adapter name removed). Full copies
+(modules_to_save) are stored under the original module's names, trained biases under the
+parameter's own name (".base_layer.bias" inside a wrapped layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save
+
+from lorakit.config import LoraConfig
+from lorakit.lora.layer import lora_layers, saved_modules
+
+if TYPE_CHECKING:
+    from lorakit.lora.model import LoraModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def peft_parameters(lora_model: "LoraModel", adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """PEFT key -> the live parameter, for everything one adapter saves (used both ways)."""
+    config = lora_model.peft_config[adapter_name]
+    model = lora_model.model
+    params: dict[str, torch.nn.Parameter] = {}
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.adapters:
+            continue
+        for suffix, p in layer.adapters[adapter_name].peft_tensors().items():
+            params[f"{PREFIX}{name}.{suffix}"] = p
+        if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            params[f"{PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
+    for name, module in saved_modules(model):
+        if adapter_name in module.copies:
+            for pname, p in module.copies[adapter_name].named_parameters():
+                params[f"{PREFIX}{name}.{pname}"] = p
+    if config.bias == "all":
+        for pname, p in model.named_parameters():
+            inside_adapter = ".adapters." in pname or ".original_module." in pname \
+                or ".copies." in pname
+            if pname.endswith("bias") and not inside_adapter:
+                params[f"{PREFIX}{pname}"] = p
+    return params
+
+
+def save_adapter(lora_model: "LoraModel", directory: str | Path, adapter_name: str) -> None:
+    """Write one adapter as a PEFT adapter directory (weights first, then config; both atomic)."""
+    directory = Path(directory)
+    tensors = {k: p.detach().to("cpu").contiguous().clone()
+               for k, p in peft_parameters(lora_model, adapter_name).items()}
+    config = copy.deepcopy(lora_model.peft_config[adapter_name])
+    config.inference_mode = True
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / CONFIG_NAME, (config.to_json() + "\n").encode())
+
+
+def read_adapter_config(path: str | Path) -> LoraConfig:
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not an adapter directory")
+    try:
+        return LoraConfig.from_json_file(str(file))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if (path / WEIGHTS_NAME).is_file():
+        return load_file(str(path / WEIGHTS_NAME))
+    if (path / LEGACY_WEIGHTS_NAME).is_file():
+        # old PEFT pickles: weights_only refuses anything but tensors, so no code can run
+        return torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path}")
+
+
+def load_adapter(lora_model: "LoraModel", path: str | Path, adapter_name: str,
+                 is_trainable: bool = False) -> None:
+    """Inject the adapter stored at `path` under `adapter_name` and copy its weights in."""
+    config = read_adapter_config(path)
+    config.inference_mode = not is_trainable
+    weights = read_adapter_weights(path)
+    lora_model.add_adapter(adapter_name, config)
+    try:
+        _copy_weights(lora_model, adapter_name, weights, path)
+    except Exception:
+        lora_model.delete_adapter(adapter_name)
+        raise
+
+
+@torch.no_grad()
+def _copy_weights(lora_model: "LoraModel", adapter_name: str, weights: dict[str, torch.Tensor],
+                  path: str | Path) -> None:
+    params = peft_parameters(lora_model, adapter_name)
+    unexpected = sorted(set(weights) - set(params))
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} tensors match nothing in the model "
+                         f"(e.g. {unexpected[:3]}); is this adapter for another base model?")
+    missing = sorted(k for k in set(params) - set(weights) if ".lora_" in k)
+    if missing:
+        raise ValueError(f"{path}: adapter weights are missing {len(missing)} tensors "
+                         f"(e.g. {missing[:3]})")
+    for key, tensor in weights.items():
+        target = params[key]
+        if target.shape != tensor.shape:
+            module = key[len(PREFIX):].rsplit(".", 2 if key.endswith(".weight") else 1)[0]
+            raise ValueError(
+                f"{path}: tensor for module '{module}' ({key.rsplit('.', 2)[-2]}) has shape "
+                f"{tuple(tensor.shape)} but the base model needs {tuple(target.shape)}; "
+                "was this adapter trained on another base model?")
+        target.copy_(tensor.to(device=target.device, dtype=target.dtype))

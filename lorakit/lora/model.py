@@ -1,0 +1,267 @@
+"""`LoraModel`: a transformers causal LM with LoRA adapters injected, PEFT-style API.
+
+Injection replaces each targeted layer by a `LoraLayer` that wraps it in place, so the wrapped
+model keeps its class, its forward, its `generate`, and its module names (plus ".base_layer").
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.lora import backends
+from lorakit.lora.layer import (LoraLayer, ModulesToSave, adapters_disabled, lora_layers,
+                                saved_modules, set_submodule)
+from lorakit.lora.targeting import find_targets, resolve_target_modules
+from lorakit.lora.variants import variant_for
+
+BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed-adapter batches
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
+
+
+def validate_adapter_name(name: str) -> None:
+    """Adapter names become module and directory names: keep them plain."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name.startswith("lora_") \
+            or name in (BASE_ADAPTER, "base_layer", "original_module", "copies", "adapters"):
+        raise ValueError(
+            f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (no path separators, "
+            "no '.', not starting with 'lora_', not a reserved name)")
+
+
+class LoraModel(nn.Module):
+    """A transformers model with LoRA adapters. `self.model` is the (modified in place) model."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig | None, adapter_name: str = "default",
+                 adapter_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.adapter_dtype = adapter_dtype
+        self.active_adapters: list[str] = []
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+
+    # -- pass-through to the wrapped model ----------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model
+
+    # -- adapters -----------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Inject a new adapter (inactive until `set_adapter`; the first one is made active)."""
+        validate_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter '{adapter_name}' already exists")
+        config = copy.deepcopy(config)
+        config.target_modules = resolve_target_modules(self.model, config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(self.model, "name_or_path", None) or None
+        targets = find_targets(self.model, config, config.target_modules)
+        variant = variant_for(config.use_dora)
+        for name in targets:
+            module = self.model.get_submodule(name)
+            if not isinstance(module, LoraLayer):
+                if backends.is_fan_in_fan_out(module):
+                    config.fan_in_fan_out = True  # as PEFT does: Conv1D stores W transposed
+                module = LoraLayer(module)
+                set_submodule(self.model, name, module)
+            r, alpha = config.rank_and_alpha(name)
+            module.add_adapter(adapter_name, r, alpha, config.scaling(r, alpha),
+                               config.lora_dropout, config.init_lora_weights, variant,
+                               self.adapter_dtype)
+        for name in self._modules_to_save_names(config):
+            module = self.model.get_submodule(name)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                set_submodule(self.model, name, module)
+            module.add_copy(adapter_name)
+        self.peft_config[adapter_name] = config
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+        self._apply_active()
+
+    def _modules_to_save_names(self, config: LoraConfig) -> list[str]:
+        if not config.modules_to_save:
+            return []
+        from lorakit.lora.targeting import candidate_modules
+        names = [n for n, m in candidate_modules(self.model)
+                 if n and any(n == s or n.endswith("." + s) for s in config.modules_to_save)]
+        missing = [s for s in config.modules_to_save
+                   if not any(n == s or n.endswith("." + s) for n in names)]
+        if missing:
+            raise ValueError(f"modules_to_save: no module named {missing} in "
+                             f"{type(self.model).__name__}")
+        return names
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters active: they run in forward and are the trainable ones."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; have {self.list_adapters()}")
+        self.active_adapters = names
+        self._apply_active()
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def list_adapters(self) -> list[str]:
+        return list(self.peft_config)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter '{adapter_name}'; have {self.list_adapters()}")
+        for _, layer in lora_layers(self.model):
+            if adapter_name in layer.adapters:
+                layer.delete_adapter(adapter_name)
+        for _, module in saved_modules(self.model):
+            if adapter_name in module.copies:
+                del module.copies[adapter_name]
+        del self.peft_config[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        if not self.active_adapters and self.peft_config:
+            self.active_adapters = [next(iter(self.peft_config))]
+        self._apply_active()
+
+    def _apply_active(self) -> None:
+        """Route forward through the active adapters and make exactly their parameters trainable."""
+        for _, layer in lora_layers(self.model):
+            layer.set_active(self.active_adapters)
+        for _, module in saved_modules(self.model):
+            module.set_active(self.active_adapters)
+        self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for name in self.active_adapters:
+            config = self.peft_config[name]
+            if config.inference_mode:
+                continue
+            for _, layer in lora_layers(self.model):
+                if name in layer.adapters:
+                    layer.adapters[name].requires_grad_(True)
+                    if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                        layer.base_layer.bias.requires_grad_(True)
+            for _, module in saved_modules(self.model):
+                if name in module.copies:
+                    module.copies[name].requires_grad_(True)
+            if config.bias == "all":
+                for pname, p in self.model.named_parameters():
+                    if pname.endswith("bias") and ".adapters." not in pname:
+                        p.requires_grad_(True)
+
+    # -- counting -----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; a 4-bit packed weight counts as its real size."""
+        trainable = total = 0
+        for p in self.model.parameters():
+            n = p.numel() * (2 if backends.is_packed_4bit(p) else 1)
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # -- merge / disable ----------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the (active) adapters into the base weights; forward then costs nothing extra."""
+        self._warn_if_lossy_merge()
+        for _, layer in lora_layers(self.model):
+            layer.merge(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in lora_layers(self.model):
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge, then return the plain transformers model (same class as the base)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self.unload(_merged=True)
+
+    def unload(self, _merged: bool = False) -> nn.Module:
+        """Remove every adapter and return the base model (unmerged adapters are discarded)."""
+        for name, layer in list(lora_layers(self.model)):
+            if layer.merged_adapters and not _merged:
+                layer.unmerge()
+            set_submodule(self.model, name, layer.base_layer)
+        for name, module in list(saved_modules(self.model)):
+            # a merged model keeps the trained copy; a plain unload restores the original
+            keep = module.copies[module.active_adapter] if _merged and module.active_adapter \
+                else module.original_module
+            set_submodule(self.model, name, keep)
+        model = self.model
+        self.peft_config.clear()
+        return model
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """`with model.disable_adapters():` runs the base model (merged adapters unmerged)."""
+        with adapters_disabled(self.model):
+            yield
+
+    def _warn_if_lossy_merge(self) -> None:
+        if any(backends.is_linear4bit(layer.base_layer) for _, layer in lora_layers(self.model)):
+            warnings.warn("merging into a 4-bit base re-quantizes the weights, which is lossy; "
+                          "prefer exporting a merged bf16/fp32 model", stacklevel=3)
+
+    # -- files --------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path,
+                        selected_adapters: list[str] | None = None) -> None:
+        """PEFT layout: 'default' at the root, every other adapter in <dir>/<name>/."""
+        from lorakit.adapter_io import save_adapter
+        for name in selected_adapters or self.list_adapters():
+            sub = Path(save_directory) if name == "default" else Path(save_directory) / name
+            save_adapter(self, sub, name)
+
+    def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        from lorakit.adapter_io import load_adapter
+        load_adapter(self, path, adapter_name, is_trainable=is_trainable)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False,
+                        adapter_dtype: torch.dtype = torch.float32) -> "LoraModel":
+        """Load an adapter directory written by lorakit or PEFT onto `model`."""
+        lora = cls(model, None, adapter_dtype=adapter_dtype)
+        lora.load_adapter(path, adapter_name, is_trainable=is_trainable)
+        lora.set_adapter(adapter_name)
+        return lora
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                   adapter_dtype: torch.dtype = torch.float32) -> LoraModel:
+    """Freeze `model`, inject the adapters `config` describes, and return the LoraModel.
+
+    Adapter weights are kept in `adapter_dtype` (fp32 by default) whatever the base dtype.
+    """
+    return LoraModel(model, config, adapter_name=adapter_name, adapter_dtype=adapter_dtype)
