@@ -1,0 +1,13 @@
+"""Base models: loading (default model, local dirs, hub ids), dtype choice, 4/8-bit quantization."""
+
+from lorakit.base.default_model import DefaultModelMissing, default_model_dir, lorakit_home
+from lorakit.base.loading import (ModelNotFoundError, QuantizationUnsupportedError, bf16_is_fast,
+                                  cpu_has_fast_bf16, load_model, resolve_dtype)
+from lorakit.base.quantize import (dequantize_model, export_merged, prepare_for_kbit_training,
+                                   quantize_model)
+
+__all__ = [
+    "DefaultModelMissing", "ModelNotFoundError", "QuantizationUnsupportedError", "bf16_is_fast",
+    "cpu_has_fast_bf16", "default_model_dir", "dequantize_model", "export_merged", "load_model",
+    "lorakit_home", "prepare_for_kbit_training", "quantize_model", "resolve_dtype",
+]

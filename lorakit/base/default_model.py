@@ -3,7 +3,8 @@
 The package ships the model as one GGUF file. We never import the package (its `__init__`
 needs unrelated dependencies); we find the file through its installed metadata, convert it
 once with transformers' GGUF support into a safetensors directory under the lorakit cache,
-and load that directory afterwards (~17 s the first time, well under a second later).
+and load that directory afterwards (about a minute the first time on 2 CPU cores, about
+a second later).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,15 +61,18 @@ def default_model_dir(cache_root: Path | None = None) -> Path:
     """Directory with the default model as safetensors + tokenizer, converting it on first use.
 
     The conversion is written into a temporary sibling directory and renamed into place, so an
-    interrupted conversion never leaves a half-written cache behind.
+    interrupted conversion never leaves a half-written cache behind: the cache directory exists
+    if and only if it is complete.
     """
     gguf = find_default_gguf()
     root = Path(cache_root) if cache_root is not None else lorakit_home()
     target = root / "models" / DEFAULT_MODEL_NAME
-    if (target / "config.json").is_file():
+    if _is_complete(target):
         return target
-    root.joinpath("models").mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=target.parent))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(target)
+    # same parent directory as the target, so the final rename is atomic (one filesystem)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{DEFAULT_MODEL_NAME}.", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any other
     try:
         _convert_gguf(gguf, tmp)
@@ -75,31 +80,72 @@ def default_model_dir(cache_root: Path | None = None) -> Path:
             os.rename(tmp, target)
         except OSError:
             # another process finished first: its copy is as good as ours
-            if not (target / "config.json").is_file():
+            if not _is_complete(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_S = 6 * 3600  # a conversion takes about a minute; older leftovers are from killed runs
+
+
+def _is_complete(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def _remove_stale_temp_dirs(target: Path) -> None:
+    # A SIGKILLed conversion cannot run its cleanup; sweep its leftovers by age so that a
+    # conversion running concurrently in another process is never touched.
+    now = time.time()
+    for p in target.parent.glob(f"{_TMP_PREFIX}{target.name}.*"):
+        try:
+            if now - p.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+class _Progress:
+    """Numbered stage lines on stderr with elapsed times (transformers adds its own tensor bar)."""
+
+    def __init__(self, total: int):
+        self.total, self.step, self.t0 = total, 0, time.time()
+
+    def stage(self, text: str) -> None:
+        self.step += 1
+        print(f"lorakit: [{self.step}/{self.total}] {text} ({time.time() - self.t0:.0f} s)",
+              file=sys.stderr, flush=True)
+
+
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"lorakit: converting the default model {gguf.name} once into {out_dir.parent} ...",
-          flush=True)
-    t0 = time.time()
+    print(f"lorakit: converting the default model {gguf.name} once into {out_dir.parent} "
+          f"(about a minute; later loads take about a second)", file=sys.stderr, flush=True)
+    progress = _Progress(total=4)
     kw = dict(gguf_file=gguf.name)
+    progress.stage("reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    progress.stage("dequantizing the GGUF weights to float32")
     dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype="float32", **kw)
     # transformers marks GGUF-loaded models as "quantized" and refuses to save them, although
-    # the weights are plain fp32 tensors by now: rebuild a plain model from the config.
+    # the weights are plain fp32 tensors by now: rebuild a plain model from the config. On the
+    # meta device that costs no memory and no random init; the real tensors are then assigned.
+    progress.stage("rebuilding a plain float32 model")
     config = dequantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(dequantized.state_dict())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantized.state_dict(), assign=True)
+    model.tie_weights()
     model.generation_config = dequantized.generation_config
+    del dequantized
+    progress.stage(f"writing safetensors into {out_dir.parent}")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    print(f"lorakit: default model cached in {time.time() - t0:.1f} s", flush=True)
+    print(f"lorakit: default model cached in {time.time() - progress.t0:.1f} s", file=sys.stderr,
+          flush=True)

@@ -52,9 +52,7 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The frozen weight as an fp32 (out, in) matrix: a copy, never a view of the stored one."""
     if is_linear4bit(module):
-        import bitsandbytes.functional as bnbf
-        w = module.weight
-        return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+        return _dequantize_linear4bit(module)
     w = module.weight.detach()
     w = w.t() if is_fan_in_fan_out(module) else w
     return w.to(torch.float32, copy=True)
@@ -71,13 +69,46 @@ def write_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
         stored.copy_(new.to(stored.dtype))
 
 
+def _unpack_cpu_format(module: nn.Module) -> None:
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight into a CPU-only tiled
+    # layout at its first eval forward; the regular dequantize kernel misreads that layout.
+    # Undo it in place, as bitsandbytes' own state_dict saving does (it repacks on next use).
+    import bitsandbytes.functional as bnbf
+
+    w = module.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        module.quant_state = w.quant_state
+
+
+def _dequantize_linear4bit(module: nn.Module) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    if getattr(module.weight, "quant_state", None) is None:
+        raise ValueError(f"{type(module).__name__} holds no quantized weight yet (its weight is "
+                         "quantized when the layer is moved to a device)")
+    _unpack_cpu_format(module)
+    w = module.weight
+    # dequantize_4bit allocates a fresh (out, in) tensor in the quant state's dtype
+    return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+
+
 def _requantize_linear4bit(module: nn.Module, weight: torch.Tensor) -> None:
+    """Quantize an fp32 (out, in) matrix into the layer's existing 4-bit format (lossy)."""
     import bitsandbytes as bnb
 
+    if getattr(module.weight, "quant_state", None) is None:
+        raise ValueError(f"{type(module).__name__} holds no quantized weight to replace")
+    _unpack_cpu_format(module)  # the CPU tiled layout reports bf16 / non-nested settings
     old = module.weight
     qs = old.quant_state
-    dtype = qs.dtype if qs is not None else torch.bfloat16
-    new = bnb.nn.Params4bit(weight.to(dtype).cpu(), requires_grad=False, quant_type=qs.quant_type,
-                            blocksize=qs.blocksize, compress_statistics=qs.nested is not None
-                            and bool(qs.nested) if hasattr(qs, "nested") else True)
-    module.weight = new.to(old.device)
+    if tuple(weight.shape) != tuple(qs.shape):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match the layer's "
+                         f"{tuple(qs.shape)}")
+    # Quantize from the dtype the layer was quantized from, so dequantization keeps its dtype.
+    new = bnb.nn.Params4bit(weight.detach().to(device=old.device, dtype=qs.dtype),
+                            requires_grad=False, blocksize=qs.blocksize,
+                            compress_statistics=qs.nested, quant_type=qs.quant_type,
+                            quant_storage=getattr(old, "quant_storage", torch.uint8),
+                            module=module)
+    module.weight = new._quantize(old.device)  # also updates module.quant_state

@@ -1,0 +1,295 @@
+"""QLoRA plumbing around bitsandbytes: quantize a model in memory, prepare it for training, and
+export a LoRA model on a quantized base as a plain (bf16/fp32) transformers checkpoint.
+
+We never write a 4-bit format of our own: every quantized layer is a bitsandbytes `Linear4bit`
+(NF4/FP4, double quantization, blocksize 64) or `Linear8bitLt`, the same layers transformers'
+`BitsAndBytesConfig` builds, so adapters move freely between lorakit and PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:
+        raise ImportError(f"quantization needs bitsandbytes (pip install bitsandbytes): {e}") from e
+    return bnb
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    # "lm_head" skips "lm_head" and "model.lm_head", never "foo_lm_head"
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def quantize_model(model: nn.Module, quant_type: str = "nf4",
+                   compute_dtype: torch.dtype | None = None, skip: Iterable[str] = ("lm_head",),
+                   *, double_quant: bool = True, blocksize: int = 64,
+                   quant_storage: torch.dtype = torch.uint8,
+                   int8_threshold: float = 6.0) -> nn.Module:
+    """Replace the model's `nn.Linear` layers by bitsandbytes quantized layers, in place.
+
+    quant_type: "nf4" / "fp4" -> `Linear4bit` (double quantization unless `double_quant=False`),
+        "int8" -> `Linear8bitLt` (LLM.int8() with outlier `int8_threshold`, as transformers).
+    compute_dtype: dtype 4-bit layers compute in; default: each layer's current weight dtype.
+    skip: module names (full, or a trailing dotted part) left as they are. The output embedding
+        (lm_head) is always skipped, like any layer sharing its weight with the input embedding.
+    Each layer is quantized on the device its weight is on; embeddings and norms are untouched.
+    For checkpoints on disk, `load_model(..., quantization=...)` quantizes while loading instead.
+    """
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; use one of {', '.join(QUANT_TYPES)}")
+    bnb = _bnb()
+    keep: set[int] = set()
+    for getter in ("get_output_embeddings", "get_input_embeddings"):
+        emb = getattr(model, getter, lambda: None)()
+        if emb is not None and getattr(emb, "weight", None) is not None:
+            keep.add(id(emb.weight))
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # not subclasses
+    if any(re.search(r"(^|\.)lora_[AB](\.|$)", n) for n in names):
+        raise ValueError("quantize the base model before adding LoRA adapters")
+    for name in names:
+        old = model.get_submodule(name)
+        if _skipped(name, skip) or id(old.weight) in keep:
+            continue
+        device, has_bias = old.weight.device, old.bias is not None
+        if quant_type == "int8":
+            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=has_bias,
+                                      has_fp16_weights=False, threshold=int8_threshold,
+                                      device="meta")
+            # Int8Params quantizes when it moves off the CPU-resident float weight
+            new.weight = bnb.nn.Int8Params(old.weight.data.cpu(), requires_grad=False,
+                                           has_fp16_weights=False).to(device)
+        else:
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=has_bias,
+                                    compute_dtype=compute_dtype or old.weight.dtype,
+                                    compress_statistics=double_quant, quant_type=quant_type,
+                                    quant_storage=quant_storage, device="meta")
+            new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False,
+                                           blocksize=blocksize, compress_statistics=double_quant,
+                                           quant_type=quant_type, quant_storage=quant_storage,
+                                           module=new)._quantize(device)
+        if has_bias:
+            new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+        new.train(old.training)
+        parent, child = _parent(model, name)
+        setattr(parent, child, new)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> bitsandbytes quantized linear layer (4-bit or 8-bit)."""
+    bnb = _bnb()
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def quantized_storage_bits(model: nn.Module) -> tuple[int, int]:
+    """(bits stored, weights represented) over the 4-bit layers: packed weights, absmax, nested
+    absmax statistics, code tables and offsets; bits / weights is the cost per parameter."""
+    bnb = _bnb()
+    bits = params = 0
+    seen: set[tuple[str, int]] = set()  # code tables may be shared between layers: count once
+
+    def add(t):
+        nonlocal bits
+        if isinstance(t, torch.Tensor):
+            key = (str(t.device), t.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                bits += t.numel() * t.element_size() * 8
+
+    for m in model.modules():
+        if not isinstance(m, bnb.nn.Linear4bit):
+            continue
+        qs = m.weight.quant_state
+        params += m.in_features * m.out_features
+        add(m.weight.data)
+        for t in (qs.absmax, qs.code, qs.offset):
+            add(t)
+        if qs.state2 is not None:
+            for t in (qs.state2.absmax, qs.state2.code):
+                add(t)
+    return bits, params
+
+
+# --------------------------------------------------------------------------------- k-bit training
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False,
+                              gradient_checkpointing_kwargs: dict | None = None,
+                              upcast_norms: bool = False) -> nn.Module:
+    """Ready a (quantized) base model for adapter training, in place.
+
+    Unlike PEFT's `prepare_model_for_kbit_training`, this does not cast every non-quantized
+    parameter to fp32: for a bf16 base that doubles the memory of embeddings/lm_head/norms for
+    nothing, since they are frozen and only the adapters (kept in fp32 by the LoRA layers) learn.
+    Norms stay in the base dtype (RMSNorm already computes its statistics in fp32); pass
+    `upcast_norms=True` to cast norm layers to fp32 anyway.
+    What it does: freezes every base parameter; optionally casts norms; with
+    `gradient_checkpointing`, enables it (non-reentrant unless told otherwise), makes the input
+    embeddings' output require grad so checkpointed blocks see a graph, and turns the KV cache off.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if upcast_norms:
+        for m in model.modules():
+            if "norm" in type(m).__name__.lower():
+                m.float()
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    return model
+
+
+# ------------------------------------------------------------------------------------ dequantize
+
+def _is_linear8bit(module: nn.Module) -> bool:
+    import sys
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
+
+
+def _dense(module: nn.Module) -> torch.Tensor:
+    """fp32 (out, in) copy of a linear layer's weight, whatever its storage."""
+    from lorakit.lora.backends import dense_weight
+    if _is_linear8bit(module):
+        w = module.weight
+        if w.dtype != torch.int8:  # has_fp16_weights=True: a float weight, not quantized
+            return w.detach().to(torch.float32, copy=True)
+        import bitsandbytes.functional as bnbf
+        return bnbf.int8_vectorwise_dequant(w.data, w.SCB).to(torch.float32)
+    return dense_weight(module)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every bitsandbytes 4/8-bit linear layer by an `nn.Linear` in `dtype`, in place.
+
+    This recovers the quantized values exactly (not the original pre-quantization weights)."""
+    for name, layer in list(quantized_layers(model).items()):
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                        device="meta", dtype=dtype)
+        lin.weight = nn.Parameter(_dense(layer).to(dtype), requires_grad=False)
+        if layer.bias is not None:
+            lin.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        lin.train(layer.training)
+        parent, child = _parent(model, name)
+        setattr(parent, child, lin)
+    return model
+
+
+def _plain_config(config):
+    config = copy.deepcopy(config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    return config
+
+
+def _merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model a LoRA model on a (quantized) base stands for: each
+    LoRA layer's dense base weight plus its active adapters folded in fp32, quantized layers
+    dequantized, full copies (modules_to_save) under their original names, all cast to `dtype`."""
+    from lorakit.lora import backends
+    from lorakit.lora.layer import LoraLayer, ModulesToSave
+
+    state: dict[str, torch.Tensor] = {}
+
+    def put(key: str, t: torch.Tensor) -> None:
+        t = t.detach()
+        state[key] = t.to(dtype) if t.is_floating_point() else t
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, LoraLayer):
+            base = module.base_layer
+            w = _dense(base)
+            for name in module.active_adapters:
+                if name not in module.merged_adapters and not module.disabled:
+                    w += module.adapters[name].delta_weight(w)
+            put(prefix + "weight", w.t() if backends.is_fan_in_fan_out(base) else w)
+            if getattr(base, "bias", None) is not None:
+                put(prefix + "bias", base.bias)
+            return
+        if isinstance(module, ModulesToSave):
+            return visit(module.current, prefix)
+        if _is_linear8bit(module) or backends.is_linear4bit(module):
+            put(prefix + "weight", _dense(module))
+            if module.bias is not None:
+                put(prefix + "bias", module.bias)
+            return
+        for n, p in module._parameters.items():
+            if p is not None:
+                put(prefix + n, p)
+        for n, b in module._buffers.items():
+            if b is not None and n not in module._non_persistent_buffers_set:
+                put(prefix + n, b)
+        for n, child in module._modules.items():
+            if child is not None:
+                visit(child, prefix + n + ".")
+
+    with torch.no_grad():
+        visit(model, "")
+    return state
+
+
+def export_merged(lora_model: nn.Module, out_dir: str | os.PathLike,
+                  dtype: str | torch.dtype = "bfloat16", tokenizer=None) -> Path:
+    """Write the LoRA model as a plain, unquantized transformers checkpoint (the recommended way
+    to merge a QLoRA adapter): every 4/8-bit layer is dequantized, the active adapters are added
+    in fp32, the result is cast to `dtype` ("bfloat16", "float16" or "float32") and saved with
+    `save_pretrained` (plus `tokenizer`, if given). `AutoModelForCausalLM.from_pretrained(out_dir)`
+    opens it. The LoRA model itself is left unchanged. The directory appears atomically.
+    """
+    import shutil
+    import tempfile
+
+    from lorakit.base.loading import resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype)
+    base = getattr(lora_model, "model", lora_model)  # LoraModel wraps the transformers model
+    state = _merged_state_dict(base, torch_dtype)
+    config = _plain_config(base.config)
+    with torch.device("meta"):  # no allocation, no random init: every tensor is assigned below
+        plain = type(base)(config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    out_emb, in_emb = plain.get_output_embeddings(), plain.get_input_embeddings()
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied and out_emb is not None and not torch.equal(out_emb.weight, in_emb.weight):
+        config.tie_word_embeddings = False  # an adapted or trained lm_head no longer matches
+    elif tied:
+        plain.tie_weights()
+    plain.to(torch_dtype)  # parameters already are; this also records the dtype in the config
+    if getattr(base, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(base.generation_config)
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
