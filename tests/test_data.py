@@ -37,6 +37,16 @@ CHAT = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Tiny models gain nothing from threads, and on a busy 2-core machine intra-op threads
+    # spin-wait: a 4x16-token forward took 0.4 s with 2 threads, 4 ms with 1.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -306,6 +316,35 @@ def test_conversational_prompt_completion_trains_on_completion_only(smol_tokeniz
     assert tok.decode(ex["input_ids"]) == tok.apply_chat_template(prompt + completion,
                                                                  tokenize=False)
     assert trained_text(tok, ex) == "Madrid.<|im_end|>"
+
+
+def _bos_word_tokenizer():
+    """A tiny word-level fast tokenizer that adds BOS, like Llama's (built offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in "Q : what is the capital of France ? A Paris".split():
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def test_tokenizer_added_bos_is_kept_and_never_trained():
+    tok = _bos_word_tokenizer()
+    rows = [{"prompt": "Q: what is the capital of France?\nA:", "completion": " Paris"},
+            {"text": "the capital"}]
+    ex = prepare_dataset(rows[:1], tok, 32)[0]
+    assert tok.convert_ids_to_tokens(ex["input_ids"]) == [
+        "<s>", "Q", ":", "what", "is", "the", "capital", "of", "France", "?", "A", ":", "Paris",
+        "</s>"]
+    assert tok.convert_ids_to_tokens([t for t in ex["labels"] if t != IGNORE]) == ["Paris", "</s>"]
+    ex = prepare_dataset(rows[1:], tok, 32)[0]
+    assert tok.convert_ids_to_tokens(ex["input_ids"]) == ["<s>", "the", "capital", "</s>"]
+    assert ex["labels"] == [IGNORE] + ex["input_ids"][1:]
 
 
 # ------------------------------------------------------------------------- truncation and drops

@@ -188,16 +188,22 @@ def render_chat(messages: list[dict], tokenizer, chat_template: str | None = Non
         raise ChatTemplateError(
             "the tokenizer has no chat template; pass chat_template= (a Jinja string)")
 
-    def rendered(msgs: list[dict], gen_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=False,
-                                             add_generation_prompt=gen_prompt)
+    cache: dict[tuple[int, bool], str] = {}
 
-    full = rendered(messages, False)
+    def rendered(n: int, gen_prompt: bool) -> str:
+        """The first n messages, rendered (each prefix once: rendering is the slow part)."""
+        if (n, gen_prompt) not in cache:
+            cache[n, gen_prompt] = tokenizer.apply_chat_template(
+                messages[:n], chat_template=chat_template, tokenize=False,
+                add_generation_prompt=gen_prompt)
+        return cache[n, gen_prompt]
+
+    full = rendered(len(messages), False)
     spans: list[tuple[int, int]] = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant" or i < train_from:
             continue
-        upto = rendered(messages[: i + 1], False)
+        upto = rendered(i + 1, False)
         if not full.startswith(upto):
             raise ChatTemplateError(
                 f"the chat template is not prefix-stable: rendering messages 0..{i} is not a prefix "
@@ -208,7 +214,7 @@ def render_chat(messages: list[dict], tokenizer, chat_template: str | None = Non
         if i == 0:  # transformers refuses to render an empty conversation
             before, header_done = "", False
         else:
-            with_prompt, without = rendered(messages[:i], True), rendered(messages[:i], False)
+            with_prompt, without = rendered(i, True), rendered(i, False)
             if upto.startswith(with_prompt):
                 before, header_done = with_prompt, with_prompt != without
             elif upto.startswith(without):
