@@ -76,8 +76,8 @@ def test_json_sources_read_back_exactly(tmp_path):
 def test_date_like_strings_stay_strings(tmp_path):
     # pyarrow's JSON reader (behind datasets' "json" loader) infers timestamps from such values
     rows = [{"text": "2006-02-01"}, {"text": "2024-01-01T10:00:00"}, {"text": "12"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
     for path in (write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "d.json"):
-        path.write_text(json.dumps(rows)) if path.suffix == ".json" else None
         got = load_records(path)
         assert got == rows and all(type(r["text"]) is str for r in got)
     with open(tmp_path / "d.csv", "w", newline="") as f:
@@ -293,6 +293,11 @@ def test_chat_template_string_without_generation_tags(smol_tokenizer, template):
     first = [{"role": "assistant", "content": "I start."}, {"role": "user", "content": "ok"}]
     ex = prepare_dataset([{"messages": first}], tok, 64, chat_template=template)[0]
     assert trained_text(tok, ex) == "I start.<|im_end|>"
+    # contents that also occur in the role header or in the end-of-turn token
+    tricky = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "end"},
+              {"role": "user", "content": "b"}, {"role": "assistant", "content": "assistant"}]
+    ex = prepare_dataset([{"messages": tricky}], tok, 64, chat_template=template)[0]
+    assert trained_text(tok, ex) == "end<|im_end|>assistant<|im_end|>"
 
 
 @pytest.mark.default_model
@@ -303,6 +308,16 @@ def test_template_breaking_prefix_property_is_refused(smol_tokenizer):
     rows = [{"messages": CHAT[1:3]}, {"messages": CHAT}]
     with pytest.raises(ChatTemplateError, match=r"<list> row 1: .*not prefix-stable"):
         prepare_dataset(rows, smol_tokenizer, 256, chat_template=counting)
+
+
+@pytest.mark.default_model
+def test_template_refusing_a_conversation_names_the_row(smol_tokenizer):
+    strict = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must start with "
+              "user') }}{% endif %}{% for m in messages %}{{ m['content'] + eos_token }}"
+              "{% endfor %}")
+    rows = [{"messages": CHAT[1:3]}, {"messages": CHAT}]
+    with pytest.raises(ChatTemplateError, match=r"<list> row 2: .*roles must start with user"):
+        prepare_dataset(rows, smol_tokenizer, 256, chat_template=strict)
 
 
 @pytest.mark.default_model

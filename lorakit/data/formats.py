@@ -23,7 +23,10 @@ the generation prompt ends where the answer starts, and the rendering of message
 it stops. That needs the template to be prefix-stable (rendering a conversation's first messages
 gives a prefix of rendering all of them); `ChatTemplateError` says so when it is not. The span keeps
 the template's end-of-turn token (e.g. `<|im_end|>`), so the model learns to stop; whitespace the
-template writes after that token (ChatML's "\n") is not trained on.
+template writes after that special token (ChatML's "\n") is not trained on. A template with no
+special end-of-turn token keeps its trailing whitespace in the span: there it is the delimiter.
+Templates without a generation prompt put the assistant's role header in the difference between
+renderings; the span then starts at the message content, found in that difference.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import jinja2
 
 from .errors import ChatTemplateError, DataError
 
@@ -188,14 +193,19 @@ def render_chat(messages: list[dict], tokenizer, chat_template: str | None = Non
         raise ChatTemplateError(
             "the tokenizer has no chat template; pass chat_template= (a Jinja string)")
 
+    def apply(msgs: list[dict], gen_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=False,
+                                                 add_generation_prompt=gen_prompt)
+        except jinja2.TemplateError as e:  # includes the template's raise_exception()
+            raise ChatTemplateError(f"the chat template refused the conversation: {e}") from None
+
     cache: dict[tuple[int, bool], str] = {}
 
     def rendered(n: int, gen_prompt: bool) -> str:
         """The first n messages, rendered (each prefix once: rendering is the slow part)."""
         if (n, gen_prompt) not in cache:
-            cache[n, gen_prompt] = tokenizer.apply_chat_template(
-                messages[:n], chat_template=chat_template, tokenize=False,
-                add_generation_prompt=gen_prompt)
+            cache[n, gen_prompt] = apply(messages[:n], gen_prompt)
         return cache[n, gen_prompt]
 
     full = rendered(len(messages), False)
@@ -224,12 +234,8 @@ def render_chat(messages: list[dict], tokenizer, chat_template: str | None = Non
                     f"the chat template is not prefix-stable: rendering messages 0..{i - 1} is "
                     f"not a prefix of rendering messages 0..{i}")
         start, end = len(before), len(upto)
-        content = msg["content"].strip()
-        if not header_done and content:
-            # the last occurrence: the header before the content may contain the same words
-            found = full.rfind(content, start, end)
-            if found >= 0:
-                start = found
+        if not header_done:
+            start = _content_start(apply, messages, i, before, full, start)
         # Keep the end-of-turn token, not the whitespace the template writes after it.
         trimmed = full[start:end].rstrip()
         if trimmed and any(trimmed.endswith(m) for m in markers):
@@ -238,3 +244,18 @@ def render_chat(messages: list[dict], tokenizer, chat_template: str | None = Non
             raise ChatTemplateError(f"assistant message {i} overlaps the previous one")
         spans.append((start, end))
     return full, spans
+
+
+_PROBE = "\u2063lorakit-probe\u2063"  # content no real message holds; no whitespace to trim
+
+
+def _content_start(apply, messages: list[dict], i: int, before: str, full: str, start: int) -> int:
+    """Where assistant message i's content starts in `full`, past the role header the template
+    writes after `before`: found by rendering the message with a probe as its content. Searching
+    for the content itself could hit the header or the end-of-turn token ("end" in "<|im_end|>").
+    """
+    probed = apply(messages[:i] + [{**messages[i], "content": _PROBE}], False)
+    at = probed.find(_PROBE, len(before))
+    if at >= 0 and probed.startswith(before) and full.startswith(probed[:at]):
+        return at
+    return start  # the header could not be told apart: train on it too, rather than guess
