@@ -80,6 +80,14 @@ def test_date_like_strings_stay_strings(tmp_path):
     for path in (write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "d.json"):
         got = load_records(path)
         assert got == rows and all(type(r["text"]) is str for r in got)
+    # what datasets' "json" loader hands over for such a column is refused, naming the row
+    import datetime
+
+    import datasets
+
+    stamped = datasets.Dataset.from_list([{"text": datetime.datetime(2006, 2, 1)}])
+    with pytest.raises(DataError, match=r"<Dataset> row 1: field 'text' must be a string, got dat"):
+        load_records(stamped)
     with open(tmp_path / "d.csv", "w", newline="") as f:
         csv.writer(f).writerows([["text"], ["2006-02-01"], ["007"], ["1e3"]])
     assert [r["text"] for r in load_records(tmp_path / "d.csv")] == ["2006-02-01", "007", "1e3"]

@@ -122,7 +122,7 @@ def _tokenize(rendered: list[Rendered], tokenizer):
             ids = list(ids)
             labels = token_labels(ids, offsets, r.spans)
             if r.add_eos:
-                if ids and ids[-1] == eos:  # the text already ends with EOS, or the tokenizer adds it
+                if ids and ids[-1] == eos:  # the text ends with EOS, or the tokenizer added it
                     labels[-1] = eos
                 else:
                     ids.append(eos)

@@ -1,16 +1,16 @@
-"""SFT data formats: detect them, validate rows, render rows to text + the character spans to train on.
+"""SFT data formats: detect them, check rows, render rows to text + the character spans to train.
 
 Four formats, told apart by their fields (`detect_format`), or forced with `format=`:
 
-    text               {"text": str}                        loss on every token, EOS appended
-    messages           {"messages": [{"role", "content"}]}  chat template; loss on assistant turns only
-    prompt_completion  {"prompt", "completion"}             loss on the completion only. Both plain
-                                                            strings (EOS appended), or both lists of
-                                                            messages (chat template; loss on the
-                                                            assistant turns of the completion)
-    alpaca             {"instruction", "input", "output"}   prompt from ALPACA_PROMPT; loss on the
-                                                            output only, EOS appended ("input" may be
-                                                            missing, None or "")
+    text               {"text": str}                    loss on every token; EOS appended
+    messages           {"messages": [{role, content}]}  chat template; loss on assistant turns
+    prompt_completion  {"prompt", "completion"}         loss on the completion only. Both plain
+                                                        strings (EOS appended), or both lists of
+                                                        messages (chat template; loss on the
+                                                        completion's assistant turns)
+    alpaca             {"instruction", "input",         prompt from ALPACA_PROMPT; loss on the
+                        "output"}                       output; EOS appended ("input" may be
+                                                        missing, None or "")
 
 Rendering produces one string per row plus the character spans that carry loss; the tokenizer
 turns it into tokens once, with offsets, and a token is trained on when its characters overlap
@@ -26,7 +26,8 @@ the template's end-of-turn token (e.g. `<|im_end|>`), so the model learns to sto
 template writes after that special token (ChatML's "\n") is not trained on. A template with no
 special end-of-turn token keeps its trailing whitespace in the span: there it is the delimiter.
 Templates without a generation prompt put the assistant's role header in the difference between
-renderings; the span then starts at the message content, found in that difference.
+renderings; the span then starts at the message content, located by rendering the message with a
+probe string as its content.
 """
 
 from __future__ import annotations
@@ -216,9 +217,9 @@ def render_chat(messages: list[dict], tokenizer, chat_template: str | None = Non
         upto = rendered(i + 1, False)
         if not full.startswith(upto):
             raise ChatTemplateError(
-                f"the chat template is not prefix-stable: rendering messages 0..{i} is not a prefix "
-                "of rendering the whole conversation (templates that rewrite earlier turns, e.g. "
-                "drop their reasoning, cannot be masked from their rendering)")
+                f"the chat template is not prefix-stable: rendering messages 0..{i} is not a "
+                "prefix of rendering the whole conversation (templates that rewrite earlier "
+                "turns, e.g. drop their reasoning, cannot be masked from their rendering)")
         # Where the answer starts: after the generation prompt when the template has one;
         # otherwise after the previous messages, skipping the role header to the content.
         if i == 0:  # transformers refuses to render an empty conversation
