@@ -16,6 +16,7 @@ from lorakit.data import (
     ALPACA_PROMPT_NO_INPUT,
     ChatTemplateError,
     DataError,
+    SFTData,
     LengthGroupedBatches,
     check_packing_supported,
     collate,
@@ -485,6 +486,7 @@ def test_pack_fills_rows_and_restarts_positions():
             assert r["labels"][a] == IGNORE
             pieces.append(r["input_ids"][a:b])
     assert sorted(pieces) == sorted(e["input_ids"] for e in examples)
+    assert pack(SFTData(examples), max_length=16) == rows  # deterministic, takes SFTData too
     with pytest.raises(ValueError, match="more than max_length"):
         pack(examples, max_length=10)
 
