@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -61,9 +60,10 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4",
         emb = getattr(model, getter, lambda: None)()
         if emb is not None and getattr(emb, "weight", None) is not None:
             keep.add(id(emb.weight))
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # not subclasses
-    if any(re.search(r"(^|\.)lora_[AB](\.|$)", n) for n in names):
+    from lorakit.lora.layer import LoraLayer
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ValueError("quantize the base model before adding LoRA adapters")
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # not subclasses
     for name in names:
         old = model.get_submodule(name)
         if _skipped(name, skip) or id(old.weight) in keep:
