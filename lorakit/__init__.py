@@ -1,8 +1,13 @@
 """lorakit: LoRA and QLoRA fine-tuning of causal language models, PEFT-format adapters."""
 
+from lorakit.base import load_model
 from lorakit.config import LoraConfig
 from lorakit.lora import LoraLayer, LoraModel, get_lora_model
+from lorakit.training import (SFTTrainer, TrainConfig, TrainResult, TrainingDivergedError,
+                              create_loraplus_optimizer)
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraModel", "get_lora_model", "__version__"]
+__all__ = ["LoraConfig", "LoraLayer", "LoraModel", "SFTTrainer", "TrainConfig", "TrainResult",
+           "TrainingDivergedError", "create_loraplus_optimizer", "get_lora_model", "load_model",
+           "__version__"]

@@ -116,6 +116,11 @@ def load_adapter(lora_model: "LoraModel", path: str | Path, adapter_name: str,
         raise
 
 
+def load_adapter_weights(lora_model: "LoraModel", path: str | Path, adapter_name: str) -> None:
+    """Copy saved weights into an adapter that already exists (e.g. resuming training)."""
+    _copy_weights(lora_model, adapter_name, read_adapter_weights(path), path)
+
+
 @torch.no_grad()
 def _copy_weights(lora_model: "LoraModel", adapter_name: str, weights: dict[str, torch.Tensor],
                   path: str | Path) -> None:

@@ -1,0 +1,9 @@
+"""SFT training: config, the loop, checkpoints, optimisers."""
+
+from lorakit.training.checkpoint import TrainState, latest_checkpoint, list_checkpoints
+from lorakit.training.config import TrainConfig
+from lorakit.training.optim import create_loraplus_optimizer
+from lorakit.training.trainer import SFTTrainer, TrainingDivergedError, TrainResult
+
+__all__ = ["SFTTrainer", "TrainConfig", "TrainResult", "TrainState", "TrainingDivergedError",
+           "create_loraplus_optimizer", "latest_checkpoint", "list_checkpoints"]

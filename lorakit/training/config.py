@@ -1,0 +1,80 @@
+"""`TrainConfig`: the SFT run's knobs, named as in TRL's SFTConfig where the concept is the same."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "lorakit-out"
+    # how long
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    # batches
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 1024
+    group_by_length: bool = True
+    packing: bool = False
+    dataset_format: str | None = None  # "text" | "messages" | "prompt_completion" | "alpaca"
+    chat_template: str | None = None
+    # optimiser and schedule
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's learning rate = ratio × A's
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    # precision and memory
+    bf16: bool | None = None  # None: autocast to bf16 where the device computes it fast
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    # logging, evaluation, checkpoints
+    logging_steps: int = 10
+    eval_steps: int | None = None  # None: evaluate at the end only (if eval data is given)
+    save_steps: int | None = 500  # None: save at the end only
+    save_total_limit: int | None = 2
+    seed: int = 42
+    disable_tqdm: bool | None = None  # None: a bar on a terminal, log lines otherwise
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "max_length", "logging_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, "must be an integer >= 1")
+        if self.max_length < 2:
+            raise bad("max_length", "must be at least 2")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise bad("max_steps", "set max_steps > 0 or num_train_epochs > 0")
+        if not self.learning_rate > 0:
+            raise bad("learning_rate", "must be > 0")
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise bad("lr_scheduler_type", f"must be one of {SCHEDULES}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", "must be in [0, 1)")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", "must be >= 0")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise bad("loraplus_lr_ratio", "must be > 0")
+        for name in ("eval_steps", "save_steps", "save_total_limit"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise bad(name, "must be an integer >= 1, or None")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise bad("max_grad_norm", "must be > 0, or None for no clipping")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

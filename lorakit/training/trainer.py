@@ -1,0 +1,339 @@
+"""`SFTTrainer`: supervised fine-tuning of a LoraModel. The whole loop is in `train()`.
+
+    trainer = SFTTrainer(model, TrainConfig(output_dir="out", max_steps=200), train_data=rows,
+                         eval_data=held_out, tokenizer=tokenizer)
+    result = trainer.train()            # or train(resume_from_checkpoint=True)
+    metrics = trainer.evaluate()
+
+Nothing here assumes a single process: a data-parallel wrapper only has to shard the batches and
+combine the summed losses (see `LossParts`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lorakit.base.loading import bf16_is_fast, resolve_device
+from lorakit.data import LengthGroupedBatches, SFTData, collate, pack, prepare_dataset
+from lorakit.data.collate import check_packing_supported
+from lorakit.training.checkpoint import (TrainState, latest_checkpoint, load_checkpoint,
+                                        save_checkpoint)
+from lorakit.training.config import TrainConfig
+from lorakit.training.loss import causal_lm_loss
+from lorakit.training.optim import adapter_param_groups
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf; the weights and the last checkpoint are left as they were."""
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    train_loss: float  # mean loss of the last logging window
+    metrics: dict[str, float] = field(default_factory=dict)  # last evaluation, if any
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0  # non-pad tokens
+    peak_memory_mb: float = 0.0
+    checkpoint: str | None = None
+    interrupted: bool = False
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base learning rate at a step: linear warmup, then the schedule."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class SFTTrainer:
+    def __init__(self, model, args: TrainConfig | None = None, train_data: Any = None,
+                 eval_data: Any = None, tokenizer: Any = None) -> None:
+        self.model = model
+        self.args = args = args or TrainConfig()
+        self.tokenizer = tokenizer
+        self.device = resolve_device(args.device)
+        self.bf16 = bf16_is_fast(self.device) if args.bf16 is None else args.bf16
+        # Read and tokenize everything up front: bad data fails here, before any training.
+        self.train_data = self._prepare(train_data, "train") if train_data is not None else None
+        self.eval_data = self._prepare(eval_data, "eval") if eval_data is not None else None
+        self.pad_id = self._pad_id()
+        self._stop_signal: int | None = None
+
+    # -- data ---------------------------------------------------------------------------------
+    def _prepare(self, data: Any, split: str) -> SFTData:
+        if isinstance(data, SFTData):
+            return data
+        if self.tokenizer is None:
+            raise ValueError(f"{split} data is not tokenized yet: pass tokenizer=")
+        prepared = prepare_dataset(data, self.tokenizer, self.args.max_length,
+                                   format=self.args.dataset_format,
+                                   chat_template=self.args.chat_template)
+        if len(prepared) == 0:
+            raise ValueError(f"{split} data has no usable rows: {prepared.stats.as_dict()}")
+        if self.args.packing and split == "train":
+            check_packing_supported(self.model.model)
+            prepared = SFTData(pack(prepared.examples, self.args.max_length), prepared.stats,
+                               prepared.format)
+        return prepared
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        if pad is None and tok is not None:
+            pad = tok.eos_token_id
+        return 0 if pad is None else pad  # padding is masked out, its id never matters
+
+    def _batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from the run's data position onwards, epoch after epoch."""
+        sampler = LengthGroupedBatches(self.train_data.lengths, self.args.per_device_train_batch_size,
+                                       seed=self.args.seed, shuffle=True,
+                                       mega_batches=50 if self.args.group_by_length else 1)
+        while True:
+            batches = sampler.batches(state.epoch)
+            while state.batch_index < len(batches):
+                idx = batches[state.batch_index]
+                state.batch_index += 1
+                yield collate([self.train_data[i] for i in idx], self.pad_id)
+            state.epoch, state.batch_index = state.epoch + 1, 0
+
+    def total_steps(self) -> int:
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        per_epoch = math.ceil(len(self.train_data) / self.args.per_device_train_batch_size)
+        return max(1, math.ceil(per_epoch * self.args.num_train_epochs
+                                / self.args.gradient_accumulation_steps))
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainResult:
+        args, model, device = self.args, self.model, self.device
+        if self.train_data is None:
+            raise ValueError("no train_data was given")
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(args.seed)
+        model.to(device)
+        hf = model.model
+        if args.gradient_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.packing:
+            hf.config.use_cache = False  # a KV cache would switch off packed-sequence isolation
+
+        total = self.total_steps()
+        groups = adapter_param_groups(model, args.learning_rate, args.weight_decay,
+                                      args.loraplus_lr_ratio)
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon,
+                                      betas=(args.adam_beta1, args.adam_beta2))
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(args.lr_scheduler_type, warmup, total))
+        trainable = [p for g in groups for p in g["params"]]
+
+        state = TrainState()
+        if resume_from_checkpoint:
+            path = latest_checkpoint(out) if resume_from_checkpoint is True \
+                else Path(resume_from_checkpoint)
+            if path is None:
+                raise FileNotFoundError(f"no checkpoint to resume from in {out}")
+            state = load_checkpoint(path, model, optimizer, scheduler)
+            self._log(f"resumed from {path} at step {state.step}")
+        run_config = self.run_config(total)
+        (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
+        metrics_file = out / "metrics.jsonl"
+        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in state.log_history))
+
+        batches = self._batches(state)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        bar = self._progress_bar(total, state.step)
+        window_loss, window_steps, window_tokens = 0.0, 0, 0
+        t_start = t_window = time.perf_counter()
+        tokens_start, last_eval, last_ckpt = state.tokens_seen, {}, None
+        model.train()
+        with self._stop_on_signals():
+            while state.step < total:
+                # one optimizer step = gradient_accumulation_steps micro-batches, and the loss is
+                # the mean over all their trained tokens (not a mean of per-batch means)
+                micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
+                n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                step_loss = 0.0
+                for batch in micro:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with autocast:
+                        parts = causal_lm_loss(model.model, batch)
+                    loss = parts.loss_sum / max(n_label, 1)
+                    loss.backward()
+                    step_loss += loss.item()
+                    window_tokens += int(batch["attention_mask"].sum()) \
+                        if "attention_mask" in batch else batch["input_ids"].numel()
+                if not math.isfinite(step_loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    raise TrainingDivergedError(
+                        f"loss is {step_loss} at step {state.step + 1}; stopped before updating "
+                        f"the weights. Last good checkpoint: {latest_checkpoint(out)}. Try a lower "
+                        "learning rate or max_grad_norm.")
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    trainable, args.max_grad_norm if args.max_grad_norm else float("inf"))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                window_loss, window_steps = window_loss + step_loss, window_steps + 1
+
+                if state.step % args.logging_steps == 0 or state.step == total:
+                    now = time.perf_counter()
+                    state.tokens_seen += window_tokens
+                    record = {"step": state.step, "epoch": round(state.epoch + state.batch_index
+                              / max(1, self._batches_per_epoch()), 4),
+                              "loss": round(window_loss / window_steps, 6),
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
+                              "tokens_per_s": round(window_tokens / (now - t_window), 1)}
+                    self._record(record, state, metrics_file, bar)
+                    window_loss, window_steps, window_tokens, t_window = 0.0, 0, 0, now
+                if self.eval_data is not None and args.eval_steps and state.step % args.eval_steps == 0:
+                    last_eval = self._evaluate_and_record(state, metrics_file, bar)
+                stopping = self._stop_signal is not None
+                if (args.save_steps and state.step % args.save_steps == 0) or stopping:
+                    last_ckpt = save_checkpoint(out, model, optimizer, scheduler, state, run_config,
+                                                args.save_total_limit)
+                if bar is not None:
+                    bar.update(1)
+                if stopping:
+                    self._log(f"stopped by signal {self._stop_signal} at step {state.step}; "
+                              f"checkpoint saved to {last_ckpt}")
+                    break
+        if bar is not None:
+            bar.close()
+        interrupted = self._stop_signal is not None
+        if not interrupted:
+            if self.eval_data is not None and (not args.eval_steps or state.step % args.eval_steps):
+                last_eval = self._evaluate_and_record(state, metrics_file, None)
+            if last_ckpt is None or not last_ckpt.name.endswith(f"-{state.step}"):
+                last_ckpt = save_checkpoint(out, model, optimizer, scheduler, state, run_config,
+                                            args.save_total_limit)
+            model.save_pretrained(out / "adapter")
+        model.eval()
+        seconds = time.perf_counter() - t_start
+        train_losses = [r["loss"] for r in state.log_history if "loss" in r]
+        return TrainResult(
+            global_step=state.step, train_loss=train_losses[-1] if train_losses else float("nan"),
+            metrics=last_eval, seconds=seconds,
+            tokens_per_second=(state.tokens_seen - tokens_start) / max(seconds, 1e-9),
+            peak_memory_mb=peak_memory_mb(device), checkpoint=str(last_ckpt) if last_ckpt else None,
+            interrupted=interrupted)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, eval_data: Any = None) -> dict[str, float]:
+        """eval_loss (mean token cross-entropy), perplexity and next-token accuracy."""
+        data = self._prepare(eval_data, "eval") if eval_data is not None else self.eval_data
+        if data is None:
+            raise ValueError("no eval data")
+        model, was_training = self.model, self.model.training
+        model.to(self.device)
+        model.eval()
+        order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
+        bs = self.args.per_device_eval_batch_size
+        loss_sum, n_tok, n_ok = 0.0, 0, 0
+        for lo in range(0, len(order), bs):
+            batch = collate([data[i] for i in order[lo:lo + bs]], self.pad_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                parts = causal_lm_loss(model.model, batch, count_correct=True)
+            loss_sum += float(parts.loss_sum)
+            n_tok += parts.n_tokens
+            n_ok += parts.n_correct
+        model.train(was_training)
+        loss = loss_sum / max(n_tok, 1)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+                "eval_token_accuracy": n_ok / max(n_tok, 1), "eval_tokens": n_tok}
+
+    def _evaluate_and_record(self, state: TrainState, metrics_file: Path, bar) -> dict[str, float]:
+        metrics = self.evaluate()
+        record = {"step": state.step} | {k: round(v, 6) if isinstance(v, float) else v
+                                         for k, v in metrics.items()}
+        self._record(record, state, metrics_file, bar)
+        return metrics
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def _batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train_data) / self.args.per_device_train_batch_size)
+
+    def run_config(self, total_steps: int) -> dict[str, Any]:
+        """Everything that defines the run, saved with it (and with every checkpoint)."""
+        return {
+            "train": self.args.to_dict(),
+            "adapters": {n: c.to_dict() for n, c in self.model.peft_config.items()},
+            "base_model": getattr(self.model.model, "name_or_path", None),
+            "total_steps": total_steps, "bf16": self.bf16, "device": str(self.device),
+            "train_data": self.train_data.stats.as_dict() if self.train_data else None,
+            "eval_data": self.eval_data.stats.as_dict() if self.eval_data else None,
+            "trainable_parameters": self.model.get_nb_trainable_parameters()[0],
+        }
+
+    def _record(self, record: dict[str, Any], state: TrainState, metrics_file: Path, bar) -> None:
+        state.log_history.append(record)
+        with open(metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if bar is not None:
+            bar.set_postfix({k: v for k, v in record.items() if k in
+                             ("loss", "tokens_per_s", "eval_loss")}, refresh=False)
+        else:
+            self._log(" ".join(f"{k}={v}" for k, v in record.items()))
+
+    def _progress_bar(self, total: int, initial: int):
+        show = sys.stderr.isatty() if self.args.disable_tqdm is None else not self.args.disable_tqdm
+        if not show:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    @staticmethod
+    def _log(msg: str) -> None:
+        print(f"lorakit: {msg}", flush=True)
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM: finish the current step, save a checkpoint, return. A second SIGINT
+        stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            self._log(f"signal {signum}: saving a checkpoint after this step "
+                      "(send it again to stop at once)")
+        self._stop_signal = None
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
