@@ -167,3 +167,17 @@ def test_dropout_applies_in_training_only(input_ids):
     torch.manual_seed(0)
     c = model(input_ids=input_ids).logits
     assert not torch.allclose(a, c)
+
+
+def test_disable_adapters_restores_the_exact_previous_state(input_ids):
+    model = get_lora_model(make_tiny_llama(), LoraConfig(init_lora_weights=False))
+    with model.disable_adapters():
+        pass
+    layers = [m for m in model.model.modules() if hasattr(m, "merged_adapters")]
+    assert all(layer.merged_adapters == [] for layer in layers)  # nothing merged behind our back
+    model(input_ids=input_ids).logits.sum().backward()
+    assert layers[0].adapters["default"].lora_A.grad is not None
+    model.merge_adapter()
+    with model.disable_adapters():
+        pass
+    assert all(layer.merged_adapters == ["default"] for layer in layers)

@@ -107,7 +107,8 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
         """W += ΔW for each adapter, computed in fp32 whatever the storage dtype."""
-        names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters]
+        names = self.active_adapters if names is None else names
+        names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return
         weight = backends.dense_weight(self.base_layer)
@@ -121,7 +122,8 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self, names: list[str] | None = None) -> None:
-        names = [n for n in (names or list(self.merged_adapters)) if n in self.merged_adapters]
+        names = list(self.merged_adapters) if names is None else names
+        names = [n for n in names if n in self.merged_adapters]
         if not names:
             return
         weight = backends.dense_weight(self.base_layer)
