@@ -1,0 +1,532 @@
+"""The `lorakit` command: train, eval, generate, merge, inspect, demo.
+
+    lorakit train --config run.yaml --max-steps 200 --lr 2e-4
+    lorakit eval --adapter out/adapter --data eval.jsonl
+    lorakit generate --adapter out/adapter --chat "Normalise: 5th of March '21"
+    lorakit merge --adapter out/adapter --output merged/
+    lorakit inspect out/adapter
+
+Errors a user can cause print one line and exit with status 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.config import LoraConfig
+from lorakit.training.config import TrainConfig
+
+
+class UserError(Exception):
+    """A mistake in the command line, config or files: reported in one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- the run config file
+
+@dataclass
+class ModelArgs:
+    name_or_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "auto"
+    quantization: str | None = None  # "nf4" | "fp4" | "int8"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataArgs:
+    train: str | None = None
+    eval: str | None = None
+
+
+@dataclass
+class OutputArgs:
+    dir: str = "lorakit-out"
+    samples: int = 3  # sample generations before/after training in report.md
+    sample_max_new_tokens: int = 48
+
+
+SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "lora": LoraConfig,
+                             "training": TrainConfig, "output": OutputArgs}
+# fields that belong to the run, not the section: lora files record them themselves
+_HIDDEN = {"lora": {"peft_type", "base_model_name_or_path", "revision", "inference_mode",
+                    "task_type"},
+           "training": {"output_dir"}}
+
+# flag -> (section, field)
+FLAGS: dict[str, tuple[str, str]] = {
+    "model": ("model", "name_or_path"), "dtype": ("model", "dtype"),
+    "quantization": ("model", "quantization"),
+    "data": ("data", "train"), "eval_data": ("data", "eval"),
+    "output": ("output", "dir"),
+    "max_steps": ("training", "max_steps"), "epochs": ("training", "num_train_epochs"),
+    "batch_size": ("training", "per_device_train_batch_size"),
+    "grad_accum": ("training", "gradient_accumulation_steps"),
+    "lr": ("training", "learning_rate"), "max_length": ("training", "max_length"),
+    "r": ("lora", "r"), "alpha": ("lora", "lora_alpha"), "dropout": ("lora", "lora_dropout"),
+    "target_modules": ("lora", "target_modules"),
+}
+
+
+def section_fields(section: str) -> dict[str, dataclasses.Field]:
+    hidden = _HIDDEN.get(section, set())
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section]) if f.name not in hidden}
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:
+    """YAML 1.1 reads '2e-4' as a string and users write '10' for ints: convert by field type."""
+    hint = str(field.type)
+    if isinstance(value, str):
+        try:
+            if hint.startswith("float"):
+                return float(value)
+            if hint.startswith("int"):
+                return int(value)
+        except ValueError:
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if hint.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def parse_target_modules(text: str) -> str | list[str]:
+    """'all-linear' stays; 'q_proj,v_proj' is a list; anything with regex characters a regex."""
+    if text == "all-linear" or any(c in text for c in "*()[]|\\^$+?"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def load_run_config(path: str | None) -> dict[str, dict[str, Any]]:
+    """Read a YAML run config; unknown sections/keys are errors with a suggestion."""
+    config: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    if path is None:
+        return config
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected sections {list(SECTIONS)} at the top level")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise UserError(f"{path}: unknown section '{section}'{_did_you_mean(section, SECTIONS)}; "
+                            f"sections are {list(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: section '{section}' must be a mapping of keys to values")
+        for key, value in values.items():
+            set_value(config, section, key, value, where=f"{path}: {section}.{key}")
+    return config
+
+
+def set_value(config: dict[str, dict[str, Any]], section: str, key: str, value: Any,
+              where: str) -> None:
+    fields = section_fields(section)
+    if key not in fields:
+        raise UserError(f"{where}: unknown key '{key}' in section '{section}'"
+                        f"{_did_you_mean(key, fields)}")
+    config[section][key] = _coerce(value, fields[key], where)
+
+
+def build_sections(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Instantiate each section; invalid values become UserErrors naming the field."""
+    built = {}
+    for section, cls in SECTIONS.items():
+        values = dict(config[section])
+        if section == "training":
+            values["output_dir"] = config["output"].get("dir", OutputArgs.dir)
+        try:
+            built[section] = cls(**values)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{section}: {e}") from None
+    return built
+
+
+def resolved_yaml(built: dict[str, Any]) -> str:
+    out = {}
+    for section, obj in built.items():
+        fields = section_fields(section)
+        out[section] = {k: v for k, v in dataclasses.asdict(obj).items() if k in fields}
+    return yaml.safe_dump(out, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------- sub-commands
+
+def _load_base(name: str | None, dtype: str = "auto", quantization: str | None = None,
+               trust_remote_code: bool = False):
+    from lorakit.base import load_model
+    return load_model(name, dtype=dtype, quantization=quantization,
+                      trust_remote_code=trust_remote_code)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorakit import SFTTrainer, get_lora_model
+    from lorakit.base import prepare_for_kbit_training
+    from lorakit.data import load_records
+    from lorakit.inference import completion_examples, generate_texts, render_prompt
+    from lorakit.training.report import plot_losses, write_report
+
+    config = load_run_config(args.config)
+    for flag, (section, key) in FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            if flag == "target_modules":
+                value = parse_target_modules(value)
+            set_value(config, section, key, value, where=f"--{flag.replace('_', '-')}")
+    for item in args.set or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.warmup_ratio=0.1")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise UserError(f"--set {item!r}: unknown section '{section}'"
+                            f"{_did_you_mean(section, SECTIONS)}")
+        set_value(config, section, key, yaml.safe_load(raw), where=f"--set {dotted}")
+    built = build_sections(config)
+    m, d, lora, train, output = (built[s] for s in SECTIONS)
+    if not d.train:
+        raise UserError("no training data: pass --data FILE or set data.train in the config")
+
+    text = resolved_yaml(built)
+    print("lorakit: resolved config\n" + "\n".join("  " + line for line in text.splitlines()),
+          flush=True)
+    out = Path(output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(text)
+
+    model, tokenizer = _load_base(m.name_or_path, m.dtype, m.quantization, m.trust_remote_code)
+    if m.quantization:
+        prepare_for_kbit_training(model, gradient_checkpointing=train.gradient_checkpointing)
+    lora_model = get_lora_model(model, lora)
+    lora_model.print_trainable_parameters()
+    trainer = SFTTrainer(lora_model, train, train_data=d.train, eval_data=d.eval,
+                         tokenizer=tokenizer)
+    stats = trainer.train_data.stats
+    print(f"lorakit: train data {stats.rows} rows -> {stats.examples} examples "
+          f"({stats.truncated} truncated, {stats.dropped} dropped), {trainer.total_steps()} steps",
+          flush=True)
+
+    samples = []
+    if output.samples:
+        rows = load_records(d.eval or d.train)
+        picked = completion_examples(rows)[:output.samples]
+        if picked:
+            with lora_model.disable_adapters():
+                before = generate_texts(lora_model, tokenizer, [e.prompt for e in picked],
+                                        output.sample_max_new_tokens)
+            samples = [{"prompt": render_prompt(e.prompt, tokenizer)[0], "before": b,
+                        "reference": e.reference} for e, b in zip(picked, before)]
+
+    result = trainer.train(resume_from_checkpoint=args.resume)
+    if samples:
+        after = generate_texts(lora_model, tokenizer, [e.prompt for e in picked],
+                               output.sample_max_new_tokens)
+        for s, a in zip(samples, after):
+            s["after"] = a
+    plot = plot_losses(out)
+    report = write_report(out, trainer.run_config(trainer.total_steps()), result, samples)
+    status = "interrupted at" if result.interrupted else "finished"
+    print(f"lorakit: {status} step {result.global_step} in {result.seconds:.0f} s "
+          f"({result.tokens_per_second:.0f} tokens/s, peak {result.peak_memory_mb:.0f} MB)")
+    for k, v in (result.metrics or {}).items():
+        print(f"lorakit: {k} = {v:.4f}" if isinstance(v, float) else f"lorakit: {k} = {v}")
+    if not result.interrupted:
+        print(f"lorakit: adapter  -> {out / 'adapter'}")
+    print(f"lorakit: checkpoint -> {result.checkpoint}")
+    if plot:
+        print(f"lorakit: loss plot -> {plot}")
+    print(f"lorakit: report -> {report}")
+    return 0
+
+
+def _load_with_adapters(model_name: str | None, adapters: list[str], dtype: str = "auto",
+                        quantization: str | None = None):
+    from lorakit import LoraModel
+    from lorakit.adapter_io import read_adapter_config
+    model, tokenizer = _load_base(model_name, dtype, quantization)
+    if not adapters:
+        return model, tokenizer, None
+    lora = None
+    for i, path in enumerate(adapters):
+        read_adapter_config(path)  # a clear error for a path that is not an adapter
+        name = "default" if i == 0 else f"adapter{i}"
+        if lora is None:
+            lora = LoraModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            lora.load_adapter(path, name)
+    lora.set_adapter(lora.list_adapters())  # several adapters: their updates add up
+    return lora, tokenizer, lora
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorakit import SFTTrainer, TrainConfig
+    from lorakit.data import load_records
+    from lorakit.inference import completion_examples, exact_match_rate
+
+    model, tokenizer, _ = _load_with_adapters(args.model, args.adapter or [], args.dtype)
+    if not hasattr(model, "peft_config"):  # evaluate the bare base model through the same path
+        from lorakit.lora.model import LoraModel
+        model = LoraModel(model, None)
+    trainer = SFTTrainer(model, TrainConfig(output_dir=tempfile.gettempdir(),
+                                            max_length=args.max_length,
+                                            per_device_eval_batch_size=args.batch_size),
+                         tokenizer=tokenizer)
+    metrics = trainer.evaluate(args.data)
+    examples = completion_examples(load_records(args.data))
+    if examples and not args.no_generate:
+        rate, _ = exact_match_rate(model, tokenizer, examples[:args.limit or None],
+                                   args.max_new_tokens, args.batch_size)
+        metrics["exact_match"] = rate
+        metrics["exact_match_rows"] = len(examples[:args.limit or None])
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:22s} {v:.4f}" if isinstance(v, float) else f"{k:22s} {v}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lorakit.inference import generate_texts
+    model, tokenizer, lora = _load_with_adapters(args.model, args.adapter or [], args.dtype)
+    if args.merged:
+        if lora is None:
+            raise UserError("--merged needs at least one --adapter")
+        model = lora.merge_and_unload(safe_merge=True)
+    if args.seed is not None:
+        import torch
+        torch.manual_seed(args.seed)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    prompts = [system + [{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
+    outs = generate_texts(model, tokenizer, prompts, args.max_new_tokens,
+                          do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                          top_p=args.top_p)
+    for text in outs:
+        print(text.strip() if args.chat else text)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorakit import LoraModel
+    from lorakit.adapter_io import read_adapter_config
+    read_adapter_config(args.adapter)
+    model, tokenizer = _load_base(args.model, "float32")  # merge in fp32, round once at the end
+    merged = LoraModel.from_pretrained(model, args.adapter).merge_and_unload(safe_merge=True)
+    merged = merged.to(getattr(torch, args.dtype))
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"lorakit: merged model ({args.dtype}) -> {out}")
+    return 0
+
+
+def describe_adapter(path: str | Path) -> dict[str, Any]:
+    """What an adapter directory holds, read from its files alone (no model is loaded)."""
+    from safetensors import safe_open
+
+    from lorakit.adapter_io import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
+                                    read_adapter_config)
+    path = Path(path)
+    config = read_adapter_config(path)
+    raw = json.loads((path / CONFIG_NAME).read_text())
+    weights = path / WEIGHTS_NAME
+    n_params, dtypes, modules = 0, set(), set()
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shape = sl.get_shape()
+                count = 1
+                for s in shape:
+                    count *= s
+                n_params += count
+                dtypes.add(str(sl.get_dtype()))
+                if ".lora_A." in key:
+                    modules.add(key.removeprefix("base_model.model.").split(".lora_A.")[0])
+        size = weights.stat().st_size
+    elif (path / LEGACY_WEIGHTS_NAME).is_file():
+        size = (path / LEGACY_WEIGHTS_NAME).stat().st_size
+    else:
+        raise UserError(f"{path}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
+    init = config.init_lora_weights
+    variant = ("DoRA" if config.use_dora else "LoRA") + (" + rsLoRA" if config.use_rslora else "") \
+        + (" (PiSSA init)" if isinstance(init, str) and init.startswith("pissa") else "")
+    targets = config.target_modules
+    return {
+        "path": str(path), "base_model": config.base_model_name_or_path, "variant": variant,
+        "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "bias": config.bias, "rank_pattern": config.rank_pattern or None,
+        "target_modules": sorted({t.rsplit(".", 1)[-1] for t in targets})
+        if isinstance(targets, list) else targets,
+        "adapted_layers": len(modules), "modules_to_save": config.modules_to_save,
+        "parameters": n_params, "dtypes": sorted(dtypes), "file_bytes": size,
+        "written_by": f"peft {raw['peft_version']}" if "peft_version" in raw else "lorakit",
+        "other_adapters": sorted(p.name for p in path.iterdir()
+                                 if (p / CONFIG_NAME).is_file()) if path.is_dir() else [],
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = describe_adapter(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for k, v in info.items():
+        if k == "file_bytes":
+            v = f"{v:,} bytes ({v / 2**20:.2f} MiB)"
+        elif k == "parameters":
+            v = f"{v:,}"
+        if v not in (None, [], ""):
+            print(f"{k:16s} {v}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lorakit.demo.run import run_demo
+    return run_demo(output_dir=args.output, max_steps=args.max_steps, n_eval=args.eval_rows)
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA fine-tuning of causal LMs")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune with LoRA (YAML config + flag overrides)")
+    t.add_argument("--config", help="YAML file with model/data/lora/training/output sections")
+    t.add_argument("--model", help="base model: local directory or hub id (default: SmolLM2-135M)")
+    t.add_argument("--data", help="training data (.jsonl/.json/.csv/.parquet or datasets dir)")
+    t.add_argument("--eval-data", dest="eval_data", help="held-out data for eval loss")
+    t.add_argument("--output", help="output directory")
+    t.add_argument("--max-steps", dest="max_steps", type=int)
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--batch-size", dest="batch_size", type=int)
+    t.add_argument("--grad-accum", dest="grad_accum", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--r", type=int)
+    t.add_argument("--alpha", type=float)
+    t.add_argument("--dropout", type=float)
+    t.add_argument("--target-modules", dest="target_modules",
+                   help="all-linear | q_proj,v_proj | a regex")
+    t.add_argument("--quantization", choices=["nf4", "fp4", "int8"])
+    t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    t.add_argument("--max-length", dest="max_length", type=int)
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in --output, or from CHECKPOINT")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override any config field, e.g. training.warmup_ratio=0.1")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="eval loss / perplexity / token accuracy / exact match")
+    e.add_argument("--model")
+    e.add_argument("--adapter", action="append", help="adapter directory (repeatable)")
+    e.add_argument("--data", required=True)
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--max-length", dest="max_length", type=int, default=1024)
+    e.add_argument("--batch-size", dest="batch_size", type=int, default=16)
+    e.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    e.add_argument("--limit", type=int, default=0, help="score exact match on the first N rows")
+    e.add_argument("--no-generate", dest="no_generate", action="store_true",
+                   help="skip exact-match generation")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text with the base model and adapters")
+    g.add_argument("prompt", nargs="+")
+    g.add_argument("--model")
+    g.add_argument("--adapter", action="append", help="adapter directory (repeatable: summed)")
+    g.add_argument("--merged", action="store_true", help="merge the adapters first")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
+    g.add_argument("--system", help="with --chat: a system message before the prompt")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", dest="top_p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("merge", help="write base + adapter as one transformers model directory")
+    m.add_argument("--model")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--output", required=True)
+    m.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    i = sub.add_parser("inspect", help="describe an adapter directory (lorakit's or PEFT's)")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("demo", help="fine-tune the default model on a small task, before/after")
+    d.add_argument("--output", default="lorakit-demo")
+    d.add_argument("--max-steps", dest="max_steps", type=int, default=None)
+    d.add_argument("--eval-rows", dest="eval_rows", type=int, default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from lorakit.base import DefaultModelMissing, ModelNotFoundError, QuantizationUnsupportedError
+    from lorakit.data import DataError
+    return (UserError, DataError, DefaultModelMissing, ModelNotFoundError,
+            QuantizationUnsupportedError, FileNotFoundError, ValueError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        from lorakit.training import TrainingDivergedError
+        if isinstance(e, TrainingDivergedError):
+            print(f"lorakit: error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, _user_error_types()):
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"lorakit: error: {msg}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
