@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save
 
 from lorakit.config import LoraConfig
 from lorakit.lora.layer import lora_layers, saved_modules
+from lorakit.lora.pissa import to_lora_tensors
 
 if TYPE_CHECKING:
     from lorakit.lora.model import LoraModel
@@ -71,15 +73,64 @@ def peft_parameters(lora_model: "LoraModel", adapter_name: str) -> dict[str, tor
     return params
 
 
-def save_adapter(lora_model: "LoraModel", directory: str | Path, adapter_name: str) -> None:
-    """Write one adapter as a PEFT adapter directory (weights first, then config; both atomic)."""
+def save_adapter(lora_model: "LoraModel", directory: str | Path, adapter_name: str,
+                 initial_weights: dict[str, torch.Tensor] | None = None,
+                 convert_to_lora: bool = False) -> None:
+    """Write one adapter as a PEFT adapter directory (weights first, then config; both atomic).
+
+    convert_to_lora / initial_weights: write a PiSSA-style adapter (trained on a residual base)
+    as a plain LoRA for the original base, relative to its initial A₀/B₀ — those kept from the
+    PiSSA initialisation, or `initial_weights` (an adapter saved before training)."""
     directory = Path(directory)
     tensors = {k: p.detach().to("cpu").contiguous().clone()
                for k, p in peft_parameters(lora_model, adapter_name).items()}
     config = copy.deepcopy(lora_model.peft_config[adapter_name])
     config.inference_mode = True
+    if convert_to_lora or initial_weights is not None:
+        config = _convert_to_plain_lora(lora_model, adapter_name, tensors, config, initial_weights)
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     atomic_write_bytes(directory / CONFIG_NAME, (config.to_json() + "\n").encode())
+
+
+def _convert_to_plain_lora(lora_model: "LoraModel", adapter_name: str,
+                           tensors: dict[str, torch.Tensor], config: LoraConfig,
+                           initial: dict[str, torch.Tensor] | None) -> LoraConfig:
+    """Rewrite `tensors` in place as the rank-2r LoRA B A − B₀ A₀; return the matching config
+    (r and alpha doubled so the scaling is unchanged, as PEFT writes it)."""
+    if config.use_dora:
+        raise ValueError(f"adapter '{adapter_name}' uses DoRA, whose magnitude is relative to the "
+                         "residual base; it cannot be converted to a plain LoRA")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError("converting an rsLoRA adapter with rank_pattern/alpha_pattern is not "
+                         "supported (no single alpha keeps every module's scaling)")
+    for name, layer in lora_layers(lora_model.model):
+        if adapter_name not in layer.adapters:
+            continue
+        key_a, key_b = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+        if initial is None:
+            adapter = layer.adapters[adapter_name]
+            a0, b0 = getattr(adapter, "pissa_A0", None), getattr(adapter, "pissa_B0", None)
+            if a0 is None:
+                raise ValueError(f"adapter '{adapter_name}' was not PiSSA-initialised in this "
+                                 "process, so its initial A/B are unknown; pass "
+                                 "path_initial_model_for_weight_conversion instead")
+        else:
+            if key_a not in initial or key_b not in initial:
+                raise ValueError(f"the initial adapter has no weights for module '{name}'")
+            a0, b0 = initial[key_a], initial[key_b]
+        if a0.shape != tensors[key_a].shape or b0.shape != tensors[key_b].shape:
+            raise ValueError(f"initial weights of module '{name}' have shapes "
+                             f"{tuple(a0.shape)}/{tuple(b0.shape)}, the adapter "
+                             f"{tuple(tensors[key_a].shape)}/{tuple(tensors[key_b].shape)}")
+        tensors[key_a], tensors[key_b] = to_lora_tensors(tensors[key_a], tensors[key_b],
+                                                         a0.cpu(), b0.cpu())
+    config = copy.deepcopy(config)
+    config.r *= 2
+    config.lora_alpha *= math.sqrt(2) if config.use_rslora else 2
+    config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
+    config.init_lora_weights = True
+    return config
 
 
 def read_adapter_config(path: str | Path) -> LoraConfig:

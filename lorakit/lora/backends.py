@@ -58,6 +58,15 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return w.to(torch.float32, copy=True)
 
 
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The frozen weight as an (out, in) matrix in its own dtype, without a copy where the storage
+    allows it (a transposed view for Conv1D; 4-bit weights are dequantized). Read-only use."""
+    if is_linear4bit(module):
+        return _dequantize_linear4bit(module)
+    w = module.weight.detach()
+    return w.t() if is_fan_in_fan_out(module) else w
+
+
 def write_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Store an fp32 (out, in) matrix as the frozen weight, in the layer's own format."""
     if is_linear4bit(module):

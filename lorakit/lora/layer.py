@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 from lorakit.lora import backends
+from lorakit.lora.pissa import is_pissa, pissa_init
 from lorakit.lora.variants import LoraVariant
 
 
 class LoraAdapter(nn.Module):
-    """One adapter on one layer: A (r×in), B (out×r), dropout and scaling."""
+    """One adapter on one layer: A (r×in), B (out×r), dropout, scaling, and its variant (which may
+    add tensors of its own, e.g. DoRA's magnitude)."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, scaling: float,
                  dropout: float, variant: LoraVariant, dtype: torch.dtype,
@@ -34,30 +36,110 @@ class LoraAdapter(nn.Module):
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @torch.no_grad()
-    def reset_parameters(self, init: bool | str) -> None:
+    def reset_parameters(self, init: bool | str, base_layer: nn.Module | None = None) -> None:
         """True: Kaiming-uniform A, zero B (training starts at the base model).
-        "gaussian": A ~ N(0, 1/r), zero B. False: both random (a non-identity adapter, for tests)."""
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        "gaussian": A ~ N(0, 1/r), zero B. False: both random (a non-identity adapter, for tests).
+        "pissa" / "pissa_niter_<n>": from the base weight's SVD (rewrites `base_layer`).
+        Then the variant sets up what it derives from A, B and the base weight."""
+        if is_pissa(init):
+            if base_layer is None:
+                raise ValueError("PiSSA initialisation needs the base layer")
+            pissa_init(self, base_layer, init)
         else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init is False:
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B)
+        if base_layer is not None:
+            self.variant.init(self, base_layer)
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        return self.variant.forward(self, x, result)
+    def forward(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return self.variant.forward(self, x, result, base_layer)
 
     def peft_tensors(self) -> dict[str, nn.Parameter]:
         """This adapter's parameters under PEFT's key suffixes."""
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B,
+                **self.variant.peft_tensors(self)}
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """What merging this adapter alone adds to the dense fp32 (out, in) `base_weight`."""
         return self.variant.delta_weight(self, base_weight)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, variant={self.variant.name}"
+
+
+class AdapterGroups:
+    """One layer's adapters for a mixed-adapter batch: row i of the batch uses slot `rows[i]`.
+
+    The adapters are stacked once, zero-padded to the largest r, with the scaling (and DoRA's
+    output factor) folded into B; the last slot is all zeros and serves "no adapter". A forward is
+    then two batched matmuls over the gathered per-row A/B, whatever the adapter mix.
+    """
+
+    def __init__(self, layer: "LoraLayer", names: list[str], row_ids: torch.Tensor) -> None:
+        present = [n for n in names if n in layer.adapters]
+        self.empty = not present
+        if self.empty:
+            return
+        adapters = [layer.adapters[n] for n in present]
+        first = adapters[0].lora_A
+        dtype, device = first.dtype, first.device
+        slots, r_max = len(present) + 1, max(ad.r for ad in adapters)
+        a = torch.zeros(slots, r_max, layer.in_features, dtype=dtype, device=device)
+        b = torch.zeros(slots, layer.out_features, r_max, dtype=dtype, device=device)
+        scales = [ad.variant.output_scale(ad, layer.base_layer) for ad in adapters]
+        g = None
+        if any(s is not None for s in scales):
+            g = torch.ones(slots, layer.out_features, dtype=dtype, device=device)
+        with torch.no_grad():
+            for i, (ad, scale) in enumerate(zip(adapters, scales)):
+                a[i, :ad.r] = ad.lora_A
+                col = ad.scaling if scale is None else ad.scaling * scale.unsqueeze(1)
+                b[i, :, :ad.r] = ad.lora_B * col
+                if scale is not None:
+                    g[i] = scale
+        # global adapter index (len(names) = "__base__") -> this layer's slot
+        local = {n: i for i, n in enumerate(present)}
+        to_slot = torch.tensor([local.get(n, slots - 1) for n in names] + [slots - 1],
+                               device=device)
+        self.rows = to_slot[row_ids.to(device)]
+        self.a, self.b, self.g = a, b, g
+        self._cache: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def _gather(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if n in self._cache:
+            return self._cache[n]
+        rows = self.rows
+        if n != len(rows):
+            if n % len(rows):
+                raise ValueError(f"a mixed-adapter batch of {len(rows)} rows met a batch of {n}")
+            rows = rows.repeat_interleave(n // len(rows))  # generate's beams / return sequences
+        out = (self.a[rows], self.b[rows], None if self.g is None else self.g[rows])
+        if n <= self.a.shape[0]:  # cache only when it costs no more memory than the stack
+            self._cache[n] = out
+        return out
+
+    def __call__(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        if self.empty:
+            return result
+        n = x.shape[0]
+        a, b, g = self._gather(n)
+        xs = x.reshape(n, -1, x.shape[-1]).to(a.dtype)
+        res = result.reshape(n, -1, result.shape[-1])
+        h = torch.bmm(xs, a.transpose(1, 2))
+        if g is None and res.dtype == h.dtype:
+            return torch.baddbmm(res, h, b.transpose(1, 2)).view(result.shape)
+        delta = torch.bmm(h, b.transpose(1, 2))
+        if g is not None:
+            bias = getattr(base_layer, "bias", None)
+            base_out = res if bias is None else res - bias
+            delta = delta + (g - 1).unsqueeze(1) * base_out
+        return (res + delta.to(res.dtype)).view(result.shape)
 
 
 class LoraLayer(nn.Module):
@@ -72,6 +154,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.groups: AdapterGroups | None = None  # set for the duration of a mixed-adapter batch
         self.in_features, self.out_features = backends.in_out_features(base_layer)
 
     # -- adapters -----------------------------------------------------------------------------
@@ -80,7 +163,7 @@ class LoraLayer(nn.Module):
         device = self.base_layer.weight.device
         adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, scaling, dropout,
                               variant, dtype, device)
-        adapter.reset_parameters(init)
+        adapter.reset_parameters(init, self.base_layer)
         self.adapters[name] = adapter
         return adapter
 
@@ -98,22 +181,29 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if self.groups is not None:
+            return self.groups(x, result, self.base_layer)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = self.adapters[name](x, result)
+                result = self.adapters[name](x, result, self.base_layer)
         return result
 
     # -- merge --------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """W += ΔW for each adapter, computed in fp32 whatever the storage dtype."""
+        """Merge adapters into the frozen weight, computed in fp32 whatever the storage dtype."""
         names = self.active_adapters if names is None else names
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return
         weight = backends.dense_weight(self.base_layer)
+        # variants whose merge depends on the weight (DoRA) see it without earlier merges, as
+        # forward does; variants return new tensors, so `base` is never modified
+        base = weight
+        for name in reversed(self.merged_adapters):
+            base = self.adapters[name].variant.unmerge(self.adapters[name], base)
         for name in names:
-            weight += self.adapters[name].delta_weight(weight)
+            weight = self.adapters[name].variant.merge(self.adapters[name], weight, base)
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"merging adapters {names} would write NaN/inf into the base weight; "
                              "the layer is left unchanged")
@@ -128,7 +218,7 @@ class LoraLayer(nn.Module):
             return
         weight = backends.dense_weight(self.base_layer)
         for name in reversed(names):
-            weight -= self.adapters[name].delta_weight(weight)
+            weight = self.adapters[name].variant.unmerge(self.adapters[name], weight)
         backends.write_dense_weight(self.base_layer, weight)
         self.merged_adapters = [n for n in self.merged_adapters if n not in names]
 
@@ -145,6 +235,9 @@ class ModulesToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        # set for the duration of a mixed-adapter batch: (copy, its rows) per adapter present
+        self.groups: list[tuple[nn.Module, torch.Tensor]] | None = None
+        self.group_rows = 0
 
     def add_copy(self, name: str) -> None:
         self.copies[name] = copy.deepcopy(self.original_module)
@@ -153,6 +246,11 @@ class ModulesToSave(nn.Module):
         present = [n for n in names if n in self.copies]
         self.active_adapter = present[0] if present else None
 
+    def set_groups(self, names: list[str], row_ids: torch.Tensor) -> None:
+        self.groups = [(self.copies[n], (row_ids == i).nonzero().flatten())
+                       for i, n in enumerate(names) if n in self.copies]
+        self.group_rows = len(row_ids)
+
     @property
     def current(self) -> nn.Module:
         if self.disabled or self.active_adapter is None:
@@ -160,7 +258,23 @@ class ModulesToSave(nn.Module):
         return self.copies[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current(*args, **kwargs)
+        if self.groups is None or self.disabled:
+            return self.current(*args, **kwargs)
+        return self._mixed_forward(*args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # a full module per adapter cannot be stacked: run each adapter's copy on its rows
+        out = self.original_module(x, *args, **kwargs)
+        n_rows = self.group_rows
+        for module, rows in self.groups:
+            if len(rows) == 0:
+                continue
+            if x.shape[0] != n_rows:  # rows repeated by generate (beams / return sequences)
+                k = x.shape[0] // n_rows
+                rows = (rows.unsqueeze(1) * k + torch.arange(k, device=rows.device)).flatten()
+            rows = rows.to(x.device)
+            out[rows] = module(x[rows], *args, **kwargs).to(out.dtype)
+        return out
 
     def __getattr__(self, name: str) -> Any:
         # transformers reads attributes such as `.weight` of the module it expects to find here

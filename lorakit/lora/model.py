@@ -11,14 +11,14 @@ import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.lora import backends
-from lorakit.lora.layer import (LoraLayer, ModulesToSave, adapters_disabled, lora_layers,
+from lorakit.lora.layer import (AdapterGroups, LoraLayer, ModulesToSave, adapters_disabled, lora_layers,
                                 saved_modules, set_submodule)
 from lorakit.lora.targeting import find_targets, resolve_target_modules
 from lorakit.lora.variants import variant_for
@@ -52,11 +52,69 @@ class LoraModel(nn.Module):
             self.add_adapter(adapter_name, config)
 
     # -- pass-through to the wrapped model ----------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; `adapter_names` (one per row, "__base__" for none) runs
+        each row through its own adapter in one batched pass (inference only)."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.mixed_adapter_batch(adapter_names, _batch_size(args, kwargs)):
+            return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None,
+                 **kwargs: Any) -> Any:
+        """`generate` of the wrapped model; with `adapter_names`, each row keeps its adapter for
+        every decoding step."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self.mixed_adapter_batch(adapter_names, _batch_size(args, kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def mixed_adapter_batch(self, adapter_names: Sequence[str],
+                            batch_size: int | None = None) -> Iterator[None]:
+        """Within the block, row i of every batch uses adapter `adapter_names[i]` ("__base__":
+        the base model). Each LoRA layer gets its adapters stacked once and the row→adapter
+        index; generate's row repetition (beams, num_return_sequences) is followed."""
+        names = self._check_mixed_batch(adapter_names, batch_size)
+        unique = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER]
+        slot = {n: i for i, n in enumerate(unique)}
+        row_ids = torch.tensor([slot.get(n, len(unique)) for n in names])
+        layers = [layer for _, layer in lora_layers(self.model)]
+        saved = [m for _, m in saved_modules(self.model)]
+        try:
+            for layer in layers:
+                layer.groups = AdapterGroups(layer, unique, row_ids)
+            for module in saved:
+                module.set_groups(unique, row_ids)
+            yield
+        finally:
+            for layer in layers:
+                layer.groups = None
+            for module in saved:
+                module.groups = None
+
+    def _check_mixed_batch(self, adapter_names: Sequence[str], batch_size: int | None) -> list[str]:
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("adapter_names must be a list with one adapter name per row")
+        names = list(adapter_names)
+        if not names:
+            raise ValueError("adapter_names is empty")
+        if batch_size is not None and batch_size != len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch_size} "
+                             "rows; give one adapter name per row")
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; have "
+                             f"{self.list_adapters()} (or '{BASE_ADAPTER}' for the base model)")
+        if self.model.training:
+            raise ValueError("adapter_names (mixed-adapter batches) is for inference; call "
+                             "model.eval() first")
+        if any(layer.merged_adapters for _, layer in lora_layers(self.model)):
+            raise ValueError("cannot mix adapters per row while adapters are merged into the "
+                             "base weights; call unmerge_adapter() first")
+        if any(layer.groups is not None for _, layer in lora_layers(self.model)):
+            raise RuntimeError("a mixed-adapter batch is already running on this model")
+        return names
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -236,12 +294,41 @@ class LoraModel(nn.Module):
 
     # -- files --------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path,
-                        selected_adapters: list[str] | None = None) -> None:
-        """PEFT layout: 'default' at the root, every other adapter in <dir>/<name>/."""
-        from lorakit.adapter_io import save_adapter
-        for name in selected_adapters or self.list_adapters():
+                        selected_adapters: list[str] | None = None,
+                        path_initial_model_for_weight_conversion: str | Path | None = None,
+                        convert_pissa_to_lora: bool = False) -> None:
+        """PEFT layout: 'default' at the root, every other adapter in <dir>/<name>/.
+
+        A PiSSA adapter needs the residual base it was trained on. To use it on the original base
+        instead, save it as a plain rank-2r LoRA: `convert_pissa_to_lora=True` uses the initial
+        A/B kept since initialisation (every selected PiSSA adapter is converted);
+        `path_initial_model_for_weight_conversion` (PEFT's option) reads them from an adapter
+        saved before training (one adapter at a time)."""
+        from lorakit.adapter_io import read_adapter_weights, save_adapter
+        from lorakit.lora.pissa import is_pissa
+        names = selected_adapters or self.list_adapters()
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; have {self.list_adapters()}")
+        initial = None
+        if path_initial_model_for_weight_conversion is not None:
+            if len(names) != 1:
+                raise ValueError("path_initial_model_for_weight_conversion holds one adapter's "
+                                 f"initial weights; select one adapter (have {names})")
+            initial = read_adapter_weights(path_initial_model_for_weight_conversion)
+        for name in names:
             sub = Path(save_directory) if name == "default" else Path(save_directory) / name
-            save_adapter(self, sub, name)
+            convert = convert_pissa_to_lora and is_pissa(self.peft_config[name].init_lora_weights)
+            save_adapter(self, sub, name, initial_weights=initial, convert_to_lora=convert)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float],
+                             adapter_name: str, combination_type: str = "svd",
+                             svd_rank: int | None = None) -> None:
+        """A new (inactive) adapter combining `adapters` with `weights`: "cat" (exact Σ wᵢΔWᵢ),
+        "svd" (its best rank-`svd_rank` approximation) or "linear" (PEFT's A/B mix; equal
+        ranks). See `lorakit.lora.combine`."""
+        from lorakit.lora.combine import add_weighted_adapter
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         from lorakit.adapter_io import load_adapter
@@ -256,6 +343,13 @@ class LoraModel(nn.Module):
         lora.load_adapter(path, adapter_name, is_trainable=is_trainable)
         lora.set_adapter(adapter_name)
         return lora
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(x, torch.Tensor):
+            return x.shape[0]
+    return None
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default",

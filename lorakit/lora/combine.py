@@ -1,0 +1,113 @@
+"""Weighted combinations of adapters into a new adapter (PEFT's `add_weighted_adapter`).
+
+With ΔWᵢ = sᵢ·Bᵢ Aᵢ and weights wᵢ, the new adapter (scaling 1: alpha = r) holds:
+- "cat":    A = [w₁s₁A₁; w₂s₂A₂; ...], B = [B₁, B₂, ...]: exactly Σ wᵢ ΔWᵢ, rank Σ rᵢ.
+- "svd":    the best rank-k approximation of Σ wᵢ ΔWᵢ (Eckart–Young), k = svd_rank or max rᵢ;
+            B = U_k·diag(S_k), A = V_kᵀ as PEFT splits it.
+- "linear": PEFT's definition, not a sum of deltas: A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ and
+            B = Σ √|wᵢsᵢ|·Bᵢ, so ΔW = B A includes cross terms Bᵢ Aⱼ. Needs equal ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from lorakit.lora.layer import LoraAdapter, lora_layers
+
+if TYPE_CHECKING:
+    from lorakit.lora.model import LoraModel
+
+COMBINATIONS = ("linear", "cat", "svd")
+
+
+def _max_rank(config) -> int:
+    return max([config.r, *config.rank_pattern.values()])
+
+
+def add_weighted_adapter(model: "LoraModel", adapters: Sequence[str], weights: Sequence[float],
+                         adapter_name: str, combination_type: str = "svd",
+                         svd_rank: int | None = None) -> None:
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError(f"give one weight per adapter (got {len(adapters)} adapters and "
+                         f"{len(weights)} weights)")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {weights}")
+    unknown = [a for a in adapters if a not in model.peft_config]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; have {model.list_adapters()}")
+    if adapter_name in model.peft_config:
+        raise ValueError(f"adapter '{adapter_name}' already exists")
+    if combination_type not in COMBINATIONS:
+        raise ValueError(f"combination_type={combination_type!r}: use one of {COMBINATIONS}")
+    configs = [model.peft_config[a] for a in adapters]
+    for name, config in zip(adapters, configs):
+        if config.use_dora:
+            raise ValueError(f"adapter '{name}' is a DoRA adapter; its change to the weight is not "
+                             "a low-rank product, so it cannot be combined linearly")
+        if config.modules_to_save:
+            raise ValueError(f"adapter '{name}' trains full modules ({config.modules_to_save}), "
+                             "which a weighted LoRA combination cannot express")
+    if len(adapters) == 1:
+        combination_type = "linear"  # as PEFT: every method reduces to scaling one adapter
+    ranks = [_max_rank(c) for c in configs]
+    if combination_type == "linear":
+        if len(set(ranks)) != 1:
+            raise ValueError(f"combination_type='linear' needs adapters of equal rank, got "
+                             f"{dict(zip(adapters, ranks))}; use 'cat' or 'svd'")
+        new_rank = ranks[0]
+    elif combination_type == "cat":
+        new_rank = sum(ranks)
+    else:
+        if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+            raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
+        new_rank = svd_rank or max(ranks)
+
+    layers = [(name, layer) for name, layer in lora_layers(model.model)
+              if any(a in layer.adapters for a in adapters)]
+    config = copy.deepcopy(configs[0])
+    # scaling 1 (alpha = r without rsLoRA), every layer that holds any of the adapters named
+    # explicitly, and a zero-B start whatever the sources used (a PiSSA init would rewrite the base)
+    config.r = config.lora_alpha = new_rank
+    config.use_rslora = False
+    config.rank_pattern, config.alpha_pattern = {}, {}
+    config.target_modules = sorted(name for name, _ in layers)
+    config.exclude_modules = None
+    config.layers_to_transform = config.layers_pattern = None
+    config.init_lora_weights = True
+    model.add_adapter(adapter_name, config)
+
+    with torch.no_grad():
+        for _, layer in layers:
+            parts = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
+            target = layer.adapters[adapter_name]
+            a_new, b_new = _combine(parts, combination_type, new_rank)
+            target.lora_A.zero_()
+            target.lora_B.zero_()
+            target.lora_A[:a_new.shape[0]] = a_new.to(target.lora_A.dtype)
+            target.lora_B[:, :b_new.shape[1]] = b_new.to(target.lora_B.dtype)
+
+
+def _combine(parts: list[tuple[LoraAdapter, float]], kind: str,
+             rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of the combination on one layer, computed in float64; rank ≤ `rank`."""
+    if kind == "cat":
+        a = torch.cat([ad.lora_A.double() * (w * ad.scaling) for ad, w in parts], dim=0)
+        b = torch.cat([ad.lora_B.double() for ad, _ in parts], dim=1)
+        return a, b
+    if kind == "linear":
+        if len({ad.r for ad, _ in parts}) > 1:
+            raise ValueError("combination_type='linear' needs equal ranks in every layer (a "
+                             "rank_pattern differs); use 'cat' or 'svd'")
+        a = sum(math.copysign(math.sqrt(abs(w * ad.scaling)), w * ad.scaling) * ad.lora_A.double()
+                for ad, w in parts)
+        b = sum(math.sqrt(abs(w * ad.scaling)) * ad.lora_B.double() for ad, w in parts)
+        return a, b
+    delta = sum(w * ad.scaling * (ad.lora_B.double() @ ad.lora_A.double()) for ad, w in parts)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, s.shape[0])
+    return vh[:k], u[:, :k] * s[:k]
