@@ -192,3 +192,17 @@ def test_kill_9_during_checkpoint_write_leaves_previous_checkpoint(tmp_path):
     # and a new run resumes from it
     trainer = make_trainer(out_dir, max_steps=5)
     assert trainer.train(resume_from_checkpoint=True).global_step == 5
+
+
+def test_packing_gives_the_same_loss_as_padding(tmp_path):
+    # one step over all 24 examples: padded rows vs packed rows must see the same tokens and
+    # the same (isolated) contexts, hence the same mean loss and the same update
+    padded = make_trainer(tmp_path / "a", max_steps=1, per_device_train_batch_size=24)
+    packed = make_trainer(tmp_path / "b", max_steps=1, per_device_train_batch_size=24,
+                          packing=True, max_length=64)
+    assert len(packed.train_data) < len(padded.train_data)  # rows were actually packed
+    padded.train()
+    packed.train()
+    assert losses(tmp_path / "a")[1] == pytest.approx(losses(tmp_path / "b")[1], rel=1e-5)
+    for a, b in zip(padded.model.parameters(), packed.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -88,15 +88,19 @@ class SFTTrainer:
     # -- data ---------------------------------------------------------------------------------
     def _prepare(self, data: Any, split: str) -> SFTData:
         if isinstance(data, SFTData):
-            return data
-        if self.tokenizer is None:
+            prepared = data
+        elif self.tokenizer is None:
             raise ValueError(f"{split} data is not tokenized yet: pass tokenizer=")
-        prepared = prepare_dataset(data, self.tokenizer, self.args.max_length,
-                                   format=self.args.dataset_format,
-                                   chat_template=self.args.chat_template)
+        else:
+            prepared = prepare_dataset(data, self.tokenizer, self.args.max_length,
+                                       format=self.args.dataset_format,
+                                       chat_template=self.args.chat_template)
         if len(prepared) == 0:
             raise ValueError(f"{split} data has no usable rows: {prepared.stats.as_dict()}")
         if self.args.packing and split == "train":
+            # a KV cache would switch off transformers' packed-sequence isolation; training
+            # never needs one
+            self.model.model.config.use_cache = False
             check_packing_supported(self.model.model)
             prepared = SFTData(pack(prepared.examples, self.args.max_length), prepared.stats,
                                prepared.format)
@@ -141,8 +145,6 @@ class SFTTrainer:
         hf = model.model
         if args.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if args.packing:
-            hf.config.use_cache = False  # a KV cache would switch off packed-sequence isolation
 
         total = self.total_steps()
         groups = adapter_param_groups(model, args.learning_rate, args.weight_decay,
