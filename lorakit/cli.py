@@ -5,6 +5,7 @@
     lorakit generate --adapter out/adapter --chat "Normalise: 5th of March '21"
     lorakit merge --adapter out/adapter --output merged/
     lorakit inspect out/adapter
+    torchrun --nproc_per_node 4 -m lorakit train --config run.yaml   # data-parallel, 4 processes
 
 Errors a user can cause print one line and exit with status 2 (`--debug` shows the traceback).
 """
@@ -173,10 +174,10 @@ def resolved_yaml(built: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- sub-commands
 
 def _load_base(name: str | None, dtype: str = "auto", quantization: str | None = None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, device=None):
     from lorakit.base import load_model
     return load_model(name, dtype=dtype, quantization=quantization,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, device=device)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -184,8 +185,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.base import prepare_for_kbit_training
     from lorakit.data import load_records
     from lorakit.inference import completion_examples, generate_texts, render_prompt
+    from lorakit.training import distributed
     from lorakit.training.report import plot_losses, write_report
 
+    # under torchrun: a broken environment fails here, on every rank; rank 0 alone prints/writes
+    launch = distributed.launch_env()
+    main = launch is None or launch.is_main
     config = load_run_config(args.config)
     for flag, (section, key) in FLAGS.items():
         value = getattr(args, flag, None)
@@ -206,28 +211,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     m, d, lora, train, output = (built[s] for s in SECTIONS)
     if not d.train:
         raise UserError("no training data: pass --data FILE or set data.train in the config")
+    distributed.per_rank_batch_size(train, launch.world_size if launch else 1)  # splits evenly?
+    fsdp2 = launch is not None and train.distributed_mode == "fsdp2"
 
     text = resolved_yaml(built)
-    print("lorakit: resolved config\n" + "\n".join("  " + line for line in text.splitlines()),
-          flush=True)
     out = Path(output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(text)
+    if main:
+        print("lorakit: resolved config\n" + "\n".join("  " + line for line in text.splitlines()),
+              flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(text)
 
-    model, tokenizer = _load_base(m.name_or_path, m.dtype, m.quantization, m.trust_remote_code)
+    device = None
+    if launch is not None:  # this rank's GPU; fsdp2: the CPU, sharding moves each rank's part
+        from lorakit.base.loading import resolve_device, resolve_dtype
+        device = distributed.local_device(resolve_device(train.device), launch)
+        m.dtype = resolve_dtype(m.dtype, device)
+        device = "cpu" if fsdp2 and not m.quantization else device
+    model, tokenizer = _load_base(m.name_or_path, m.dtype, m.quantization, m.trust_remote_code,
+                                  device)
     if m.quantization:
         prepare_for_kbit_training(model, gradient_checkpointing=train.gradient_checkpointing)
     lora_model = get_lora_model(model, lora)
-    lora_model.print_trainable_parameters()
+    if main:
+        lora_model.print_trainable_parameters()
     trainer = SFTTrainer(lora_model, train, train_data=d.train, eval_data=d.eval,
                          tokenizer=tokenizer)
     stats = trainer.train_data.stats
-    print(f"lorakit: train data {stats.rows} rows -> {stats.examples} examples "
-          f"({stats.truncated} truncated, {stats.dropped} dropped), {trainer.total_steps()} steps",
-          flush=True)
+    if main:
+        print(f"lorakit: train data {stats.rows} rows -> {stats.examples} examples "
+              f"({stats.truncated} truncated, {stats.dropped} dropped), "
+              f"{trainer.total_steps()} steps", flush=True)
 
     samples = []
-    if output.samples:
+    if fsdp2 and output.samples and main:
+        print("lorakit: no sample generations in fsdp2 mode (the base is sharded)", flush=True)
+    if output.samples and main and not fsdp2:
         rows = load_records(d.eval or d.train)
         picked = completion_examples(rows)[:output.samples]
         if picked:
@@ -238,6 +257,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         "reference": e.reference} for e, b in zip(picked, before)]
 
     result = trainer.train(resume_from_checkpoint=args.resume)
+    if not main:
+        return 0
     if samples:
         after = generate_texts(lora_model, tokenizer, [e.prompt for e in picked],
                                output.sample_max_new_tokens)
@@ -506,6 +527,12 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
             QuantizationUnsupportedError, FileNotFoundError, ValueError)
 
 
+def _rank() -> str:
+    """' (rank R of N)' under torchrun, so that each rank's error reads as its own."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    return f" (rank {rank} of {world})" if rank is not None and world not in (None, "1") else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -519,13 +546,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from lorakit.training import TrainingDivergedError
         if isinstance(e, TrainingDivergedError):
-            print(f"lorakit: error: {e}", file=sys.stderr)
+            print(f"lorakit: error{_rank()}: {e}", file=sys.stderr)
             return 1
         if isinstance(e, _user_error_types()):
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"lorakit: error: {msg}", file=sys.stderr)
+            print(f"lorakit: error{_rank()}: {msg}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group
+            from lorakit.training.distributed import shutdown
+            shutdown()
 
 
 if __name__ == "__main__":

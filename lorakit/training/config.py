@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
+DISTRIBUTED_MODES = ("ddp", "fsdp2")
 
 
 @dataclass
@@ -46,6 +47,11 @@ class TrainConfig:
     save_total_limit: int | None = 2
     seed: int = 42
     disable_tqdm: bool | None = None  # None: a bar on a terminal, log lines otherwise
+    # several processes (torchrun; see lorakit.training.distributed); no effect on one process
+    distributed_mode: str = "ddp"  # "ddp": a full copy per rank | "fsdp2": base sharded per layer
+    global_batch_size: int | None = None  # examples per optimizer step over all ranks; sets the
+    # per-rank batch to global / (ranks × gradient_accumulation_steps), which must divide evenly
+    ddp_timeout: int = 1800  # seconds a rank waits for the others, to join and in each collective
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -75,6 +81,13 @@ class TrainConfig:
                 raise bad(name, "must be an integer >= 1, or None")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise bad("max_grad_norm", "must be > 0, or None for no clipping")
+        if self.distributed_mode not in DISTRIBUTED_MODES:
+            raise bad("distributed_mode", f"must be one of {DISTRIBUTED_MODES}")
+        if self.global_batch_size is not None and (not isinstance(self.global_batch_size, int)
+                                                   or self.global_batch_size < 1):
+            raise bad("global_batch_size", "must be an integer >= 1, or None")
+        if not isinstance(self.ddp_timeout, int) or self.ddp_timeout < 1:
+            raise bad("ddp_timeout", "must be an integer >= 1 (seconds)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,8 +5,10 @@
     result = trainer.train()            # or train(resume_from_checkpoint=True)
     metrics = trainer.evaluate()
 
-Nothing here assumes a single process: a data-parallel wrapper only has to shard the batches and
-combine the summed losses (see `LossParts`).
+Launched by torchrun (WORLD_SIZE set), the same loop trains on several processes: each rank
+takes its share of every global batch, and `DataParallel` sums the token counts and the adapter
+gradients over the ranks, so that they compute the 1-process step (see
+lorakit.training.distributed). Only rank 0 writes files and logs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lorakit.data.collate import check_packing_supported
 from lorakit.training.checkpoint import (TrainState, latest_checkpoint, load_checkpoint,
                                         save_checkpoint)
 from lorakit.training.config import TrainConfig
+from lorakit.training.distributed import DataParallel, local_device, per_rank_batch_size
 from lorakit.training.loss import causal_lm_loss
 from lorakit.training.optim import adapter_param_groups
 
@@ -77,13 +80,21 @@ class SFTTrainer:
         self.model = model
         self.args = args = args or TrainConfig()
         self.tokenizer = tokenizer
-        self.device = resolve_device(args.device)
+        self.dist = DataParallel.from_env(args)  # None on one process
+        self.rank, self.world_size = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
+        self.is_main = self.rank == 0
+        self.device = local_device(resolve_device(args.device), self.dist and self.dist.env)
+        self.batch_size = per_rank_batch_size(args, self.world_size)  # examples per rank
         self.bf16 = bf16_is_fast(self.device) if args.bf16 is None else args.bf16
         # Read and tokenize everything up front: bad data fails here, before any training.
         self.train_data = self._prepare(train_data, "train") if train_data is not None else None
         self.eval_data = self._prepare(eval_data, "eval") if eval_data is not None else None
         self.pad_id = self._pad_id()
         self._stop_signal: int | None = None
+        if self.dist is not None:  # fail alike on every rank, before any collective
+            self.dist.check_model(model)
+            if self.train_data is not None:
+                self.dist.check_data(len(self.train_data))
 
     # -- data ---------------------------------------------------------------------------------
     def _prepare(self, data: Any, split: str) -> SFTData:
@@ -114,8 +125,9 @@ class SFTTrainer:
         return 0 if pad is None else pad  # padding is masked out, its id never matters
 
     def _batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches from the run's data position onwards, epoch after epoch."""
-        sampler = LengthGroupedBatches(self.train_data.lengths, self.args.per_device_train_batch_size,
+        """Micro-batches from the run's data position onwards, epoch after epoch: this rank's
+        share (examples rank, rank + ranks, ...) of each global micro-batch."""
+        sampler = LengthGroupedBatches(self.train_data.lengths, self.batch_size * self.world_size,
                                        seed=self.args.seed, shuffle=True,
                                        mega_batches=50 if self.args.group_by_length else 1)
         while True:
@@ -123,13 +135,21 @@ class SFTTrainer:
             while state.batch_index < len(batches):
                 idx = batches[state.batch_index]
                 state.batch_index += 1
-                yield collate([self.train_data[i] for i in idx], self.pad_id)
+                yield self._collate(self.train_data, idx[self.rank::self.world_size])
             state.epoch, state.batch_index = state.epoch + 1, 0
+
+    def _collate(self, data: SFTData, idx: list[int]) -> dict[str, torch.Tensor]:
+        if not idx:  # a short last batch left this rank nothing: a 2-token forward that trains
+            # and scores nothing keeps the ranks' collectives in step (FSDP2 gathers per forward)
+            ids = data[0]["input_ids"][:2]
+            return collate([{k: v[:2] for k, v in data[0].items()} | {"labels": [-100] * len(ids)}],
+                           self.pad_id)
+        return collate([data[i] for i in idx], self.pad_id)
 
     def total_steps(self) -> int:
         if self.args.max_steps > 0:
             return self.args.max_steps
-        per_epoch = math.ceil(len(self.train_data) / self.args.per_device_train_batch_size)
+        per_epoch = self._batches_per_epoch()
         return max(1, math.ceil(per_epoch * self.args.num_train_epochs
                                 / self.args.gradient_accumulation_steps))
 
@@ -141,7 +161,11 @@ class SFTTrainer:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(args.seed)
-        model.to(device)
+        if self.dist is None:
+            model.to(device)
+        else:  # join the ranks; ddp: whole model here, fsdp2: base sharded; rank 0's adapters
+            self.dist.prepare_model(model, device)
+            self._log(self.dist.describe(self.batch_size, args.gradient_accumulation_steps))
         hf = model.model
         if args.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -160,14 +184,17 @@ class SFTTrainer:
         if resume_from_checkpoint:
             path = latest_checkpoint(out) if resume_from_checkpoint is True \
                 else Path(resume_from_checkpoint)
+            if self.dist is not None:  # every rank reads it: the same one, or all stop here
+                self.dist.check_same("the checkpoint to resume from", path and str(path))
             if path is None:
                 raise FileNotFoundError(f"no checkpoint to resume from in {out}")
             state = load_checkpoint(path, model, optimizer, scheduler)
             self._log(f"resumed from {path} at step {state.step}")
         run_config = self.run_config(total)
-        (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
         metrics_file = out / "metrics.jsonl"
-        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in state.log_history))
+        if self.is_main:
+            (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
+            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in state.log_history))
 
         batches = self._batches(state)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -178,10 +205,13 @@ class SFTTrainer:
         model.train()
         with self._stop_on_signals():
             while state.step < total:
+                if self.dist is not None:  # dropout masks from (seed, step, rank): exact resume
+                    self.dist.seed_step(args.seed, state.step)
                 # one optimizer step = gradient_accumulation_steps micro-batches, and the loss is
-                # the mean over all their trained tokens (not a mean of per-batch means)
+                # the mean over all their trained tokens (not a mean of per-batch means), on all
+                # ranks together
                 micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
-                n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                n_label, n_tokens = self._count_tokens(micro)
                 step_loss = 0.0
                 for batch in micro:
                     batch = {k: v.to(device) for k, v in batch.items()}
@@ -190,8 +220,13 @@ class SFTTrainer:
                     loss = parts.loss_sum / max(n_label, 1)
                     loss.backward()
                     step_loss += loss.item()
-                    window_tokens += int(batch["attention_mask"].sum()) \
-                        if "attention_mask" in batch else batch["input_ids"].numel()
+                window_tokens += n_tokens
+                if self.dist is not None:  # every rank: the 1-process gradient and loss, and
+                    # one decision about stopping (a signal may reach the ranks at other steps)
+                    step_loss, stop_agreed = self.dist.reduce_step(
+                        trainable, step_loss, self._stop_signal is not None)
+                    if stop_agreed and self._stop_signal is None:
+                        self._stop_signal = 0  # another rank was signalled
                 if not math.isfinite(step_loss):
                     optimizer.zero_grad(set_to_none=True)
                     raise TrainingDivergedError(
@@ -218,10 +253,9 @@ class SFTTrainer:
                     window_loss, window_steps, window_tokens, t_window = 0.0, 0, 0, now
                 if self.eval_data is not None and args.eval_steps and state.step % args.eval_steps == 0:
                     last_eval = self._evaluate_and_record(state, metrics_file, bar)
-                stopping = self._stop_signal is not None
+                stopping = self._stop_signal is not None if self.dist is None else stop_agreed
                 if (args.save_steps and state.step % args.save_steps == 0) or stopping:
-                    last_ckpt = save_checkpoint(out, model, optimizer, scheduler, state, run_config,
-                                                args.save_total_limit)
+                    last_ckpt = self._save_checkpoint(out, optimizer, scheduler, state, run_config)
                 if bar is not None:
                     bar.update(1)
                 if stopping:
@@ -231,13 +265,14 @@ class SFTTrainer:
         if bar is not None:
             bar.close()
         interrupted = self._stop_signal is not None
+        if self.dist is not None:
+            interrupted = self.dist.any_rank(interrupted)
         if not interrupted:
             if self.eval_data is not None and (not args.eval_steps or state.step % args.eval_steps):
                 last_eval = self._evaluate_and_record(state, metrics_file, None)
             if last_ckpt is None or not last_ckpt.name.endswith(f"-{state.step}"):
-                last_ckpt = save_checkpoint(out, model, optimizer, scheduler, state, run_config,
-                                            args.save_total_limit)
-            model.save_pretrained(out / "adapter")
+                last_ckpt = self._save_checkpoint(out, optimizer, scheduler, state, run_config)
+            self._on_main_then_wait(lambda: model.save_pretrained(out / "adapter"))
         model.eval()
         seconds = time.perf_counter() - t_start
         train_losses = [r["loss"] for r in state.log_history if "loss" in r]
@@ -256,19 +291,29 @@ class SFTTrainer:
         if data is None:
             raise ValueError("no eval data")
         model, was_training = self.model, self.model.training
-        model.to(self.device)
+        if self.dist is None:
+            model.to(self.device)
+        else:  # joins the ranks and places the model, once
+            self.dist.prepare_model(model, self.device)
         model.eval()
         order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
         bs = self.args.per_device_eval_batch_size
+        chunks = [order[lo:lo + bs] for lo in range(0, len(order), bs)]
+        # under torchrun: chunks rank, rank + ranks, ...; the same number of forwards everywhere
+        mine = chunks[self.rank::self.world_size]
+        mine += [[]] * (-(-len(chunks) // self.world_size) - len(mine))
         loss_sum, n_tok, n_ok = 0.0, 0, 0
-        for lo in range(0, len(order), bs):
-            batch = collate([data[i] for i in order[lo:lo + bs]], self.pad_id)
+        for idx in mine:
+            batch = self._collate(data, idx)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 parts = causal_lm_loss(model.model, batch, count_correct=True)
             loss_sum += float(parts.loss_sum)
             n_tok += parts.n_tokens
             n_ok += parts.n_correct
+        if self.dist is not None:
+            loss_sum, n_tok, n_ok = self.dist.sum_floats(loss_sum, n_tok, n_ok)
+            n_tok, n_ok = int(n_tok), int(n_ok)
         model.train(was_training)
         loss = loss_sum / max(n_tok, 1)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
@@ -283,7 +328,27 @@ class SFTTrainer:
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _batches_per_epoch(self) -> int:
-        return math.ceil(len(self.train_data) / self.args.per_device_train_batch_size)
+        return math.ceil(len(self.train_data) / (self.batch_size * self.world_size))
+
+    def _count_tokens(self, micro: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
+        """Trained (next-token label) and non-pad tokens of a step's micro-batches, all ranks'."""
+        n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                       else b["input_ids"].numel() for b in micro)
+        return (n_label, n_tokens) if self.dist is None else self.dist.sum_ints(n_label, n_tokens)
+
+    def _on_main_then_wait(self, write):
+        """Files are written by rank 0 alone; the other ranks wait until they are complete."""
+        result = write() if self.is_main else None
+        if self.dist is not None:
+            self.dist.barrier()
+        return result
+
+    def _save_checkpoint(self, out: Path, optimizer, scheduler, state: TrainState,
+                         run_config: dict[str, Any]) -> Path:
+        path = self._on_main_then_wait(lambda: save_checkpoint(
+            out, self.model, optimizer, scheduler, state, run_config, self.args.save_total_limit))
+        return path or out / f"checkpoint-{state.step}"
 
     def run_config(self, total_steps: int) -> dict[str, Any]:
         """Everything that defines the run, saved with it (and with every checkpoint)."""
@@ -295,10 +360,15 @@ class SFTTrainer:
             "train_data": self.train_data.stats.as_dict() if self.train_data else None,
             "eval_data": self.eval_data.stats.as_dict() if self.eval_data else None,
             "trainable_parameters": self.model.get_nb_trainable_parameters()[0],
-        }
+        } | ({} if self.dist is None else {"distributed": {
+            "mode": self.dist.mode, "world_size": self.world_size,
+            "per_rank_batch_size": self.batch_size, "global_batch_size": self.batch_size
+            * self.world_size * self.args.gradient_accumulation_steps}})
 
     def _record(self, record: dict[str, Any], state: TrainState, metrics_file: Path, bar) -> None:
         state.log_history.append(record)
+        if not self.is_main:
+            return
         with open(metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if bar is not None:
@@ -309,14 +379,14 @@ class SFTTrainer:
 
     def _progress_bar(self, total: int, initial: int):
         show = sys.stderr.isatty() if self.args.disable_tqdm is None else not self.args.disable_tqdm
-        if not show:
+        if not show or not self.is_main:
             return None
         from tqdm.auto import tqdm
         return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
-    @staticmethod
-    def _log(msg: str) -> None:
-        print(f"lorakit: {msg}", flush=True)
+    def _log(self, msg: str) -> None:
+        if self.is_main:
+            print(f"lorakit: {msg}", flush=True)
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:

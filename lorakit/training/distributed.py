@@ -1,0 +1,327 @@
+"""Training on several processes and machines: the same run as on one process, launched by torchrun.
+
+    torchrun --nproc_per_node 4 -m lorakit train --config run.yaml               # one machine
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint node0:29500 --rdzv-id run1 -m lorakit train --config run.yaml
+
+`SFTTrainer` reads the launch from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT). Without WORLD_SIZE (or with WORLD_SIZE=1) nothing here runs and the
+trainer is the single-process loop, unchanged. gloo on CPU, NCCL on CUDA.
+
+Why N processes compute the 1-process run:
+- Data: every rank reads all the data and computes the same global batch order from the seeded
+  sampler (global micro-batch = per-rank batch × ranks); rank r takes examples r, r+N, r+2N, ...
+  of each global micro-batch. So the global batch is exactly the 1-process batch of
+  per-rank batch × ranks, and steps, epochs and the learning-rate schedule mean the same thing.
+- Loss: the trained-token count of the step's micro-batches is summed over ranks first, and each
+  rank divides its summed token loss by that global count: the sum of the ranks' gradients is
+  then the 1-process gradient (up to float summation order).
+- Gradients: the adapter gradients (the only ones: the base is frozen) are summed over ranks in
+  one flat all-reduce per optimizer step. Every rank then holds the same gradient, clips it and
+  steps the same AdamW the same way, so the replicas stay equal without any weight broadcast
+  (rank 0's adapters are broadcast once, at the start).
+- Dropout: the RNG is reseeded from (seed, step, rank) before each step, so a resumed run draws
+  the same masks on every rank without per-rank RNG files.
+
+Why a manual all-reduce and not DistributedDataParallel: the trainable state is the adapters,
+megabytes, so one flat all-reduce per optimizer step (after all accumulated micro-batches) costs
+little and needs no bucketing or overlap; DDP would broadcast the whole module, frozen (maybe
+4-bit) base included, at construction, average gradients where we need the token-weighted sum,
+need `no_sync` around accumulation, and need every rank to run a forward even when a short last
+batch leaves it no example. The same all-reduce carries the step's loss (for the NaN check) and
+the ranks' stop requests (SIGTERM), so all ranks agree on both; and it serves the FSDP2 mode too.
+
+FSDP2 mode (`TrainConfig.distributed_mode="fsdp2"`), for bases that do not fit one device:
+`torch.distributed.fsdp.fully_shard` shards the frozen base per decoder layer (and the embedding
+/ norm / head units), while the adapters are left out of the sharding (`ignored_params`) and stay
+whole on every rank, trained exactly as in "ddp" mode. Adapters and their AdamW state are a
+fraction of a percent of the base, so sharding them would save little and would make every
+checkpoint and adapter save a gather; this way checkpoints, resume and PEFT adapter files are the
+same code as on one process. Tried with torch 2.13: fully_shard works on CPU with gloo, also with
+frozen and trainable parameters in one sharded unit (gradients equal the unsharded ones), and on
+bitsandbytes 4-bit bases (bitsandbytes restores the quantization state after the all-gather).
+Every rank must run the same forwards in this mode (each forward all-gathers the layer's shards),
+so a rank without an example in a short last batch runs a 2-token forward that trains nothing.
+
+Ill-configured launches fail on every rank with the same message before any collective: the
+checks depend only on the environment, the config and the data, which every rank reads alike.
+Joining the process group waits at most `TrainConfig.ddp_timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(ValueError):
+    """A multi-process launch that cannot work. Raised alike on every rank, before any collective."""
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """This process's place in a torchrun launch."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
+    """The validated torchrun environment, or None for a single process (WORLD_SIZE unset or 1)."""
+    env = os.environ if environ is None else environ
+    if env.get("WORLD_SIZE") is None and env.get("RANK") is None:
+        return None
+    if env.get("WORLD_SIZE") == "1" and env.get("RANK", "0") == "0":
+        return None
+    missing = [k for k in _RENDEZVOUS if not env.get(k)]
+    if missing:
+        are = "is" if len(missing) == 1 else "are"
+        raise LaunchError(
+            f"RANK/WORLD_SIZE are set but {', '.join(missing)} {are} not: launch with torchrun "
+            "(it sets all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or set "
+            "them all (MASTER_ADDR:MASTER_PORT = rank 0's address and a free port)")
+    values = {}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        try:
+            values[key] = int(env[key])
+        except ValueError:
+            raise LaunchError(f"{key}={env[key]!r} is not an integer") from None
+    if values["WORLD_SIZE"] < 1 or not 0 <= values["RANK"] < values["WORLD_SIZE"]:
+        raise LaunchError(f"RANK={values['RANK']} is not in [0, WORLD_SIZE={values['WORLD_SIZE']})")
+    return LaunchEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"],
+                     env["MASTER_ADDR"], values["MASTER_PORT"])
+
+
+def per_rank_batch_size(args, world_size: int) -> int:
+    """Examples per rank per micro-batch: per_device_train_batch_size, or global_batch_size split
+    over the ranks and accumulation steps (which must divide it)."""
+    if args.global_batch_size is None:
+        return args.per_device_train_batch_size
+    parts = world_size * args.gradient_accumulation_steps
+    if args.global_batch_size % parts:
+        raise LaunchError(
+            f"global_batch_size={args.global_batch_size} is not divisible by {world_size} "
+            f"rank(s) x {args.gradient_accumulation_steps} accumulation step(s) = {parts}; use a "
+            f"multiple of {parts}, or another number of processes")
+    return args.global_batch_size // parts
+
+
+def local_device(device: torch.device, env: LaunchEnv | None) -> torch.device:
+    """`cuda` means this rank's GPU (LOCAL_RANK) under torchrun."""
+    if env is not None and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", env.local_rank)
+    return device
+
+
+def quantized_parameters(model: nn.Module) -> list[str]:
+    """Names of bitsandbytes-quantized parameters (4-bit and 8-bit)."""
+    return [n for n, p in model.named_parameters()
+            if type(p).__name__ in ("Params4bit", "Int8Params")]
+
+
+def shutdown() -> None:
+    """Leave the process group (call once at the end of a torchrun script)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DataParallel:
+    """The collectives SFTTrainer needs to train on several processes (see the module doc)."""
+
+    def __init__(self, env: LaunchEnv, mode: str = "ddp", timeout_s: int = 1800) -> None:
+        self.env, self.mode, self.timeout_s = env, mode, timeout_s
+        self.rank, self.world_size, self.is_main = env.rank, env.world_size, env.is_main
+        self.device = torch.device("cpu")
+        self._prepared: nn.Module | None = None
+
+    @classmethod
+    def from_env(cls, args) -> DataParallel | None:
+        env = launch_env()
+        return None if env is None else cls(env, args.distributed_mode, args.ddp_timeout)
+
+    def describe(self, per_rank: int, accumulation: int) -> str:
+        return (f"{self.world_size} ranks ({self.mode}, {self._backend(self.device)}): global "
+                f"batch {per_rank * self.world_size * accumulation} = {per_rank} per rank x "
+                f"{self.world_size} ranks x {accumulation} accumulation step(s)")
+
+    # -- checks before any collective: same inputs, same outcome on every rank -----------------
+    def check_data(self, n_examples: int) -> None:
+        if n_examples < self.world_size:
+            raise LaunchError(f"{n_examples} training example(s) for {self.world_size} ranks: "
+                              f"every rank needs at least one; launch at most {n_examples} "
+                              "processes")
+
+    def check_model(self, model: nn.Module) -> None:
+        if self.mode != "fsdp2":
+            return
+        int8 = [n for n, p in model.named_parameters() if type(p).__name__ == "Int8Params"]
+        if int8:
+            raise LaunchError(
+                f"distributed_mode='fsdp2' cannot shard bitsandbytes 8-bit weights ({int8[0]}): "
+                "their quantization state (CB/SCB) lives on the parameter object, which FSDP2 "
+                "replaces when it gathers the shards; use distributed_mode='ddp', or a 4-bit "
+                "(nf4/fp4) or unquantized base")
+        if self._decoder_layers(model.model) == []:
+            raise LaunchError(f"distributed_mode='fsdp2' found no decoder layers to shard in "
+                              f"{type(model.model).__name__} (it lists no _no_split_modules)")
+
+    # -- process group and model --------------------------------------------------------------
+    @staticmethod
+    def _backend(device: torch.device) -> str:
+        return "nccl" if device.type == "cuda" else "gloo"
+
+    def start(self, device: torch.device) -> None:
+        """Join the process group (once), waiting at most `timeout_s` for the other ranks."""
+        self.device = device
+        if dist.is_initialized():
+            if dist.get_world_size() != self.world_size:
+                raise LaunchError(f"the process group has {dist.get_world_size()} ranks but "
+                                  f"WORLD_SIZE={self.world_size}")
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            dist.init_process_group(self._backend(device), timeout=timedelta(seconds=self.timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+        except (RuntimeError, TimeoutError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LaunchError(
+                f"rank {self.rank} could not join the other {self.world_size - 1} rank(s) at "
+                f"{self.env.master_addr}:{self.env.master_port} within {self.timeout_s} s "
+                f"(ddp_timeout): {first}. Were all ranks started, and can they reach that "
+                "address?") from None
+
+    def prepare_model(self, model: nn.Module, device: torch.device) -> None:
+        """Join the group; place the model (ddp: whole on `device`; fsdp2: base sharded), and
+        give every rank rank 0's adapters."""
+        self.start(device)
+        if self._prepared is model:
+            return
+        self._prepared = model
+        if self.mode == "fsdp2":
+            self._shard(model, device)
+        else:
+            model.to(device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        flat = self._flat([p.detach() for p in trainable])
+        dist.broadcast(flat, src=0)
+        with torch.no_grad():
+            for p, value in zip(trainable, self._split(flat, trainable)):
+                p.copy_(value)
+
+    @staticmethod
+    def _decoder_layers(hf: nn.Module) -> list[nn.Module]:
+        names = set(getattr(hf, "_no_split_modules", None) or ())
+        return [m for m in hf.modules() if type(m).__name__ in names]
+
+    def _shard(self, model: nn.Module, device: torch.device) -> None:
+        """fully_shard the frozen base: one unit per decoder layer, then the modules the loss
+        calls (backbone and head, see `causal_lm_loss`); adapters stay whole on every rank."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
+
+        from lorakit.training.loss import _split_head
+
+        hf = model.model
+        mesh = init_device_mesh(device.type, (self.world_size,))
+        keep = {p for p in model.parameters() if p.requires_grad}
+        for layer in self._decoder_layers(hf):
+            fully_shard(layer, mesh=mesh, ignored_params=keep)
+        parts = _split_head(hf)
+        if parts is None:  # the loss runs the whole model: one root
+            fully_shard(hf, mesh=mesh, ignored_params=keep)
+        else:  # the loss runs the backbone, then the head on the trained positions: two roots
+            backbone, head = parts
+            fully_shard(backbone, mesh=mesh, ignored_params=keep)
+            shared = {id(p) for p in backbone.parameters()}
+            if not any(id(p) in shared for p in head.parameters()):  # a tied head stays whole
+                fully_shard(head, mesh=mesh, ignored_params=keep)
+        with torch.no_grad():  # the adapters (ignored) and anything FSDP did not move
+            for module in model.modules():
+                for name, p in module.named_parameters(recurse=False):
+                    if not isinstance(p, DTensor) and p.device != device:
+                        p.data = p.data.to(device)
+                for name, b in module.named_buffers(recurse=False):
+                    if b.device != device:
+                        module._buffers[name] = b.to(device)
+
+    # -- collectives in the loop --------------------------------------------------------------
+    def seed_step(self, seed: int, step: int) -> None:
+        """Dropout masks that depend on (seed, step, rank) alone: a resumed run draws the same."""
+        state = np.random.SeedSequence([seed, step, self.rank]).generate_state(1, np.uint64)
+        torch.manual_seed(int(state[0]))
+
+    def sum_ints(self, *values: int) -> list[int]:
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        return [int(v) for v in t.tolist()]
+
+    def sum_floats(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def reduce_step(self, params: Sequence[torch.Tensor], loss: float,
+                    stop: bool) -> tuple[float, bool]:
+        """Sum the adapters' gradients, the step loss and the stop requests over the ranks, in
+        one all-reduce. A parameter keeps grad None only if it got none on every rank (AdamW
+        then skips it, as on one process)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        flat = torch.cat([self._flat(grads), has.to(self.device),
+                          torch.tensor([loss, float(stop)], device=self.device)])
+        dist.all_reduce(flat)
+        n = flat.numel() - len(params) - 2
+        for p, g, present in zip(params, self._split(flat[:n], params), flat[n:-2].tolist()):
+            if present:
+                p.grad = g.to(p.dtype)
+        return float(flat[-2]), bool(flat[-1] > 0)
+
+    def any_rank(self, flag: bool) -> bool:
+        return self.sum_ints(int(flag))[0] > 0
+
+    def barrier(self) -> None:
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+    def check_same(self, what: str, value: Any) -> None:
+        """Raise on every rank if the ranks do not all have the same `value`."""
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        if any(v != values[0] for v in values):
+            shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise LaunchError(f"the ranks do not agree on {what} ({shown}); is the output "
+                              "directory on a file system that every machine shares?")
+
+    def _flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros(0, device=self.device)
+        return torch.cat([t.detach().reshape(-1).to(self.device, torch.float32) for t in tensors])
+
+    @staticmethod
+    def _split(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for p in like:
+            out.append(flat[offset: offset + p.numel()].view(p.shape).to(p.device))
+            offset += p.numel()
+        return out

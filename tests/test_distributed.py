@@ -1,0 +1,305 @@
+"""Training on several processes (torchrun, gloo on CPU): the 1-process adapter from 2 processes
+(DDP-style and FSDP2), exact resume of a 2-process run, and ill-configured launches that fail at
+once with one message on every rank. Every launch is bounded in time (its whole process group is
+killed on a timeout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from conftest import make_tiny_llama
+from safetensors.torch import load_file
+from test_trainer import counting_data, losses
+
+from lorakit import LoraConfig, SFTTrainer, TrainConfig, get_lora_model
+from lorakit.training.distributed import LaunchError, launch_env, per_rank_batch_size
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = str(ROOT / "tests")
+
+# 25 examples in global micro-batches of 4: every epoch ends with a batch of one, which leaves
+# rank 1 without an example (it runs a forward that trains nothing); the 7 eval examples make one
+# eval batch, so rank 1 idles there too.
+N_TRAIN = 25
+# adam_epsilon: Adam divides a gradient by its own magnitude, so a component that is a sum of
+# nearly cancelling terms (whose last bits depend on the summation order, which differs between 1
+# and 2 processes) would get an arbitrary step of size lr; a larger epsilon keeps the update
+# proportional to the gradient, so the adapters are compared tightly on what the ranks compute.
+EQUAL = dict(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+             eval_steps=2, adam_epsilon=1e-4)
+ONE_PROCESS_TWIN = EQUAL | {"per_device_train_batch_size": 4}  # the same global batch of 8
+CKPT = dict(lora={"lora_dropout": 0.1}, max_steps=6, per_device_train_batch_size=2,
+            save_steps=3, save_total_limit=None, warmup_steps=1)
+
+
+def make(out: Path, lora: dict | None = None, n_train: int = N_TRAIN, **train) -> SFTTrainer:
+    """test_trainer's make_trainer, with a training set whose batches do not split evenly."""
+    model = get_lora_model(make_tiny_llama(initializer_range=0.3),
+                           LoraConfig(**({"r": 8, "lora_alpha": 16} | (lora or {}))))
+    args = TrainConfig(**({"output_dir": str(out), "learning_rate": 1e-2, "logging_steps": 1,
+                           "save_steps": None, "bf16": False, "disable_tqdm": True} | train))
+    return SFTTrainer(model, args, train_data=counting_data(n_train),
+                      eval_data=counting_data(7, seed=9))
+
+
+SCRIPT = textwrap.dedent("""
+    import json, shutil, sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from test_distributed import CKPT, EQUAL, make
+    from lorakit.training.distributed import shutdown
+
+    out, scenario = Path(sys.argv[1]), sys.argv[2]
+    if scenario == "runs":
+        make(out / "ddp", **EQUAL).train()
+        trainer = make(out / "fsdp2", distributed_mode="fsdp2", **EQUAL)
+        trainer.train()
+        for module in trainer.model.modules():  # roots keep their last forward's gather
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        params = list(trainer.model.named_parameters())
+        base = [p for n, p in params if not p.requires_grad]
+        if trainer.rank == 0:
+            (out / "fsdp2" / "sharding.json").write_text(json.dumps({{
+                "base_sharded": all(isinstance(p, DTensor) for p in base),
+                "base_local": sum(p.to_local().numel() for p in base),
+                "base_full": sum(p.numel() for p in base),
+                "adapters_sharded": any(isinstance(p, DTensor) for n, p in params
+                                        if p.requires_grad)}}))
+        make(out / "full", **CKPT).train()
+    else:  # resume a copy of the full run's first checkpoint
+        make(out / "resumed", **CKPT).train(resume_from_checkpoint=True)
+    shutdown()
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], **env: str) -> subprocess.Popen:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"} | env
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if env.get(key) == "":
+            del env[key]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The process's output; on a timeout its whole session (torchrun's workers) is killed."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+        raise AssertionError(f"timed out after {timeout} s (a hang?):\n{out[-3000:]}") from None
+
+
+def torchrun(*args: str, timeout: float = 400) -> str:
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node", "2", *map(str, args)])
+    out = finish(proc, timeout)
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Path:
+    """One 2-process launch with three runs: ddp, fsdp2, and a checkpointed ddp run."""
+    out = tmp_path_factory.mktemp("dist")
+    script = out / "run.py"
+    script.write_text(SCRIPT.format(tests=TESTS))
+    log = torchrun(script, out, "runs")
+    (out / "log.txt").write_text(log)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "out"
+    make(out, **ONE_PROCESS_TWIN).train()
+    return out
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(out: Path, one: Path) -> None:
+    """Same adapter (fp32, up to float summation order), losses and eval metrics."""
+    ours, theirs = adapter(out), adapter(one)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"{key}: {m}")
+    assert losses(out) == pytest.approx(losses(one), rel=1e-5)
+    evals = [(r["step"], r["eval_loss"]) for r in records(out) if "eval_loss" in r]
+    want = [(r["step"], r["eval_loss"]) for r in records(one) if "eval_loss" in r]
+    assert [s for s, _ in evals] == [s for s, _ in want] == [2, 4]
+    assert [x for _, x in evals] == pytest.approx([x for _, x in want], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_one_process_adapter(launched, one_process):
+    out = launched / "ddp"
+    assert_same_run(out, one_process)
+    # rank 0 alone wrote: one record per step and eval, no duplicate lines
+    assert [r["step"] for r in records(out)] == [1, 2, 2, 3, 4, 4]
+    dist = json.loads((out / "run_config.json").read_text())["distributed"]
+    assert dist == {"mode": "ddp", "world_size": 2, "per_rank_batch_size": 2,
+                    "global_batch_size": 8}
+    log = (launched / "log.txt").read_text()
+    for mode in ("ddp", "fsdp2"):  # reported at the start, by rank 0 only
+        assert log.count(f"lorakit: 2 ranks ({mode}, gloo): global batch 8 = 2 per rank x 2 "
+                         "ranks x 2 accumulation step(s)") == 1, log
+    assert log.count("lorakit: step=4 eval_loss") == 2  # the ddp and fsdp2 runs, rank 0 only
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_base_and_saves_the_unsharded_adapter(launched, one_process):
+    out = launched / "fsdp2"
+    assert_same_run(out, one_process)
+    shards = json.loads((out / "sharding.json").read_text())
+    assert shards["base_sharded"] and not shards["adapters_sharded"]
+    assert shards["base_local"] <= shards["base_full"] / 2 + 1000  # each rank holds half
+    # a PEFT-loadable adapter: PEFT on the plain base gives our 1-process model's logits
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    peft_model = peft.PeftModel.from_pretrained(make_tiny_llama(initializer_range=0.3),
+                                                out / "adapter")
+    reference = peft.PeftModel.from_pretrained(make_tiny_llama(initializer_range=0.3),
+                                               one_process / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits,
+                                   reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_exactly(launched):
+    full = launched / "full"
+    assert [p.name for p in sorted(full.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-6"]
+    resumed = launched / "resumed"
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    log = torchrun(launched / "run.py", launched, "resume")
+    assert log.count("resumed from") == 1, log[-3000:]
+    want, got = losses(full), losses(resumed)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(4, 7):  # dropout and data position carry over on both ranks
+        assert got[step] == want[step], (step, got, want)
+    for key, value in adapter(full).items():
+        assert torch.equal(adapter(resumed)[key], value), key
+
+
+# ------------------------------------------------------------------------ ill-configured launches
+
+LIBRARY = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_distributed import make
+    import lorakit.training.distributed as d
+    try:
+        make(sys.argv[1], n_train=1 if sys.argv[2] == "one-example" else 25, ddp_timeout=3).train()
+    except ValueError as e:
+        print(f"error (rank {{d.launch_env().rank}}): {{e}}", flush=True)
+        sys.exit(2)
+""")
+
+
+@pytest.mark.slow
+def test_ill_configured_launches_fail_at_once_on_every_rank(tmp_path):
+    script = tmp_path / "lib.py"
+    script.write_text(LIBRARY.format(tests=TESTS))
+    cli = [sys.executable, "-m", "lorakit", "train", "--data", str(tmp_path / "none.jsonl"),
+           "--output", str(tmp_path / "out")]
+    port = str(free_port())
+    rdzv = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    cases = {  # name -> (command, env per rank, the message every rank must print)
+        "no MASTER_ADDR": (cli, {"WORLD_SIZE": "2", "MASTER_ADDR": "", "MASTER_PORT": ""},
+                           "RANK/WORLD_SIZE are set but MASTER_ADDR, MASTER_PORT are not"),
+        "global batch": (cli + ["--set", "training.global_batch_size=5"], rdzv,
+                         "global_batch_size=5 is not divisible by 2 rank(s) x 1 accumulation"),
+        "one example": ([sys.executable, str(script), str(tmp_path / "o1"), "one-example"], rdzv,
+                        "1 training example(s) for 2 ranks: every rank needs at least one"),
+    }
+    procs, t0 = [], time.time()
+    for name, (cmd, env, message) in cases.items():
+        for rank in (0, 1):
+            procs.append((name, rank, message, start(cmd, RANK=str(rank), LOCAL_RANK=str(rank),
+                                                     **env)))
+    # rank 1 of this launch never starts: rank 0 gives up after ddp_timeout (3 s)
+    lonely = start([sys.executable, str(script), str(tmp_path / "o2"), "train"], RANK="0",
+                   LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))
+    for name, rank, message, proc in procs:
+        out = finish(proc, timeout=180)
+        assert proc.returncode == 2, (name, rank, out[-3000:])
+        errors = [line for line in out.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and message in errors[0], (name, rank, out[-3000:])
+        assert f"rank {rank}" in errors[0], (name, errors)
+    out = finish(lonely, timeout=180)
+    assert lonely.returncode == 2, out[-3000:]
+    assert "rank 0 could not join the other 1 rank(s) at 127.0.0.1" in out
+    assert "within 3 s" in out
+    assert time.time() - t0 < 170
+
+
+# ---------------------------------------------------------------------------- fast, in-process
+
+def test_launch_environment_is_validated():
+    assert launch_env({}) is None  # one process: nothing happens
+    assert launch_env({"WORLD_SIZE": "1"}) is None
+    env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
+           "MASTER_PORT": "29500"}
+    got = launch_env(env)
+    assert (got.rank, got.world_size, got.local_rank, got.is_main) == (1, 4, 1, False)
+    with pytest.raises(LaunchError, match="MASTER_ADDR is not: launch with torchrun"):
+        launch_env({k: v for k, v in env.items() if k != "MASTER_ADDR"})
+    with pytest.raises(LaunchError, match="WORLD_SIZE.*are not"):
+        launch_env({"RANK": "0"})
+    with pytest.raises(LaunchError, match=r"RANK=4 is not in \[0, WORLD_SIZE=4\)"):
+        launch_env(env | {"RANK": "4"})
+    with pytest.raises(LaunchError, match="MASTER_PORT='x' is not an integer"):
+        launch_env(env | {"MASTER_PORT": "x"})
+
+
+def test_per_rank_batch_size():
+    args = TrainConfig(per_device_train_batch_size=3, gradient_accumulation_steps=2)
+    assert per_rank_batch_size(args, 4) == 3
+    args = TrainConfig(global_batch_size=48, gradient_accumulation_steps=2)
+    assert per_rank_batch_size(args, 4) == 6 and per_rank_batch_size(args, 1) == 24
+    with pytest.raises(LaunchError, match="not divisible by 5 rank"):
+        per_rank_batch_size(args, 5)
+    with pytest.raises(ValueError, match="distributed_mode"):
+        TrainConfig(distributed_mode="zero3")
+
+
+def test_global_batch_size_on_one_process_is_per_device_over_accumulation(tmp_path):
+    a = make(tmp_path / "a", max_steps=2, per_device_train_batch_size=4,
+             gradient_accumulation_steps=2)
+    b = make(tmp_path / "b", max_steps=2, global_batch_size=8, gradient_accumulation_steps=2)
+    assert a.batch_size == b.batch_size == 4 and a.total_steps() == b.total_steps()
+    a.train()
+    b.train()
+    assert adapter(tmp_path / "a").keys() == adapter(tmp_path / "b").keys()
+    for key, value in adapter(tmp_path / "a").items():
+        assert torch.equal(adapter(tmp_path / "b")[key], value)
