@@ -24,7 +24,9 @@ from safetensors.torch import load_file
 from test_trainer import counting_data, losses
 
 from lorakit import LoraConfig, SFTTrainer, TrainConfig, get_lora_model
-from lorakit.training.distributed import LaunchError, launch_env, per_rank_batch_size
+from lorakit.base import quantize_model
+from lorakit.training.distributed import (DataParallel, LaunchEnv, LaunchError, launch_env,
+                                          per_rank_batch_size)
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = str(ROOT / "tests")
@@ -40,14 +42,22 @@ N_TRAIN = 25
 EQUAL = dict(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
              eval_steps=2, adam_epsilon=1e-4)
 ONE_PROCESS_TWIN = EQUAL | {"per_device_train_batch_size": 4}  # the same global batch of 8
+NF4 = dict(max_steps=2, per_device_train_batch_size=2, adam_epsilon=1e-4)  # 1 process: 4
 CKPT = dict(lora={"lora_dropout": 0.1}, max_steps=6, per_device_train_batch_size=2,
             save_steps=3, save_total_limit=None, warmup_steps=1)
 
 
-def make(out: Path, lora: dict | None = None, n_train: int = N_TRAIN, **train) -> SFTTrainer:
-    """test_trainer's make_trainer, with a training set whose batches do not split evenly."""
-    model = get_lora_model(make_tiny_llama(initializer_range=0.3),
-                           LoraConfig(**({"r": 8, "lora_alpha": 16} | (lora or {}))))
+def make(out: Path, lora: dict | None = None, n_train: int = N_TRAIN, nf4: bool = False,
+         **train) -> SFTTrainer:
+    """test_trainer's make_trainer, with a training set whose batches do not split evenly;
+    nf4: test_qlora's tiny model (sized for bitsandbytes' CPU kernels) in 4-bit."""
+    if nf4:
+        from test_qlora import tiny_llama
+        base = quantize_model(tiny_llama(), "nf4")
+        lora = {"target_modules": "all-linear"} | (lora or {})
+    else:
+        base = make_tiny_llama(initializer_range=0.3)
+    model = get_lora_model(base, LoraConfig(**({"r": 8, "lora_alpha": 16} | (lora or {}))))
     args = TrainConfig(**({"output_dir": str(out), "learning_rate": 1e-2, "logging_steps": 1,
                            "save_steps": None, "bf16": False, "disable_tqdm": True} | train))
     return SFTTrainer(model, args, train_data=counting_data(n_train),
@@ -60,7 +70,7 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
-    from test_distributed import CKPT, EQUAL, make
+    from test_distributed import CKPT, EQUAL, NF4, make
     from lorakit.training.distributed import shutdown
 
     out, scenario = Path(sys.argv[1]), sys.argv[2]
@@ -81,8 +91,16 @@ SCRIPT = textwrap.dedent("""
                 "adapters_sharded": any(isinstance(p, DTensor) for n, p in params
                                         if p.requires_grad)}}))
         make(out / "full", **CKPT).train()
-    else:  # resume a copy of the full run's first checkpoint
+        make(out / "fsdp2-nf4", nf4=True, distributed_mode="fsdp2", **NF4).train()
+    elif scenario == "resume":  # a copy of the full run's first checkpoint
         make(out / "resumed", **CKPT).train(resume_from_checkpoint=True)
+    else:  # until a signal: each rank says where it stopped
+        import os
+        trainer = make(out / "signal", max_steps=100000, per_device_train_batch_size=2)
+        (out / f"pid-{{trainer.rank}}").write_text(str(os.getpid()))
+        result = trainer.train()
+        print(f"rank {{trainer.rank}} interrupted={{result.interrupted}} "
+              f"step={{result.global_step}}", flush=True)
     shutdown()
 """)
 
@@ -195,6 +213,29 @@ def test_fsdp2_shards_the_base_and_saves_the_unsharded_adapter(launched, one_pro
 
 
 @pytest.mark.slow
+def test_fsdp2_shards_a_4bit_base(launched, tmp_path):
+    one = tmp_path / "one"
+    make(one, nf4=True, **(NF4 | {"per_device_train_batch_size": 4})).train()
+    ours, theirs = adapter(launched / "fsdp2-nf4"), adapter(one)
+    assert ours.keys() == theirs.keys() and len(ours) == 28  # all-linear, 2 layers
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+def test_fsdp2_refuses_an_8bit_base():
+    model = get_lora_model(make_tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    ranks = DataParallel(LaunchEnv(0, 2, 0, "localhost", 29500), "fsdp2")
+    ranks.check_model(model)  # unquantized: fine
+    from test_qlora import tiny_llama
+    model = get_lora_model(quantize_model(tiny_llama(), "int8"),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    DataParallel(LaunchEnv(0, 2, 0, "localhost", 29500), "ddp").check_model(model)
+    with pytest.raises(LaunchError, match="fsdp2' cannot shard bitsandbytes 8-bit weights"):
+        ranks.check_model(model)
+
+
+@pytest.mark.slow
 def test_two_process_run_resumes_exactly(launched):
     full = launched / "full"
     assert [p.name for p in sorted(full.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-6"]
@@ -208,6 +249,27 @@ def test_two_process_run_resumes_exactly(launched):
         assert got[step] == want[step], (step, got, want)
     for key, value in adapter(full).items():
         assert torch.equal(adapter(resumed)[key], value), key
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(launched):
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node", "2", str(launched / "run.py"), str(launched), "signal"])
+    metrics, pid = launched / "signal" / "metrics.jsonl", launched / "pid-1"
+    deadline = time.time() + 200
+    while not (pid.is_file() and metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        if proc.poll() is not None or time.time() > deadline:
+            finish(proc, timeout=1)
+            raise AssertionError("the run ended or stalled before a signal could be sent")
+        time.sleep(0.2)
+    os.kill(int(pid.read_text()), signal.SIGTERM)  # rank 1 only, not torchrun
+    out = finish(proc, timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    stops = sorted(line for line in out.splitlines() if " interrupted=" in line)
+    assert len(stops) == 2 and stops[0].split()[2:] == stops[1].split()[2:], out[-3000:]
+    assert "interrupted=True" in stops[0]
+    step = int(stops[0].split("step=")[1])
+    assert (launched / "signal" / f"checkpoint-{step}" / "trainer_state.json").is_file()
 
 
 # ------------------------------------------------------------------------ ill-configured launches
@@ -303,3 +365,33 @@ def test_global_batch_size_on_one_process_is_per_device_over_accumulation(tmp_pa
     assert adapter(tmp_path / "a").keys() == adapter(tmp_path / "b").keys()
     for key, value in adapter(tmp_path / "a").items():
         assert torch.equal(adapter(tmp_path / "b")[key], value)
+
+
+# ------------------------------------------------------------------------------ the CLI, torchrun
+
+@pytest.mark.slow
+@pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer
+def test_cli_under_torchrun_trains_once_and_writes_once(tmp_path, smol_tokenizer):
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(vocab_size=len(smol_tokenizer), initializer_range=0.2).save_pretrained(model_dir)
+    smol_tokenizer.save_pretrained(model_dir)
+    rows = [{"prompt": [{"role": "user", "content": f"{a} plus {b}?"}],
+             "completion": [{"role": "assistant", "content": str(a + b)}]}
+            for a in range(5) for b in range(5)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    log = torchrun("-m", "lorakit", "train", "--model", model_dir, "--data", data, "--output", out,
+                   "--max-steps", 2, "--batch-size", 4, "--lr", "1e-3",
+                   "--set", "training.logging_steps=1", "--set", "output.samples=1",
+                   "--set", "output.sample_max_new_tokens=2")
+    assert log.count("lorakit: resolved config") == 1
+    assert log.count("global batch 8 = 4 per rank x 2 ranks x 1 accumulation step(s)") == 1
+    assert log.count("lorakit: finished step 2") == 1
+    assert "error" not in log.lower()
+    assert [r["step"] for r in records(out)] == [1, 2]
+    for name in ("config.yaml", "report.md", "adapter/adapter_config.json",
+                 "checkpoint-2/optimizer.safetensors"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "run_config.json").read_text())["distributed"]["world_size"] == 2
+    peft.PeftModel.from_pretrained(make_tiny_llama(vocab_size=len(smol_tokenizer)), out / "adapter")

@@ -201,7 +201,8 @@ class DataParallel:
             dist.init_process_group(self._backend(device), timeout=timedelta(seconds=self.timeout_s),
                                     device_id=device if device.type == "cuda" else None)
         except (RuntimeError, TimeoutError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() \
+                else type(e).__name__
             raise LaunchError(
                 f"rank {self.rank} could not join the other {self.world_size - 1} rank(s) at "
                 f"{self.env.master_addr}:{self.env.master_port} within {self.timeout_s} s "
