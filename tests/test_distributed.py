@@ -373,7 +373,8 @@ def test_global_batch_size_on_one_process_is_per_device_over_accumulation(tmp_pa
 @pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer
 def test_cli_under_torchrun_trains_once_and_writes_once(tmp_path, smol_tokenizer):
     model_dir = tmp_path / "tiny"
-    make_tiny_llama(vocab_size=len(smol_tokenizer), initializer_range=0.2).save_pretrained(model_dir)
+    tiny = make_tiny_llama(vocab_size=len(smol_tokenizer), initializer_range=0.2)
+    tiny.save_pretrained(model_dir)
     smol_tokenizer.save_pretrained(model_dir)
     rows = [{"prompt": [{"role": "user", "content": f"{a} plus {b}?"}],
              "completion": [{"role": "assistant", "content": str(a + b)}]}

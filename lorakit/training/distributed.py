@@ -65,7 +65,7 @@ _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class LaunchError(ValueError):
-    """A multi-process launch that cannot work. Raised alike on every rank, before any collective."""
+    """A multi-process launch that cannot work; raised alike on every rank, before collectives."""
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,8 @@ class DataParallel:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         try:
-            dist.init_process_group(self._backend(device), timeout=timedelta(seconds=self.timeout_s),
+            dist.init_process_group(self._backend(device),
+                                    timeout=timedelta(seconds=self.timeout_s),
                                     device_id=device if device.type == "cuda" else None)
         except (RuntimeError, TimeoutError, OSError) as e:
             first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() \
