@@ -340,6 +340,7 @@ def test_export_merged_from_load_model_base_tied(tmp_path, ids):
     d = tmp_path / "tied"
     tiny_llama(tie_word_embeddings=True).save_pretrained(d)
     base, _ = load_model(d, dtype="float32", quantization="nf4", tokenizer=False)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
     lm = _random_lora_on_nf4(base=base)
     ref = logits(lm, ids)
     out = export_merged(lm, tmp_path / "m", dtype="float32")

@@ -55,6 +55,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4",
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; use one of {', '.join(QUANT_TYPES)}")
     bnb = _bnb()
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
     keep: set[int] = set()
     for getter in ("get_output_embeddings", "get_input_embeddings"):
         emb = getattr(model, getter, lambda: None)()
