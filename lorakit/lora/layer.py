@@ -74,11 +74,13 @@ class LoraAdapter(nn.Module):
 
 
 class AdapterGroups:
-    """One layer's adapters for a mixed-adapter batch: row i of the batch uses slot `rows[i]`.
+    """One layer's adapters for a mixed-adapter batch (built once per call, e.g. per `generate`).
 
-    The adapters are stacked once, zero-padded to the largest r, with the scaling (and DoRA's
-    output factor) folded into B; the last slot is all zeros and serves "no adapter". A forward is
-    then two batched matmuls over the gathered per-row A/B, whatever the adapter mix.
+    The adapters are stacked, zero-padded to the largest r, with the scaling (and DoRA's output
+    factor) folded into B; one extra all-zero slot serves "__base__" rows and adapters this layer
+    lacks. A forward is then two batched matmuls over per-row A/B, whatever the adapter mix. With
+    no more rows than slots the per-row A/B are gathered once and kept instead of the stack (so
+    memory stays at most one stack); otherwise rows are gathered from the stack in each forward.
     """
 
     def __init__(self, layer: "LoraLayer", names: list[str], row_ids: torch.Tensor) -> None:
@@ -107,22 +109,26 @@ class AdapterGroups:
         local = {n: i for i, n in enumerate(present)}
         to_slot = torch.tensor([local.get(n, slots - 1) for n in names] + [slots - 1],
                                device=device)
-        self.rows = to_slot[row_ids.to(device)]
-        self.a, self.b, self.g = a, b, g
-        self._cache: dict[int, tuple[torch.Tensor, ...]] = {}
+        rows = to_slot[row_ids.to(device)]
+        self.n_rows = len(rows)
+        if self.n_rows <= slots:
+            # no more rows than slots: keep the per-row tensors themselves, not the stack
+            self.a, self.b = a[rows], b[rows]
+            self.g = None if g is None else g[rows]
+            self.index: torch.Tensor | None = None
+        else:
+            self.a, self.b, self.g, self.index = a, b, g, rows
 
     def _gather(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if n in self._cache:
-            return self._cache[n]
-        rows = self.rows
-        if n != len(rows):
-            if n % len(rows):
-                raise ValueError(f"a mixed-adapter batch of {len(rows)} rows met a batch of {n}")
-            rows = rows.repeat_interleave(n // len(rows))  # generate's beams / return sequences
-        out = (self.a[rows], self.b[rows], None if self.g is None else self.g[rows])
-        if n <= self.a.shape[0]:  # cache only when it costs no more memory than the stack
-            self._cache[n] = out
-        return out
+        if n == self.n_rows and self.index is None:
+            return self.a, self.b, self.g
+        if n % self.n_rows:
+            raise ValueError(f"a mixed-adapter batch of {self.n_rows} rows met a batch of {n}")
+        index = self.index if self.index is not None else torch.arange(self.n_rows,
+                                                                       device=self.a.device)
+        if n != self.n_rows:  # generate repeats each row for beams / return sequences
+            index = index.repeat_interleave(n // self.n_rows)
+        return self.a[index], self.b[index], None if self.g is None else self.g[index]
 
     def __call__(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         if self.empty:

@@ -346,7 +346,8 @@ class LoraModel(nn.Module):
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("inputs"),
+              args[0] if args else None):
         if isinstance(x, torch.Tensor):
             return x.shape[0]
     return None
