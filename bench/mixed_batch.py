@@ -24,12 +24,13 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit import LoraConfig, LoraModel, get_lora_model
+from lorakit import LoraConfig, get_lora_model
 from lorakit.base.default_model import default_model_dir
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.",
-           "Name three prime numbers.", "How do I boil an egg?", "Translate 'good morning' to Spanish.",
-           "Why is the sky blue?", "Give me a synonym for happy.", "What does CPU stand for?"]
+           "Name three prime numbers.", "How do I boil an egg?",
+           "Translate 'good morning' to Spanish.", "Why is the sky blue?",
+           "Give me a synonym for happy.", "What does CPU stand for?"]
 
 
 def main() -> None:

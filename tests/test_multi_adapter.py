@@ -30,7 +30,8 @@ def configs(kind: str) -> dict[str, dict]:
     """Three adapters that differ in rank, alpha, scaling rule and targets."""
     return {
         "default": dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear"),
-        "second": dict(r=2, lora_alpha=3, init_lora_weights=False, target_modules=[attn_name(kind)]),
+        "second": dict(r=2, lora_alpha=3, init_lora_weights=False,
+                       target_modules=[attn_name(kind)]),
         "third": dict(r=4, lora_alpha=6, init_lora_weights=False, use_rslora=True,
                       target_modules="all-linear"),
     }
@@ -443,5 +444,5 @@ def test_mixed_batch_errors():
     with pytest.raises(Exception):
         model(input_ids=ids[:, :0].float(), adapter_names=["default"] * 3)
     assert all(m.groups is None for m in model.model.modules() if isinstance(m, LoraLayer))
-    torch.testing.assert_close(logits(model, ids), logits(model, ids, adapter_names=["default"] * 3),
-                               atol=TOL, rtol=0)
+    torch.testing.assert_close(logits(model, ids),
+                               logits(model, ids, adapter_names=["default"] * 3), atol=TOL, rtol=0)

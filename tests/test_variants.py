@@ -339,7 +339,8 @@ def test_pissa_conversion_errors(tmp_path):
     two.add_adapter("second", LoraConfig(**pissa_kwargs()))
     two.save_pretrained(tmp_path / "init")
     with pytest.raises(ValueError, match="select one adapter"):
-        two.save_pretrained(tmp_path / "x", path_initial_model_for_weight_conversion=tmp_path / "init")
+        two.save_pretrained(tmp_path / "x",
+                            path_initial_model_for_weight_conversion=tmp_path / "init")
     # a loaded PiSSA adapter keeps the init it recomputed, so it converts too
     loaded = LoraModel.from_pretrained(make_tiny_llama(), tmp_path / "init")
     loaded.save_pretrained(tmp_path / "conv", convert_pissa_to_lora=True)

@@ -83,7 +83,8 @@ def add_weighted_adapter(model: "LoraModel", adapters: Sequence[str], weights: S
 
     with torch.no_grad():
         for _, layer in layers:
-            parts = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
+            parts = [(layer.adapters[a], w) for a, w in zip(adapters, weights)
+                     if a in layer.adapters]
             target = layer.adapters[adapter_name]
             a_new, b_new = _combine(parts, combination_type, new_rank)
             target.lora_A.zero_()

@@ -130,7 +130,8 @@ class AdapterGroups:
             index = index.repeat_interleave(n // self.n_rows)
         return self.a[index], self.b[index], None if self.g is None else self.g[index]
 
-    def __call__(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, result: torch.Tensor,
+                 base_layer: nn.Module) -> torch.Tensor:
         if self.empty:
             return result
         n = x.shape[0]

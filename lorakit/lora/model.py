@@ -18,8 +18,8 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.lora import backends
-from lorakit.lora.layer import (AdapterGroups, LoraLayer, ModulesToSave, adapters_disabled, lora_layers,
-                                saved_modules, set_submodule)
+from lorakit.lora.layer import (AdapterGroups, LoraLayer, ModulesToSave, adapters_disabled,
+                                lora_layers, saved_modules, set_submodule)
 from lorakit.lora.targeting import find_targets, resolve_target_modules
 from lorakit.lora.variants import variant_for
 
