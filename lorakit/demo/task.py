@@ -1,0 +1,231 @@
+"""The demo task: normalise free-form dates to ISO 8601 (YYYY-MM-DD).
+
+Each row shows one calendar date, written in one of a dozen everyday styles
+("5th of March '21", "03/05/2021 (US)", "5-Mar-21", ...), and asks for it as "2021-03-05".
+The answer is one exact string, so exact match is a fair metric. The base SmolLM2-135M-Instruct
+mostly answers with prose, wrong fields or the wrong order; a few minutes of LoRA teach it the
+mapping, since every piece (month names, ordinals, day/month order, the two-digit-year pivot)
+is learnable from a few hundred examples.
+
+Rows are conversational prompt/completion dicts (the `prompt_completion` format of
+`lorakit.data`), so the chat template of the instruct model frames them exactly as it does at
+inference time:
+
+    {"prompt": [{"role": "system", "content": INSTRUCTION},
+                {"role": "user", "content": "5th of March '21"}],
+     "completion": [{"role": "assistant", "content": "2021-03-05"}]}
+
+A short system message of our own carries the instruction: without one, SmolLM2's template
+inserts its 17-token default system prompt, and prompt tokens are most of the training compute.
+
+Dates come from 1950-01-01 .. 2049-12-31, so a two-digit year is unambiguous (yy < 50 means
+20yy). Held-out rows are disjoint from training rows by the underlying date: one seeded
+permutation of all dates gives the eval dates first and the training dates after them. Eval rows
+depend only on (n_eval, seed), not on n_train.
+
+Feasibility, measured with a plain PyTorch loop + PEFT on the real model (scratch script, not in
+the repo) on this 2-core AVX2 machine, fp32 (bf16 autocast is ~10x slower here: no AVX512-BF16):
+see DEMO_DEFAULTS and the numbers recorded next to it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+INSTRUCTION = "Write the date as YYYY-MM-DD."
+
+FIRST_DATE = _dt.date(1950, 1, 1)
+LAST_DATE = _dt.date(2049, 12, 31)
+YY_PIVOT = 50  # two-digit years below this are 20yy, the rest 19yy (matches the date range)
+
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December")
+MONTHS_ABBR = tuple(m[:3] for m in MONTHS)
+
+# Filled in from the feasibility runs (see the module docstring).
+DEMO_DEFAULTS: dict[str, Any] = {
+    # one epoch over 512 rows; measured with PEFT + a plain loop (lr 2e-3, 3 warmup steps):
+    # base 3% -> tuned 87% exact match on the 100 held-out rows, 376 s of training at 64
+    # tokens/s while other jobs shared the 2 cores
+    "n_train": 512,
+    "n_eval": 100,
+    "max_steps": 32,
+    "lr": 2e-3,
+    "batch_size": 16,
+    "max_length": 64,
+    "r": 16,
+    "alpha": 32,
+    "max_new_tokens": 12,
+}
+
+
+def ordinal(n: int) -> str:
+    """1 -> "1st", 2 -> "2nd", 11 -> "11th", 23 -> "23rd"."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _yy(d: _dt.date) -> str:
+    return f"{d.year % 100:02d}"
+
+
+# Surface styles: name -> renderer. Names are stable (tests parse each style back).
+STYLES: dict[str, Callable[[_dt.date], str]] = {
+    "month_d_yyyy": lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",          # March 5, 2021
+    "d_month_yyyy": lambda d: f"{d.day} {MONTHS[d.month - 1]} {d.year}",           # 5 March 2021
+    "ord_of_month_yy": lambda d: f"{ordinal(d.day)} of {MONTHS[d.month - 1]} '{_yy(d)}",  # 5th of March '21
+    "mon_ord_yyyy": lambda d: f"{MONTHS_ABBR[d.month - 1]} {ordinal(d.day)}, {d.year}",   # Mar 5th, 2021
+    "us_slash": lambda d: f"{d.month:02d}/{d.day:02d}/{d.year} (US)",               # 03/05/2021 (US)
+    "eu_slash": lambda d: f"{d.day:02d}/{d.month:02d}/{d.year} (EU)",               # 05/03/2021 (EU)
+    "dot_dmy": lambda d: f"{d.day}.{d.month}.{d.year}",                             # 5.3.2021
+    "d_mon_yy": lambda d: f"{d.day}-{MONTHS_ABBR[d.month - 1]}-{_yy(d)}",           # 5-Mar-21
+    "compact": lambda d: f"{d.year}{d.month:02d}{d.day:02d}",                       # 20210305
+    "month_yyyy_ord": lambda d: f"{MONTHS[d.month - 1].lower()} {ordinal(d.day)} {d.year}",  # march 5th 2021
+}
+
+
+@dataclass(frozen=True)
+class DateExample:
+    """One row before formatting: the underlying date and how it is written."""
+    date: _dt.date
+    style: str
+    text: str
+
+    @property
+    def answer(self) -> str:
+        return self.date.isoformat()
+
+
+def all_dates() -> list[_dt.date]:
+    """Every date the task draws from, in calendar order."""
+    n = (LAST_DATE - FIRST_DATE).days + 1
+    return [FIRST_DATE + _dt.timedelta(days=i) for i in range(n)]
+
+
+def _example(d: _dt.date, seed: int, styles: Sequence[str]) -> DateExample:
+    # One RNG per (seed, date): a row does not depend on which other rows were drawn, and str
+    # seeds are hashed with SHA-512, so this is stable across runs and PYTHONHASHSEED.
+    rng = random.Random(f"lorakit-demo-dates:{seed}:{d.isoformat()}")
+    style = rng.choice(list(styles))
+    return DateExample(d, style, STYLES[style](d))
+
+
+def make_examples(n_train: int, n_eval: int, seed: int = 0,
+                  styles: Sequence[str] | None = None
+                  ) -> tuple[list[DateExample], list[DateExample]]:
+    """(train, eval) examples over disjoint dates; eval comes first in the permutation."""
+    styles = list(styles) if styles is not None else list(STYLES)
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown or not styles:
+        raise ValueError(f"unknown styles {unknown}; choose from {list(STYLES)}")
+    dates = all_dates()
+    if n_train < 0 or n_eval < 0 or n_train + n_eval > len(dates):
+        raise ValueError(f"need 0 <= n_train + n_eval <= {len(dates)}, "
+                         f"got n_train={n_train}, n_eval={n_eval}")
+    random.Random(f"lorakit-demo-split:{seed}").shuffle(dates)
+    eval_dates, train_dates = dates[:n_eval], dates[n_eval:n_eval + n_train]
+    return ([_example(d, seed, styles) for d in train_dates],
+            [_example(d, seed, styles) for d in eval_dates])
+
+
+def to_row(ex: DateExample) -> dict[str, list[dict[str, str]]]:
+    """A conversational prompt/completion row."""
+    return {"prompt": [{"role": "system", "content": INSTRUCTION},
+                       {"role": "user", "content": ex.text}],
+            "completion": [{"role": "assistant", "content": ex.answer}]}
+
+
+def make_task(n_train: int, n_eval: int, seed: int = 0, styles: Sequence[str] | None = None
+              ) -> tuple[list[dict], list[dict]]:
+    """(train_rows, eval_rows) of the date task; see the module docstring for the row shape."""
+    train, held_out = make_examples(n_train, n_eval, seed, styles)
+    return [to_row(ex) for ex in train], [to_row(ex) for ex in held_out]
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """True when the two agree after stripping surrounding whitespace, and only then."""
+    return prediction.strip() == reference.strip()
+
+
+def exact_match_rate(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of exact matches (0.0 for no rows)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return 0.0
+    return sum(map(exact_match, predictions, references)) / len(references)
+
+
+def reference(row: dict) -> str:
+    """The expected answer of a row (conversational or plain-string)."""
+    completion = row["completion"]
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def generate_predictions(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int = 12,
+                         batch_size: int = 32) -> list[str]:
+    """Greedy completions of `prompts`, decoded, in input order.
+
+    A prompt is a list of chat messages (rendered with the tokenizer's chat template and its
+    generation prompt) or a plain string (used as is). Generation stops at EOS or the chat
+    template's end-of-turn token (`<|im_end|>` for ChatML).
+    """
+    import torch  # keep `import lorakit.demo.task` cheap for the data-only tests
+
+    if not prompts:
+        return []
+    texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+             if not isinstance(p, str) else p for p in prompts]
+    stop_ids = _stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    # Chat renderings already carry their special tokens; don't add a BOS on top.
+    add_special = not any(not isinstance(p, str) for p in prompts)
+    encoded = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    # Sorting by length keeps left padding (wasted compute) small within each batch.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(len(encoded[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):  # left padding: every prompt ends at the same column
+                    seq = encoded[i]
+                    ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                    mask[row, width - len(seq):] = 1
+                gen = model.generate(input_ids=ids.to(model.device),
+                                     attention_mask=mask.to(model.device),
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     num_beams=1, eos_token_id=stop_ids, pad_token_id=pad_id,
+                                     temperature=None, top_p=None, top_k=None)
+                for row, i in enumerate(idx):
+                    new = gen[row, width:].tolist()
+                    cut = next((k for k, t in enumerate(new) if t in stop_ids), len(new))
+                    out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the ChatML end-of-turn token when the vocabulary has it (deduplicated)."""
+    ids: list[int] = []
+    for tok in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        if tok is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token to stop generation at")
+    return ids
