@@ -1,7 +1,7 @@
 """QLoRA memory: storage bits of the NF4 base, and peak RSS / speed of short LoRA runs per base.
 
-    .venv/bin/python bench/qlora_memory.py [--steps 2 --batch 4 --seq 128 --bases fp32,bf16,nf4,nf4-bf16]
-        [--gradient-checkpointing]
+    .venv/bin/python bench/qlora_memory.py [--steps 2 --batch 4 --seq 128]
+        [--bases fp32,bf16,nf4,nf4-bf16] [--gradient-checkpointing]
 
 Model: the embedded default (SmolLM2-135M-Instruct). LoRA r=16, alpha=32, dropout 0.05 on all
 linear layers, AdamW, batch 4 x 128 random tokens, 1 warm-up step + `--steps` timed steps.

@@ -105,7 +105,8 @@ def test_real_conversion_into_fresh_cache(tmp_path, monkeypatch, capfd, default_
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (target / name).is_file()
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
-    a, b = load_file(target / "model.safetensors"), load_file(default_model_dir / "model.safetensors")
+    a = load_file(target / "model.safetensors")
+    b = load_file(default_model_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     monkeypatch.setattr(dm, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert dm.default_model_dir() == target
