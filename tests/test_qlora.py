@@ -393,3 +393,16 @@ def test_our_adapter_loads_in_peft_on_bnb_nf4_base(tmp_path, tiny_dir, ids):
     pbase, _ = load_model(tiny_dir, dtype="float32", quantization="nf4", tokenizer=False)
     pm = peft.PeftModel.from_pretrained(pbase, tmp_path / "ours").eval()
     assert (logits(pm, ids) - ref).abs().max() <= 1e-4
+
+
+def test_merging_into_int8_is_refused_not_garbled():
+    bnb = pytest.importorskip("bitsandbytes")
+    from lorakit import LoraConfig, get_lora_model
+    model = get_lora_model(quantize_model(tiny_llama(), "int8"),
+                           LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    layer = model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, bnb.nn.Linear8bitLt)
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(NotImplementedError, match="export_merged"):
+        model.merge_adapter()
+    assert torch.equal(layer.base_layer.weight, before)

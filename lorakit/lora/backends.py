@@ -33,6 +33,20 @@ def is_packed_4bit(param: torch.Tensor) -> bool:
     return bnb is not None and isinstance(param, bnb.nn.Params4bit)
 
 
+def is_linear8bit(module: nn.Module) -> bool:
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
+
+
+def _refuse_int8(module: nn.Module) -> None:
+    # Linear8bitLt keeps int8 values plus row scales that move between the weight and the layer
+    # state after the first forward: reading its raw weight as a matrix would give garbage.
+    if is_linear8bit(module):
+        raise NotImplementedError(
+            "merging into an 8-bit (bitsandbytes Linear8bitLt) base is not supported; write a "
+            "merged bf16/fp32 model with lorakit.base.export_merged(...) instead")
+
+
 def is_supported(module: nn.Module) -> bool:
     """Layers a LoRA adapter can wrap: nn.Linear (incl. bnb 4-bit) and transformers Conv1D."""
     return isinstance(module, (nn.Linear, Conv1D))
@@ -51,6 +65,7 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The frozen weight as an fp32 (out, in) matrix: a copy, never a view of the stored one."""
+    _refuse_int8(module)
     if is_linear4bit(module):
         return _dequantize_linear4bit(module)
     w = module.weight.detach()
@@ -61,6 +76,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The frozen weight as an (out, in) matrix in its own dtype, without a copy where the storage
     allows it (a transposed view for Conv1D; 4-bit weights are dequantized). Read-only use."""
+    _refuse_int8(module)
     if is_linear4bit(module):
         return _dequantize_linear4bit(module)
     w = module.weight.detach()
@@ -69,6 +85,7 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 def write_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Store an fp32 (out, in) matrix as the frozen weight, in the layer's own format."""
+    _refuse_int8(module)
     if is_linear4bit(module):
         _requantize_linear4bit(module, weight)
         return
