@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import typing
@@ -348,27 +347,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    import torch
-
     from lorakit import LoraModel
     from lorakit.adapter_io import read_adapter_config
+    from lorakit.base import export_merged
     read_adapter_config(args.adapter)
-    model, tokenizer = _load_base(args.model, "float32")  # merge in fp32, round once at the end
-    merged = LoraModel.from_pretrained(model, args.adapter).merge_and_unload(safe_merge=True)
-    merged = merged.to(getattr(torch, args.dtype))
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    model, tokenizer = _load_base(args.model, "float32")
+    # merged in fp32 and rounded once to --dtype; written atomically
+    export_merged(LoraModel.from_pretrained(model, args.adapter), out, args.dtype, tokenizer)
     print(f"lorakit: merged model ({args.dtype}) -> {out}")
     return 0
 
