@@ -20,7 +20,7 @@ MONTH.update({m.lower(): i + 1 for i, m in enumerate(task.MONTHS_ABBR)})
 
 def _yy(s: str) -> int:
     y = int(s)
-    return 2000 + y if y < 50 else 1900 + y
+    return 2000 + y if y < task.YY_PIVOT else 1900 + y
 
 
 # An independent reader for every style, so a renderer that swaps day and month (or gets the
