@@ -57,3 +57,12 @@ def smol_tokenizer(default_model_dir):
     """SmolLM2's real tokenizer and chat template, from the cached default model."""
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@torch.no_grad()
+def perturb_trainables(model: torch.nn.Module, seed: int = 3) -> None:
+    """Make every trainable tensor (adapters, biases, saved copies) differ from its start."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)

@@ -8,7 +8,7 @@ import math
 import peft
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
+from conftest import make_tiny_gpt2, make_tiny_llama, perturb_trainables
 from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, LoraLayer, LoraModel, get_lora_model
@@ -51,15 +51,6 @@ def make_base(kind: str):
 
 def lora_kwargs(case: dict) -> dict:
     return dict(r=4, lora_alpha=8, init_lora_weights=False) | case
-
-
-@torch.no_grad()
-def perturb_trainables(model: torch.nn.Module, seed: int = 3) -> None:
-    """Make every trainable tensor (adapters, biases, saved copies) differ from its start."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def logits(model, ids) -> torch.Tensor:

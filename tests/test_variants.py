@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 from conftest import VOCAB, make_tiny_gpt2, make_tiny_llama
+from conftest import perturb_trainables as perturb
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.adapter_io import CONFIG_NAME
@@ -28,14 +29,6 @@ def make_base(kind: str):
 def logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-@torch.no_grad()
-def perturb(model: torch.nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def layers(model) -> list[tuple[str, LoraLayer]]:
