@@ -1,7 +1,10 @@
 """LoRA training throughput, memory and quality: lorakit's trainer vs TRL SFTTrainer + PEFT.
 
-    .venv/bin/python bench/train_vs_trl.py                     # quick: fp32, short rows, A B A B
-    .venv/bin/python bench/train_vs_trl.py --dtypes float32 bfloat16 --data short long --repeats 2
+    .venv/bin/python bench/train_vs_trl.py                     # fp32, short rows, A B A B
+    .venv/bin/python bench/train_vs_trl.py --data long --batch 4 --steps 4 --eval-rows 16
+    .venv/bin/python bench/train_vs_trl.py --dtypes bfloat16 --steps 4 --repeats 1
+    .venv/bin/python bench/train_vs_trl.py --gradient-checkpointing off   # both sides off
+    .venv/bin/python bench/train_vs_trl.py --no-share-prefix   # lorakit without prefix sharing
 
 Same model (the embedded SmolLM2-135M-Instruct), LoRA r=16 alpha=32 on all linear layers,
 dropout 0, same rows, batch size, steps, learning rate, schedule, max length and dtype. Each run
@@ -9,6 +12,10 @@ is a separate process (peak RSS is per process); runs alternate lorakit, TRL, lo
 Prints non-pad tokens/s and peak RSS with ratios, eval loss after the same steps (both models
 scored by the same evaluator on the same held-out rows), and achieved FLOP/s against this
 machine's measured GEMM ceiling.
+
+Gradient checkpointing is the same on both sides: on by default, as in TRL's SFTConfig.
+Tokens/s counts the non-pad tokens of the rows each side trained on (TRL's num_tokens, lorakit's
+tokens_seen), over the wall time of train().
 
 Data: "short" = the demo's date-normalisation rows (chat prompt/completion, ~40 tokens,
 completion-only loss); "long" = ~512-token plain-text rows (loss on every token).
@@ -52,10 +59,12 @@ def make_rows(kind: str, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def mean_tokens(rows: list[dict], tokenizer, kind: str) -> float:
+def token_stats(rows: list[dict], tokenizer, kind: str) -> tuple[float, float]:
+    """(mean tokens per row, fraction of tokens whose next token is trained)."""
     from lorakit.data import prepare_dataset
     data = prepare_dataset(rows, tokenizer, max_length=1024 if kind == "long" else 256)
-    return statistics.mean(data.lengths)
+    trained = sum(sum(1 for y in e["labels"][1:] if y != -100) for e in data.examples)
+    return statistics.mean(data.lengths), trained / sum(data.lengths)
 
 
 # ---------------------------------------------------------------------------------- the workers
@@ -75,7 +84,8 @@ def worker(args: argparse.Namespace) -> None:
     bf16 = args.dtype == "bfloat16"
     out = tempfile.mkdtemp()
     common = dict(max_steps=args.steps, per_device_train_batch_size=args.batch,
-                  learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0, seed=0)
+                  learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0, seed=0,
+                  gradient_checkpointing=args.gradient_checkpointing == "on")
 
     if args.worker == "lorakit":
         from lorakit import LoraConfig, SFTTrainer, TrainConfig, get_lora_model
@@ -83,11 +93,13 @@ def worker(args: argparse.Namespace) -> None:
                                                 target_modules="all-linear"))
         trainer = SFTTrainer(lora, TrainConfig(output_dir=out, max_length=max_length, bf16=bf16,
                                                save_steps=None, logging_steps=args.steps,
-                                               disable_tqdm=True, max_grad_norm=1.0, **common),
+                                               disable_tqdm=True, max_grad_norm=1.0,
+                                               share_prefix=args.share_prefix, **common),
                              train_data=rows, tokenizer=tokenizer)
         t0 = time.perf_counter()
-        trainer.train()
+        result = trainer.train()
         seconds = time.perf_counter() - t0
+        tokens = result.tokens_per_second * result.seconds
         scored = lora
     else:
         import peft
@@ -104,6 +116,7 @@ def worker(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
+        tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
         scored = _EvalShim(trainer.model)  # PEFT's layers, lorakit's evaluator
 
     from lorakit import SFTTrainer as Scorer
@@ -114,7 +127,7 @@ def worker(args: argparse.Namespace) -> None:
                     eval_data=eval_rows, tokenizer=tokenizer)
     metrics = scorer.evaluate()
     print("RESULT " + json.dumps({
-        "seconds": seconds, "eval_loss": metrics["eval_loss"],
+        "seconds": seconds, "tokens": tokens, "eval_loss": metrics["eval_loss"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 
@@ -163,6 +176,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--eval-rows", dest="eval_rows", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", default="on",
+                    choices=["on", "off"], help="both sides (TRL's default: on)")
+    ap.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                    help="lorakit computes shared prompt prefixes per row, as TRL does")
     args = ap.parse_args()
     if args.worker:
         args.data = args.data[0]
@@ -177,19 +194,20 @@ def main() -> None:
           f" {os.cpu_count()} cores, torch {torch.__version__}; GEMM ceiling "
           + ", ".join(f"{d} {c / 1e9:.0f} GFLOP/s" for d, c in ceilings.items()))
     print(f"  SmolLM2-135M, LoRA r={R} alpha={ALPHA} all-linear, dropout 0, batch {args.batch}, "
-          f"{args.steps} steps, lr 2e-4 linear, {args.repeats} alternating runs each")
+          f"{args.steps} steps, lr 2e-4 linear, gradient checkpointing {args.gradient_checkpointing},"
+          f" lorakit share_prefix={args.share_prefix}, {args.repeats} alternating runs each")
     for kind in args.data:
         rows = make_rows(kind, args.rows, seed=1)
-        seq = mean_tokens(rows, tokenizer, kind)
-        tokens = seq * args.batch * args.steps  # both sample the same rows uniformly
-        label_fraction = 0.15 if kind == "short" else 1.0
+        seq, label_fraction = token_stats(rows, tokenizer, kind)
         for dtype in args.dtypes:
             runs: dict[str, list[dict]] = {"lorakit": [], "trl": []}
             for _ in range(args.repeats):
                 for who in ("lorakit", "trl"):
                     cmd = [sys.executable, __file__, "--worker", who, "--dtype", dtype, "--data",
                            kind, "--steps", str(args.steps), "--batch", str(args.batch),
-                           "--rows", str(args.rows), "--eval-rows", str(args.eval_rows)]
+                           "--rows", str(args.rows), "--eval-rows", str(args.eval_rows),
+                           "--gradient-checkpointing", args.gradient_checkpointing]
+                    cmd += [] if args.share_prefix else ["--no-share-prefix"]
                     res = subprocess.run(cmd, capture_output=True, text=True)
                     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
                     if res.returncode or not line:
@@ -197,7 +215,8 @@ def main() -> None:
                     runs[who].append(json.loads(line[0][7:]))
             med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                    for w, rs in runs.items()}
-            tps = {w: tokens / m["seconds"] for w, m in med.items()}
+            tps = {w: statistics.median(r["tokens"] / r["seconds"] for r in rs)
+                   for w, rs in runs.items()}
             achieved = tps["lorakit"] * flops_per_token(seq, label_fraction)
             print(f"\n  [{kind} rows, ~{seq:.0f} tokens/row, {dtype}]")
             for w in ("lorakit", "trl"):

@@ -26,6 +26,10 @@ class TrainConfig:
     # than random batches (bench/train_vs_trl.py, 2026-11-29). Turn it on for long, varied rows.
     group_by_length: bool = False
     packing: bool = False
+    # Compute a prompt prefix that every row of a batch shares (chat template, system prompt)
+    # once per batch instead of once per row: same loss and gradients (lorakit.training.prefix).
+    # Applies where it is exact: no dropout, no packing, not under fsdp2.
+    share_prefix: bool = True
     dataset_format: str | None = None  # "text" | "messages" | "prompt_completion" | "alpaca"
     chat_template: str | None = None
     # optimiser and schedule

@@ -3,7 +3,10 @@
 transformers' forward with labels builds fp32 logits for every position (batch × seq × 49k vocab
 for SmolLM2) and then throws most of them away when prompts and padding are masked. Here the
 backbone returns hidden states, and the output head runs only on the positions whose next token
-is trained. Same numbers, a fraction of the memory and time.
+is trained, a chunk of rows at a time: the full logits never exist, and the gradients are
+computed chunk by chunk in the forward (as Liger's fused linear cross-entropy does). Same
+numbers, a fraction of the memory and time. A prompt prefix shared by the whole batch is
+computed once (lorakit.training.prefix).
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.training.prefix import forward_with_shared_prefix, shared_prefix_length
+
 IGNORE_INDEX = -100
 # Configs whose models post-process logits (soft-capping, scaling): use their own forward.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                          "output_multiplier_scale")
+# fp32 logits held at once by the chunked head: 2**24 elements = 64 MiB (341 rows of a 49k vocab)
+CHUNK_ELEMENTS = 2**24
 
 
 @dataclass
@@ -42,21 +49,90 @@ def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ cross_entropy(hidden @ weightᵀ + bias, targets) and the count of correct argmaxes,
+    `rows` rows at a time. The forward also computes the gradients (softmax − one-hot, pushed
+    through the head) chunk by chunk; the backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows: int):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        losses = []
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = torch.promote_types(weight.dtype, torch.float32)  # gradient sums: fp32 at least
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+        for lo in range(0, hidden.shape[0], rows):
+            h, y = hidden[lo:lo + rows], targets[lo:lo + rows]
+            raw = F.linear(h, weight, bias)  # the head's dtype, or autocast's
+            logits = raw.to(torch.promote_types(raw.dtype, torch.float32))  # fp32 at least
+            lse = torch.logsumexp(logits, dim=-1)
+            losses.append((lse - logits.gather(1, y[:, None]).squeeze(1)).sum())
+            correct += (logits.argmax(-1) == y).sum()
+            if need_h or need_w or need_b:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(y), device=g.device), y] -= 1
+                g = g.to(raw.dtype)  # the precision the plain path's backward uses
+                if need_h:
+                    grad_h[lo:lo + rows] = g @ weight.to(g.dtype)
+                if need_w:
+                    grad_w += (g.t() @ h.to(g.dtype)).to(acc)
+                if need_b:
+                    grad_b += g.to(acc).sum(0)
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
+        ctx.has = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(correct)
+        loss = torch.stack(losses).sum() if losses else hidden.new_zeros((), dtype=torch.float32)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        saved = iter(ctx.saved_tensors)
+        grads = [(next(saved) * grad_loss).to(dtype) if has else None
+                 for has, dtype in zip(ctx.has, ctx.dtypes)]
+        return grads[0], grads[1], grads[2], None, None
+
+
+def head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+              chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ token cross-entropy, count of correct argmaxes) of `head` on hidden rows [n, d]."""
+    plain_linear = (type(head) is nn.Linear and not head._forward_hooks
+                    and not head._forward_pre_hooks)
+    if not plain_linear:  # a LoRA-wrapped or sharded head: its own forward, full logits
+        logits = head(hidden).float()
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        return loss, (logits.detach().argmax(-1) == targets).sum()
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // head.out_features)
+    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, rows)
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
-                   count_correct: bool = False) -> LossParts:
-    """Sum of next-token cross-entropy over labelled positions (labels unshifted, -100 = skip)."""
+                   count_correct: bool = False, share_prefix: bool = False) -> LossParts:
+    """Sum of next-token cross-entropy over labelled positions (labels unshifted, -100 = skip).
+
+    share_prefix: compute a prompt prefix common to all rows once (the caller checks the model
+    with `prefix_sharing_problem`)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    parts = _split_head(model)
+    if parts is None:
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = model(**inputs, use_cache=False).logits[:, :-1][keep].float()
+        y = targets[keep]
+        loss_sum = F.cross_entropy(logits, y, reduction="sum")
+        n_correct = int((logits.detach().argmax(-1) == y).sum()) if count_correct else 0
+        return LossParts(loss_sum, int(keep.sum()), n_correct)
+    backbone, head = parts
+    prefix = shared_prefix_length(batch) if share_prefix else 0
+    hidden = forward_with_shared_prefix(backbone, inputs, prefix) if prefix else None
+    if hidden is not None:
+        labels = labels[:, prefix:]
+    else:
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    parts = _split_head(model)
-    if parts is not None:
-        backbone, head = parts
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][keep]).float()
-    else:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][keep].float()
-    y = targets[keep]
-    loss_sum = F.cross_entropy(logits, y, reduction="sum")
-    n_correct = int((logits.argmax(-1) == y).sum()) if count_correct else 0
-    return LossParts(loss_sum, int(keep.sum()), n_correct)
+    loss_sum, n_correct = head_loss(hidden[:, :-1][keep], head, targets[keep])
+    return LossParts(loss_sum, int(keep.sum()), int(n_correct) if count_correct else 0)

@@ -35,6 +35,7 @@ from lorakit.training.checkpoint import (TrainState, latest_checkpoint, load_che
 from lorakit.training.config import TrainConfig
 from lorakit.training.distributed import DataParallel, local_device, per_rank_batch_size
 from lorakit.training.loss import causal_lm_loss
+from lorakit.training.prefix import prefix_sharing_problem
 from lorakit.training.optim import adapter_param_groups
 
 
@@ -90,6 +91,8 @@ class SFTTrainer:
         self.train_data = self._prepare(train_data, "train") if train_data is not None else None
         self.eval_data = self._prepare(eval_data, "eval") if eval_data is not None else None
         self.pad_id = self._pad_id()
+        # why shared-prompt-prefix forwards are off for training / evaluation (None: they are on)
+        self.prefix_off = {mode: self._prefix_sharing_problem(mode) for mode in ("train", "eval")}
         self._stop_signal: int | None = None
         if self.dist is not None:  # fail alike on every rank, before any collective
             self.dist.check_model(model)
@@ -116,6 +119,15 @@ class SFTTrainer:
             prepared = SFTData(pack(prepared.examples, self.args.max_length), prepared.stats,
                                prepared.format)
         return prepared
+
+    def _prefix_sharing_problem(self, mode: str) -> str | None:
+        if not self.args.share_prefix:
+            return "share_prefix=False"
+        if mode == "train" and self.args.packing:
+            return "packed rows"
+        if self.dist is not None and self.dist.mode == "fsdp2":  # ranks must call alike
+            return "fsdp2 gathers weights per forward call"
+        return prefix_sharing_problem(self.model.model, training=mode == "train")
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
@@ -173,8 +185,11 @@ class SFTTrainer:
         total = self.total_steps()
         groups = adapter_param_groups(model, args.learning_rate, args.weight_decay,
                                       args.loraplus_lr_ratio)
+        # fused: one kernel for all adapter tensors instead of ~10 ops per tensor (420 tensors
+        # for all-linear SmolLM2: 31 -> 6 ms a step on CPU); sharded (DTensor) params stay unfused
+        fused = device.type in ("cpu", "cuda") and (self.dist is None or self.dist.mode == "ddp")
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon,
-                                      betas=(args.adam_beta1, args.adam_beta2))
+                                      betas=(args.adam_beta1, args.adam_beta2), fused=fused)
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(args.lr_scheduler_type, warmup, total))
@@ -216,7 +231,8 @@ class SFTTrainer:
                 for batch in micro:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with autocast:
-                        parts = causal_lm_loss(model.model, batch)
+                        parts = causal_lm_loss(model.model, batch,
+                                               share_prefix=self.prefix_off["train"] is None)
                     loss = parts.loss_sum / max(n_label, 1)
                     loss.backward()
                     step_loss += loss.item()
@@ -307,7 +323,8 @@ class SFTTrainer:
             batch = self._collate(data, idx)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                parts = causal_lm_loss(model.model, batch, count_correct=True)
+                parts = causal_lm_loss(model.model, batch, count_correct=True,
+                                       share_prefix=self.prefix_off["eval"] is None)
             loss_sum += float(parts.loss_sum)
             n_tok += parts.n_tokens
             n_ok += parts.n_correct
@@ -357,6 +374,7 @@ class SFTTrainer:
             "adapters": {n: c.to_dict() for n, c in self.model.peft_config.items()},
             "base_model": getattr(self.model.model, "name_or_path", None),
             "total_steps": total_steps, "bf16": self.bf16, "device": str(self.device),
+            "shared_prefix_off": self.prefix_off,
             "train_data": self.train_data.stats.as_dict() if self.train_data else None,
             "eval_data": self.eval_data.stats.as_dict() if self.eval_data else None,
             "trainable_parameters": self.model.get_nb_trainable_parameters()[0],

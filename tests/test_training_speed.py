@@ -1,0 +1,187 @@
+"""The training fast paths compute the plain path's numbers: chunked output head + loss, and the
+shared-prefix forward (with and without gradient checkpointing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import make_tiny_gpt2, make_tiny_llama, perturb_trainables
+from lorakit import LoraConfig, get_lora_model
+from lorakit.training.loss import causal_lm_loss, head_loss
+from lorakit.training.prefix import prefix_sharing_problem, shared_prefix_length
+
+
+# ----------------------------------------------------------------------------- chunked head + loss
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_chunked_head_loss_matches_full_logits_float64(bias, train_head):
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=bias).double().requires_grad_(train_head)
+    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (23,))
+    loss, correct = head_loss(hidden, head, y, chunk_rows=5)  # 5 chunks, the last one short
+    loss.mul(0.37).backward()
+    got = [hidden.grad] + ([p.grad for p in head.parameters()] if train_head else [])
+
+    ref_h = hidden.detach().clone().requires_grad_()
+    ref_head = nn.Linear(16, 50, bias=bias).double().requires_grad_(train_head)
+    ref_head.load_state_dict(head.state_dict())
+    logits = ref_head(ref_h)
+    ref = F.cross_entropy(logits, y, reduction="sum")
+    ref.mul(0.37).backward()
+    want = [ref_h.grad] + ([p.grad for p in ref_head.parameters()] if train_head else [])
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    assert int(correct) == int((logits.argmax(-1) == y).sum())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_head_loss_without_grad_and_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 40, bias=False).requires_grad_(False)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    y = torch.randint(0, 40, (9,))
+    with torch.no_grad():
+        loss, _ = head_loss(hidden, head, y, chunk_rows=4)
+    torch.testing.assert_close(loss, F.cross_entropy(head(hidden), y, reduction="sum"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # same bf16 roundings as the plain path
+        loss, _ = head_loss(hidden, head, y, chunk_rows=4)
+        ref = F.cross_entropy(head(hidden).float(), y, reduction="sum")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(loss, hidden)
+    (g_ref,) = torch.autograd.grad(ref, hidden)
+    torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-3)  # bf16 matmuls on both sides
+
+
+# --------------------------------------------------------------------------------- shared prefix
+
+def _batch(prefix: list[int], tails: list[list[int]], n_prompt: int) -> dict[str, torch.Tensor]:
+    """Rows = prefix + tail, right-padded; the first len(prefix) + n_prompt tokens are prompt."""
+    rows = [prefix + t for t in tails]
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+        start = len(prefix) + n_prompt
+        labels[i, start:len(r)] = ids[i, start:len(r)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _lora(make, **kw):
+    model = get_lora_model(make(**kw), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        perturb_trainables(model)  # B != 0: the adapters change the forward
+    return model.train()
+
+
+def test_shared_prefix_length_stops_at_differences_padding_and_trained_targets():
+    b = _batch(list(range(3, 15)), [[20, 21, 22, 23], [20, 21, 30], [20, 40, 41, 42, 43]], 1)
+    # positions 0-12 hold the same tokens in every row, but position 12 (token 20) is trained to
+    # predict the next token, so its hidden state must stay per row: 12 shared positions
+    # 12 shared prefix tokens + token 20 in every row; the token after 20 is labelled, so 20 is
+    # the last shared position whose next token is not trained -> 13... but labels start at
+    # position 13 (after prefix + 1 prompt token): position 12's target is trained
+    assert shared_prefix_length(b) == 12
+    assert shared_prefix_length(_batch(list(range(3, 15)), [[20, 21], [20, 22]], 5)) == 13
+    assert shared_prefix_length(_batch([3, 4, 5], [[6, 7], [6, 8]], 1)) == 0  # too short to pay
+    one_row = _batch(list(range(3, 15)), [[20, 21]], 1)
+    assert shared_prefix_length(one_row) == 0
+
+
+@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prefix_forward_matches_plain_forward(make, checkpointing):
+    model = _lora(make)
+    hf = model.model
+    assert prefix_sharing_problem(hf) is None
+    if checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, 100, (11,), generator=g).tolist()
+    tails = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (7, 4, 9, 5)]
+    batch = _batch(prefix, tails, n_prompt=2)
+    assert shared_prefix_length(batch) == 11  # the tails differ from their first token
+
+    def run(share: bool):
+        model.zero_grad(set_to_none=True)
+        parts = causal_lm_loss(hf, batch, count_correct=True, share_prefix=share)
+        parts.loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return parts, grads
+
+    plain, g_plain = run(False)
+    if checkpointing and make is make_tiny_gpt2:  # GPT-2 drops the cache under checkpointing
+        with pytest.warns(UserWarning, match="ignored the KV cache"):
+            shared, g_shared = run(True)
+    else:
+        shared, g_shared = run(True)
+    assert (shared.n_tokens, shared.n_correct) == (plain.n_tokens, plain.n_correct)
+    torch.testing.assert_close(shared.loss_sum, plain.loss_sum, rtol=1e-5, atol=1e-5)
+    assert g_plain.keys() == g_shared.keys() and g_plain
+    for name in g_plain:
+        torch.testing.assert_close(g_shared[name], g_plain[name], rtol=1e-4, atol=1e-5,
+                                   msg=name)
+
+
+def test_prefix_sharing_refused_with_dropout():
+    model = get_lora_model(make_tiny_llama(), LoraConfig(r=4, lora_dropout=0.1,
+                                                         target_modules=["q_proj"]))
+    assert "dropout" in prefix_sharing_problem(model.model)
+    assert "attention_dropout" in prefix_sharing_problem(make_tiny_llama(attention_dropout=0.1))
+
+
+# ------------------------------------------------------------------------------------ in training
+
+def _prefixed_rows(n: int, seed: int = 0):
+    """A fixed 12-token 'system prompt', a random question, a fixed answer (chat SFT's shape)."""
+    from lorakit.data import SFTData
+    g = torch.Generator().manual_seed(seed)
+    system = list(range(90, 102))
+    examples = []
+    for _ in range(n):
+        q = torch.randint(3, 80, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+        prompt = system + q.tolist()
+        answer = [10, 20, 30, 40]
+        examples.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return SFTData(examples)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trainer_with_shared_prefix_trains_the_same_adapters(tmp_path, checkpointing,
+                                                              monkeypatch):
+    from lorakit import SFTTrainer, TrainConfig
+    from lorakit.training import loss as loss_module
+
+    calls = []
+    real = loss_module.forward_with_shared_prefix
+    monkeypatch.setattr(loss_module, "forward_with_shared_prefix",
+                        lambda *a: calls.append(a[2]) or real(*a))
+
+    def train(share: bool):
+        model = get_lora_model(make_tiny_llama(seed=4), LoraConfig(r=4, lora_alpha=8))
+        args = TrainConfig(output_dir=str(tmp_path / str(share)), max_steps=6, learning_rate=1e-2,
+                           per_device_train_batch_size=4, save_steps=None, bf16=False,
+                           disable_tqdm=True, share_prefix=share,
+                           gradient_checkpointing=checkpointing)
+        trainer = SFTTrainer(model, args, train_data=_prefixed_rows(16),
+                             eval_data=_prefixed_rows(8, seed=1))
+        assert trainer.prefix_off == ({"train": None, "eval": None} if share else
+                                      {"train": "share_prefix=False", "eval": "share_prefix=False"})
+        result = trainer.train()
+        return model, result
+
+    plain, r_plain = train(False)
+    assert calls == []
+    shared, r_shared = train(True)
+    assert len(calls) == 6 + 1 and set(calls) == {12}  # 6 steps and 1 eval batch, 12 shared
+    assert r_plain.metrics["eval_loss"] == pytest.approx(r_shared.metrics["eval_loss"], rel=1e-5)
+    for (name, a), (_, b) in zip(plain.named_parameters(), shared.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
