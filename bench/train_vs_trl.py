@@ -17,7 +17,7 @@ Gradient checkpointing is the same on both sides: on by default, as in TRL's SFT
 Tokens/s counts the non-pad tokens of the rows each side trained on (TRL's num_tokens, lorakit's
 tokens_seen), over the wall time of train().
 
-Data: "short" = the demo's date-normalisation rows (chat prompt/completion, ~40 tokens,
+Data: "short" = the demo's date-normalisation rows (chat prompt/completion, ~48 tokens,
 completion-only loss); "long" = ~512-token plain-text rows (loss on every token).
 """
 
@@ -50,10 +50,11 @@ def make_rows(kind: str, n: int, seed: int) -> list[dict]:
         train, _ = make_task(n, 0, seed=seed)
         return train
     # ~512-token plain text: many date lines in a row, a different mix for each row
-    train, _ = make_task(n * 40, 0, seed=seed)
+    per_row = 22  # ~23 tokens a line: ~510 tokens a row
+    train, _ = make_task(n * per_row, 0, seed=seed)
     rows = []
     for i in range(n):
-        chunk = train[i * 40:(i + 1) * 40]
+        chunk = train[i * per_row:(i + 1) * per_row]
         lines = [f"{r['prompt'][-1]['content']} is {r['completion'][0]['content']}." for r in chunk]
         rows.append({"text": " ".join(lines)})
     return rows
@@ -142,15 +143,18 @@ class _EvalShim(torch.nn.Module):
 
 # ------------------------------------------------------------------------------------- ceilings
 
-def gemm_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+def gemm_ceiling(dtype: torch.dtype, repeats: int = 10) -> float:
+    """Best FLOP/s of a plain matmul on this machine: the best of several runs of the model's own
+    projection shapes (1024 tokens) and of a square 2048³, so one slow moment does not set it."""
+    best = 0.0
+    for m, k, n in ((1024, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t))
+    return best
 
 
 def flops_per_token(seq: float, label_fraction: float) -> float:
