@@ -9,7 +9,7 @@
 Same model (the embedded SmolLM2-135M-Instruct), LoRA r=16 alpha=32 on all linear layers,
 dropout 0, same rows, batch size, steps, learning rate, schedule, max length and dtype. Each run
 is a separate process (peak RSS is per process); runs alternate lorakit, TRL, lorakit, TRL.
-Prints non-pad tokens/s and peak RSS with ratios, eval loss after the same steps (both models
+Prints non-pad tokens/s and peak RSS (load + training, before the scoring) with ratios, eval loss after the same steps (both models
 scored by the same evaluator on the same held-out rows), and achieved FLOP/s against this
 machine's measured GEMM ceiling.
 
@@ -120,6 +120,7 @@ def worker(args: argparse.Namespace) -> None:
         tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
         scored = _EvalShim(trainer.model)  # PEFT's layers, lorakit's evaluator
 
+    train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the scoring
     from lorakit import SFTTrainer as Scorer
     from lorakit import TrainConfig
     scorer = Scorer(scored,
@@ -129,7 +130,9 @@ def worker(args: argparse.Namespace) -> None:
     metrics = scorer.evaluate()
     print("RESULT " + json.dumps({
         "seconds": seconds, "tokens": tokens, "eval_loss": metrics["eval_loss"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+        "peak_rss_mb": train_peak,
+        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
+        flush=True)
 
 
 class _EvalShim(torch.nn.Module):
