@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import make_tiny_gpt2, make_tiny_llama, perturb_trainables
 from lorakit import LoraConfig, get_lora_model
+from lorakit.base.quantize import enable_checkpointing
 from lorakit.training.loss import causal_lm_loss, head_loss
 from lorakit.training.prefix import prefix_sharing_problem, shared_prefix_length
 
@@ -102,7 +103,9 @@ def test_shared_prefix_forward_matches_plain_forward(make, checkpointing):
     hf = model.model
     assert prefix_sharing_problem(hf) is None
     if checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(hf)
+        layers = hf.transformer.h if make is make_tiny_gpt2 else hf.model.layers
+        assert all(layer.gradient_checkpointing for layer in layers)
     g = torch.Generator().manual_seed(1)
     prefix = torch.randint(3, 100, (11,), generator=g).tolist()
     tails = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (7, 4, 9, 5)]

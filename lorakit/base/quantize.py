@@ -132,6 +132,16 @@ def quantized_storage_bits(model: nn.Module) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------------- k-bit training
 
+def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None) -> None:
+    """Activation (gradient) checkpointing of every decoder layer, non-reentrant by default.
+    transformers >= 5.2x names it `activation_checkpointing_enable` (the old name goes in v6)."""
+    kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False,
                               gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
     """Ready a (quantized) base model for adapter training, in place.
@@ -155,8 +165,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model, gradient_checkpointing_kwargs)
         model.enable_input_require_grads()
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False

@@ -70,7 +70,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "n_eval": 100,
     "max_steps": 48,
     # (64 steps / 1024 rows / 200 eval rows measured 92.5-95.5% with PEFT; the demo keeps the
-    # 48/768/100 setting that lorakit's own trainer was run with for the README: 3% -> 90%)
+    # 48/768/100 setting that lorakit's own trainer was run with for the README: 3% -> 87-90%)
     "lr": 2e-3,
     "batch_size": 16,
     "max_length": 64,  # rows are 41-51 tokens; nothing is ever truncated

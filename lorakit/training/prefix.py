@@ -17,6 +17,7 @@ a layer in the backward pass, so both work with it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Iterator
 
@@ -101,9 +102,10 @@ def forward_with_shared_prefix(backbone: nn.Module, inputs: dict[str, torch.Tens
     """
     Cache, _, CaptureLayer, SharedPrefixLayer = _cache_classes()
     ids = inputs["input_ids"]
+    key = _cache_argument(backbone)
     with _cache_kept_under_checkpointing(backbone):
         record = Cache(layer_class_to_replicate=CaptureLayer)
-        backbone(input_ids=ids[:1, :prefix], past_key_values=record, use_cache=True)
+        backbone(input_ids=ids[:1, :prefix], use_cache=True, **{key: record})
         if len(record.layers) == 0 or any(not layer.is_initialized for layer in record.layers):
             # e.g. GPT-2 passes no cache to its blocks under gradient checkpointing
             warnings.warn(f"{type(backbone).__name__} ignored the KV cache (gradient "
@@ -113,8 +115,15 @@ def forward_with_shared_prefix(backbone: nn.Module, inputs: dict[str, torch.Tens
         shared = Cache(layers=[SharedPrefixLayer(layer.keys, layer.values)
                                for layer in record.layers])
         out = backbone(input_ids=ids[:, prefix:], attention_mask=inputs.get("attention_mask"),
-                       past_key_values=shared, use_cache=True)
+                       use_cache=True, **{key: shared})
     return out.last_hidden_state
+
+
+def _cache_argument(backbone: nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.2x, `past_key_values`
+    before (still accepted, with a deprecation warning, until 5.40)."""
+    params = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @contextlib.contextmanager

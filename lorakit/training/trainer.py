@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import torch
 
 from lorakit.base.loading import bf16_is_fast, resolve_device
+from lorakit.base.quantize import enable_checkpointing
 from lorakit.data import LengthGroupedBatches, SFTData, collate, pack, prepare_dataset
 from lorakit.data.collate import check_packing_supported
 from lorakit.training.checkpoint import (TrainState, latest_checkpoint, load_checkpoint,
@@ -180,7 +181,7 @@ class SFTTrainer:
             self._log(self.dist.describe(self.batch_size, args.gradient_accumulation_steps))
         hf = model.model
         if args.gradient_checkpointing:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(hf)
 
         total = self.total_steps()
         groups = adapter_param_groups(model, args.learning_rate, args.weight_decay,
