@@ -23,35 +23,32 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 MIN_SHARED_TOKENS = 8  # below this the second forward call costs more than it saves
 _ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 
 
-def _cache_classes():
-    from transformers.cache_utils import Cache, DynamicLayer
+class _CaptureLayer(DynamicLayer):
+    """Records the prefix's keys and values (a re-run records the same again)."""
 
-    class CaptureLayer(DynamicLayer):
-        """Records the prefix's keys and values (a re-run records the same again)."""
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys, self.values, self.is_initialized = key_states, value_states, True
+        return key_states, value_states
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            self.keys, self.values, self.is_initialized = key_states, value_states, True
-            return key_states, value_states
 
-    class SharedPrefixLayer(DynamicLayer):
-        """Serves recorded prefix keys/values to every row, stores nothing of the rows."""
+class _SharedPrefixLayer(DynamicLayer):
+    """Serves recorded prefix keys/values to every row, stores nothing of the rows."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-            super().__init__()
-            self.keys, self.values, self.is_initialized = keys, values, True
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.is_initialized = keys, values, True
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            rows = key_states.shape[0]
-            keys = torch.cat([self.keys.expand(rows, -1, -1, -1), key_states], dim=-2)
-            values = torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2)
-            return keys, values
-
-    return Cache, DynamicLayer, CaptureLayer, SharedPrefixLayer
+    def update(self, key_states, value_states, *args, **kwargs):
+        rows = key_states.shape[0]
+        keys = torch.cat([self.keys.expand(rows, -1, -1, -1), key_states], dim=-2)
+        values = torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2)
+        return keys, values
 
 
 def prefix_sharing_problem(model: nn.Module, training: bool = True) -> str | None:
@@ -70,8 +67,6 @@ def prefix_sharing_problem(model: nn.Module, training: bool = True) -> str | Non
             if isinstance(value, float) and value > 0:
                 return f"config.{key}={value} (attention dropout)"
     try:
-        from transformers.cache_utils import DynamicCache
-        Cache, DynamicLayer, _, _ = _cache_classes()
         layers = DynamicCache(config=config).layers
     except Exception as e:  # noqa: BLE001 - an unknown model or transformers version: opt out
         return f"no dynamic KV cache for this model ({e})"
@@ -100,11 +95,10 @@ def forward_with_shared_prefix(backbone: nn.Module, inputs: dict[str, torch.Tens
     """Hidden states of positions prefix.. of every row, computing positions ..prefix once;
     None (with a warning) where the model ignored the cache, so the caller runs the plain forward.
     """
-    Cache, _, CaptureLayer, SharedPrefixLayer = _cache_classes()
     ids = inputs["input_ids"]
     key = _cache_argument(backbone)
     with _cache_kept_under_checkpointing(backbone):
-        record = Cache(layer_class_to_replicate=CaptureLayer)
+        record = Cache(layer_class_to_replicate=_CaptureLayer)
         backbone(input_ids=ids[:1, :prefix], use_cache=True, **{key: record})
         if len(record.layers) == 0 or any(not layer.is_initialized for layer in record.layers):
             # e.g. GPT-2 passes no cache to its blocks under gradient checkpointing
@@ -112,7 +106,7 @@ def forward_with_shared_prefix(backbone: nn.Module, inputs: dict[str, torch.Tens
                           "checkpointing?): shared prompt prefixes are computed per row",
                           stacklevel=3)
             return None
-        shared = Cache(layers=[SharedPrefixLayer(layer.keys, layer.values)
+        shared = Cache(layers=[_SharedPrefixLayer(layer.keys, layer.values)
                                for layer in record.layers])
         out = backbone(input_ids=ids[:, prefix:], attention_mask=inputs.get("attention_mask"),
                        use_cache=True, **{key: shared})
