@@ -51,11 +51,11 @@ def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Σ cross_entropy(hidden @ weightᵀ + bias, targets) and the count of correct argmaxes,
-    `rows` rows at a time. The forward also computes the gradients (softmax − one-hot, pushed
+    `rows` rows at a time (the count only with `count_correct`). The forward also computes the gradients (softmax − one-hot, pushed
     through the head) chunk by chunk; the backward only scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows: int):
+    def forward(ctx, hidden, weight, bias, targets, rows: int, count_correct: bool):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         losses = []
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -69,7 +69,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = raw.to(torch.promote_types(raw.dtype, torch.float32))  # fp32 at least
             lse = torch.logsumexp(logits, dim=-1)
             losses.append((lse - logits.gather(1, y[:, None]).squeeze(1)).sum())
-            correct += (logits.argmax(-1) == y).sum()
+            if count_correct:  # a pass over the vocabulary: evaluation only
+                correct += (logits.argmax(-1) == y).sum()
             if need_h or need_w or need_b:
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 g[torch.arange(len(y), device=g.device), y] -= 1
@@ -92,20 +93,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         grads = [(next(saved) * grad_loss).to(dtype) if has else None
                  for has, dtype in zip(ctx.has, ctx.dtypes)]
-        return grads[0], grads[1], grads[2], None, None
+        return grads[0], grads[1], grads[2], None, None, None
+
+
+def _logits_loss(logits: torch.Tensor, targets: torch.Tensor,
+                 count_correct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ cross-entropy, correct argmaxes or 0) of materialised logits, in fp32."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.detach().argmax(-1) == targets).sum() if count_correct else torch.zeros(())
+    return loss, correct
 
 
 def head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-              chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ token cross-entropy, count of correct argmaxes) of `head` on hidden rows [n, d]."""
+              chunk_rows: int | None = None,
+              count_correct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ token cross-entropy, count of correct argmaxes; 0 without `count_correct`) of `head`
+    on hidden rows [n, d]."""
     plain_linear = (type(head) is nn.Linear and not head._forward_hooks
                     and not head._forward_pre_hooks)
     if not plain_linear:  # a LoRA-wrapped or sharded head: its own forward, full logits
-        logits = head(hidden).float()
-        loss = F.cross_entropy(logits, targets, reduction="sum")
-        return loss, (logits.detach().argmax(-1) == targets).sum()
+        return _logits_loss(head(hidden), targets, count_correct)
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // head.out_features)
-    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, rows)
+    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, rows,
+                                            count_correct)
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
@@ -117,14 +128,12 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     parts = _split_head(model)
-    if parts is None:
+    if parts is None:  # the model's own forward, full logits
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = model(**inputs, use_cache=False).logits[:, :-1][keep].float()
-        y = targets[keep]
-        loss_sum = F.cross_entropy(logits, y, reduction="sum")
-        n_correct = int((logits.detach().argmax(-1) == y).sum()) if count_correct else 0
-        return LossParts(loss_sum, int(keep.sum()), n_correct)
+        logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
+        loss_sum, n_correct = _logits_loss(logits, targets[keep], count_correct)
+        return LossParts(loss_sum, int(keep.sum()), int(n_correct))
     backbone, head = parts
     prefix = shared_prefix_length(batch) if share_prefix else 0
     hidden = forward_with_shared_prefix(backbone, inputs, prefix) if prefix else None
@@ -134,5 +143,6 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
         hidden = backbone(**inputs, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    loss_sum, n_correct = head_loss(hidden[:, :-1][keep], head, targets[keep])
-    return LossParts(loss_sum, int(keep.sum()), int(n_correct) if count_correct else 0)
+    loss_sum, n_correct = head_loss(hidden[:, :-1][keep], head, targets[keep],
+                                    count_correct=count_correct)
+    return LossParts(loss_sum, int(keep.sum()), int(n_correct))

@@ -17,6 +17,7 @@ a layer in the backward pass, so both work with it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -96,7 +97,7 @@ def forward_with_shared_prefix(backbone: nn.Module, inputs: dict[str, torch.Tens
     None (with a warning) where the model ignored the cache, so the caller runs the plain forward.
     """
     ids = inputs["input_ids"]
-    key = _cache_argument(backbone)
+    key = _cache_argument(type(backbone))
     with _cache_kept_under_checkpointing(backbone):
         record = Cache(layer_class_to_replicate=_CaptureLayer)
         backbone(input_ids=ids[:1, :prefix], use_cache=True, **{key: record})
@@ -113,10 +114,11 @@ def forward_with_shared_prefix(backbone: nn.Module, inputs: dict[str, torch.Tens
     return out.last_hidden_state
 
 
-def _cache_argument(backbone: nn.Module) -> str:
-    """The forward's name for the KV cache: `cache` from transformers 5.2x, `past_key_values`
-    before (still accepted, with a deprecation warning, until 5.40)."""
-    params = inspect.signature(backbone.forward).parameters
+@functools.lru_cache(maxsize=None)
+def _cache_argument(cls: type) -> str:
+    """The forward's name for the KV cache (looked up once per model class): `cache` from
+    transformers 5.2x, `past_key_values` before (accepted, deprecated, until 5.40)."""
+    params = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
