@@ -3,6 +3,8 @@ shared-prefix forward (with and without gradient checkpointing)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,8 +125,10 @@ def test_shared_prefix_forward_matches_plain_forward(make, checkpointing):
     if checkpointing and make is make_tiny_gpt2:  # GPT-2 drops the cache under checkpointing
         with pytest.warns(UserWarning, match="ignored the KV cache"):
             shared, g_shared = run(True)
-    else:
-        shared, g_shared = run(True)
+    else:  # the shared path really ran: no fallback warning
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*ignored the KV cache")
+            shared, g_shared = run(True)
     assert (shared.n_tokens, shared.n_correct) == (plain.n_tokens, plain.n_correct)
     torch.testing.assert_close(shared.loss_sum, plain.loss_sum, rtol=1e-5, atol=1e-5)
     assert g_plain.keys() == g_shared.keys() and g_plain
