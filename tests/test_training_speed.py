@@ -3,7 +3,6 @@ shared-prefix forward (with and without gradient checkpointing)."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from conftest import make_tiny_gpt2, make_tiny_llama, perturb_trainables
 from lorakit import LoraConfig, get_lora_model
 from lorakit.base.quantize import enable_checkpointing
 from lorakit.training.loss import causal_lm_loss, head_loss
-from lorakit.training.prefix import prefix_sharing_problem, shared_prefix_length
+from lorakit.training.prefix import (pack_on_shared_prefix, prefix_sharing_problem,
+                                     shared_prefix_length)
 
 
 # ----------------------------------------------------------------------------- chunked head + loss
@@ -98,11 +98,14 @@ def test_shared_prefix_length_stops_at_differences_padding_and_trained_targets()
     assert shared_prefix_length(one_row) == 0
 
 
-@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("make,attn", [(make_tiny_llama, "sdpa"), (make_tiny_llama, "eager"),
+                                       (make_tiny_gpt2, "sdpa")],
+                         ids=["llama-sdpa", "llama-eager", "gpt2"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_prefix_forward_matches_plain_forward(make, checkpointing):
-    model = _lora(make)
+def test_shared_prefix_forward_matches_plain_forward(make, attn, checkpointing):
+    model = _lora(make, attn_implementation=attn)
     hf = model.model
+    assert hf.config._attn_implementation == attn
     assert prefix_sharing_problem(hf) is None
     if checkpointing:
         enable_checkpointing(hf)
@@ -113,6 +116,8 @@ def test_shared_prefix_forward_matches_plain_forward(make, checkpointing):
     tails = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (7, 4, 9, 5)]
     batch = _batch(prefix, tails, n_prompt=2)
     assert shared_prefix_length(batch) == 11  # the tails differ from their first token
+    packed = pack_on_shared_prefix(batch, 11, hf.base_model)
+    assert packed is not None and packed.inputs["input_ids"].shape == (1, 11 + 7 + 4 + 9 + 5)
 
     def run(share: bool):
         model.zero_grad(set_to_none=True)
@@ -122,13 +127,7 @@ def test_shared_prefix_forward_matches_plain_forward(make, checkpointing):
         return parts, grads
 
     plain, g_plain = run(False)
-    if checkpointing and make is make_tiny_gpt2:  # GPT-2 drops the cache under checkpointing
-        with pytest.warns(UserWarning, match="ignored the KV cache"):
-            shared, g_shared = run(True)
-    else:  # the shared path really ran: no fallback warning
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message=".*ignored the KV cache")
-            shared, g_shared = run(True)
+    shared, g_shared = run(True)
     assert (shared.n_tokens, shared.n_correct) == (plain.n_tokens, plain.n_correct)
     torch.testing.assert_close(shared.loss_sum, plain.loss_sum, rtol=1e-5, atol=1e-5)
     assert g_plain.keys() == g_shared.keys() and g_plain
@@ -137,11 +136,58 @@ def test_shared_prefix_forward_matches_plain_forward(make, checkpointing):
                                    msg=name)
 
 
+def test_packed_rows_see_only_the_prefix_and_themselves():
+    """The packed row's hidden states equal each row's own plain forward, position by
+    position (a row that could see another row would differ)."""
+    hf = _lora(make_tiny_llama).model.eval()
+    prefix = list(range(10, 20))
+    batch = _batch(prefix, [[30, 31, 32], [40, 41, 42, 43, 44], [50]], n_prompt=1)
+    packed = pack_on_shared_prefix(batch, 10, hf.model)
+    with torch.no_grad():
+        hidden = hf.model(**packed.inputs, use_cache=False).last_hidden_state[0]
+        at = 10
+        for row, tail in enumerate([[30, 31, 32], [40, 41, 42, 43, 44], [50]]):
+            alone = hf.model(input_ids=torch.tensor([prefix + tail])).last_hidden_state[0]
+            if row == 0:
+                torch.testing.assert_close(hidden[:10], alone[:10])
+            torch.testing.assert_close(hidden[at:at + len(tail)], alone[10:])
+            at += len(tail)
+    assert at == hidden.shape[0]
+    # each position's target is the row's next label; the prompt token after the prefix and
+    # each row's last token have none
+    assert packed.targets.tolist() == [-100] * 10 + [31, 32, -100, 41, 42, 43, 44, -100, -100]
+
+
+def test_packing_declined_where_attention_would_cost_more():
+    hf = _lora(make_tiny_llama).model
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, 100, (8,), generator=g).tolist()
+    long_tails = [torch.randint(3, 100, (200,), generator=g).tolist() for _ in range(4)]
+    batch = _batch(prefix, long_tails, n_prompt=1)
+    assert shared_prefix_length(batch) == 8
+    assert pack_on_shared_prefix(batch, 8, hf.model) is None  # 4 x 208 tokens, 8 shared
+    # and the loss then takes the plain forward
+    plain = causal_lm_loss(hf, batch, share_prefix=False)
+    shared = causal_lm_loss(hf, batch, share_prefix=True)
+    assert torch.equal(plain.loss_sum, shared.loss_sum)
+
+
 def test_prefix_sharing_refused_with_dropout():
     model = get_lora_model(make_tiny_llama(), LoraConfig(r=4, lora_dropout=0.1,
                                                          target_modules=["q_proj"]))
     assert "dropout" in prefix_sharing_problem(model.model)
     assert "attention_dropout" in prefix_sharing_problem(make_tiny_llama(attention_dropout=0.1))
+
+
+def test_prefix_sharing_refused_without_a_custom_mask_or_with_sliding_windows():
+    model = make_tiny_llama()
+    model.config._attn_implementation = "flash_attention_2"  # takes no mask: rows would mix
+    assert "flash_attention_2" in prefix_sharing_problem(model)
+    from transformers import MistralConfig, MistralForCausalLM
+    mistral = MistralForCausalLM(MistralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4))
+    assert "sliding-window" in prefix_sharing_problem(mistral)
 
 
 # ------------------------------------------------------------------------------------ in training
@@ -167,9 +213,13 @@ def test_trainer_with_shared_prefix_trains_the_same_adapters(tmp_path, checkpoin
     from lorakit.training import loss as loss_module
 
     calls = []
-    real = loss_module.forward_with_shared_prefix
-    monkeypatch.setattr(loss_module, "forward_with_shared_prefix",
-                        lambda *a: calls.append(a[2]) or real(*a))
+    real = loss_module.pack_on_shared_prefix
+
+    def spy(*a):
+        packed = real(*a)
+        calls.append(packed.prefix if packed is not None else None)
+        return packed
+    monkeypatch.setattr(loss_module, "pack_on_shared_prefix", spy)
 
     def train(share: bool):
         model = get_lora_model(make_tiny_llama(seed=4), LoraConfig(r=4, lora_alpha=8))
@@ -187,7 +237,7 @@ def test_trainer_with_shared_prefix_trains_the_same_adapters(tmp_path, checkpoin
     plain, r_plain = train(False)
     assert calls == []
     shared, r_shared = train(True)
-    assert len(calls) == 6 + 1 and set(calls) == {12}  # 6 steps and 1 eval batch, 12 shared
+    assert len(calls) == 6 + 1 and set(calls) == {12}  # 6 steps and 1 eval batch, packed
     assert r_plain.metrics["eval_loss"] == pytest.approx(r_shared.metrics["eval_loss"], rel=1e-5)
     for (name, a), (_, b) in zip(plain.named_parameters(), shared.named_parameters()):
         if a.requires_grad:

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from .dataset import IGNORE_INDEX
 
 # Attention implementations whose mask builder honours packed position_ids at any batch size.
 _MASKED_IMPLS = ("eager", "sdpa", "flex_attention")
@@ -186,14 +186,10 @@ def packing_problem(model, batch_size: int | None = None) -> str | None:
     batch_size: rows per forward; flash attention isolates packed examples only with 1 (None:
     unknown, treated as more than one).
     """
-    base = _hf_model(model)
-    if base is None:
-        return f"{type(model).__name__} is not a transformers model"
-    module = sys.modules.get(type(base).__module__)
-    if not any(hasattr(module, f) for f in _MASK_BUILDERS):
-        return (f"{type(base).__name__} does not build its attention mask with "
-                "transformers.masking_utils, so it cannot tell packed examples apart")
-    config = base.config
+    problem = mask_builder_problem(model)
+    if problem:
+        return problem
+    config = _hf_model(model).config
     impl = getattr(config, "_attn_implementation", None)
     if impl in _FLASH_IMPLS:
         if batch_size != 1:
@@ -206,6 +202,19 @@ def packing_problem(model, batch_size: int | None = None) -> str | None:
         return ("model.config.use_cache is True: the forward then builds a KV cache, and with a "
                 "cache transformers ignores packed position_ids; set model.config.use_cache = "
                 "False for training")
+    return None
+
+
+def mask_builder_problem(model) -> str | None:
+    """Why `model` would not take packed position_ids or a custom 4-D mask as given, or None.
+    transformers' mask builders (masking_utils) do; a model with its own mask code may not."""
+    base = _hf_model(model)
+    if base is None:
+        return f"{type(model).__name__} is not a transformers model"
+    module = sys.modules.get(type(base).__module__)
+    if not any(hasattr(module, f) for f in _MASK_BUILDERS):
+        return (f"{type(base).__name__} does not build its attention mask with "
+                "transformers.masking_utils")
     return None
 
 

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.training.prefix import forward_with_shared_prefix, shared_prefix_length
-
-IGNORE_INDEX = -100
+from lorakit.data.dataset import IGNORE_INDEX
+from lorakit.training.prefix import pack_on_shared_prefix, shared_prefix_length
 # Configs whose models post-process logits (soft-capping, scaling): use their own forward.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                          "output_multiplier_scale")
@@ -136,13 +135,14 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
         return LossParts(loss_sum, int(keep.sum()), int(n_correct))
     backbone, head = parts
     prefix = shared_prefix_length(batch) if share_prefix else 0
-    hidden = forward_with_shared_prefix(backbone, inputs, prefix) if prefix else None
-    if hidden is not None:
-        labels = labels[:, prefix:]
+    packed = pack_on_shared_prefix(batch, prefix, backbone) if prefix else None
+    if packed is not None:  # one packed row: the prefix once, then each row's own tokens
+        hidden = backbone(**packed.inputs, use_cache=False).last_hidden_state[0]
+        targets = packed.targets
     else:
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    loss_sum, n_correct = head_loss(hidden[:, :-1][keep], head, targets[keep],
+    loss_sum, n_correct = head_loss(hidden[keep], head, targets[keep],
                                     count_correct=count_correct)
     return LossParts(loss_sum, int(keep.sum()), int(n_correct))

@@ -1,60 +1,52 @@
 """Shared-prefix forward: a prompt prefix common to every row of a batch is computed once.
 
 Chat SFT rows usually open with the same tokens (chat template, system prompt, instruction).
-Causal attention makes those positions' hidden states identical in every row, so the backbone
-runs the prefix once (batch of one), keeps its keys and values, and runs only the rest of each
-row on top of them. The gradient that reaches the shared keys and values is summed over the rows
-by autograd (the backward of `expand`), so the loss and every gradient are those of the plain
-forward, up to float rounding (tests/test_training_speed.py).
+Causal attention makes those positions' hidden states identical in every row, so the batch is
+repacked as one sequence: the prefix once, then each row's remaining tokens (without padding),
+their position ids continuing from the prefix, and a 4-D attention mask that lets each row see
+the prefix and its own earlier tokens and nothing else. One forward call runs every linear layer
+over all tokens at once (big matrix products), and the gradient that reaches the prefix is
+summed over the rows by autograd, so the loss and every gradient are those of the plain forward
+up to float rounding (tests/test_training_speed.py). It works under gradient checkpointing like
+any other forward.
 
 Only positions whose next token is not trained go into the prefix, so the output head never
-needs the prefix's hidden states. The keys and values travel through transformers' public cache
-interface: one cache object records them during the prefix pass, a second one serves them,
-read-only, to the rest of the batch. Neither changes state when gradient checkpointing re-runs
-a layer in the backward pass, so both work with it.
+needs the prefix's hidden states. The price is attention over the whole packed sequence (the
+mask is arbitrary, so every query/key pair is computed); `pack_on_shared_prefix` packs only
+when the linear-layer work saved outweighs that.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
-import warnings
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
-MIN_SHARED_TOKENS = 8  # below this the second forward call costs more than it saves
+from lorakit.data.collate import mask_builder_problem
+from lorakit.data.dataset import IGNORE_INDEX
+
+MIN_SHARED_TOKENS = 8  # below this the repacking costs more than it saves
+MAX_PACKED_TOKENS = 8192  # the mask is tokens² booleans (64 MiB here)
 _ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+_CUSTOM_MASK_IMPLS = ("sdpa", "eager")  # attention functions that apply a 4-D mask as given
 
 
-class _CaptureLayer(DynamicLayer):
-    """Records the prefix's keys and values (a re-run records the same again)."""
+@dataclass
+class PackedRows:
+    """A batch repacked on its shared prefix: backbone inputs of one row, and the next-token
+    target of every packed position (IGNORE_INDEX where none is trained)."""
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.keys, self.values, self.is_initialized = key_states, value_states, True
-        return key_states, value_states
-
-
-class _SharedPrefixLayer(DynamicLayer):
-    """Serves recorded prefix keys/values to every row, stores nothing of the rows."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.keys, self.values, self.is_initialized = keys, values, True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        rows = key_states.shape[0]
-        keys = torch.cat([self.keys.expand(rows, -1, -1, -1), key_states], dim=-2)
-        values = torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2)
-        return keys, values
+    inputs: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    prefix: int
 
 
 def prefix_sharing_problem(model: nn.Module, training: bool = True) -> str | None:
     """Why a transformers causal LM cannot run shared-prefix forwards exactly, or None.
-    training: dropout counts (one mask would be drawn for the prefix instead of one per row)."""
+    training: dropout counts (the prefix would get one mask instead of one per row)."""
     config = getattr(model, "config", None)
     if config is None:
         return f"{type(model).__name__} has no transformers config"
@@ -67,16 +59,24 @@ def prefix_sharing_problem(model: nn.Module, training: bool = True) -> str | Non
             value = getattr(text_config, key, None)
             if isinstance(value, float) and value > 0:
                 return f"config.{key}={value} (attention dropout)"
-    try:
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in _CUSTOM_MASK_IMPLS:  # flash attention takes no mask: rows would see each other
+        return f"attention implementation {impl!r} does not apply a custom 4-D mask"
+    problem = mask_builder_problem(model)
+    if problem:
+        return problem
+    if "position_ids" not in inspect.signature(type(model).forward).parameters:
+        return f"{type(model).__name__}.forward takes no position_ids"
+    try:  # a 4-D mask is used as given, so a sliding window would be dropped: full layers only
         layers = DynamicCache(config=config).layers
     except Exception as e:  # noqa: BLE001 - an unknown model or transformers version: opt out
-        return f"no dynamic KV cache for this model ({e})"
+        return f"cannot tell the model's attention layer kinds ({e})"
     if any(type(layer) is not DynamicLayer for layer in layers):
-        return "the model uses sliding-window or other non-plain cache layers"
+        return "the model has sliding-window or other non-full attention layers"
     return None
 
 
-def shared_prefix_length(batch: dict[str, torch.Tensor], ignore_index: int = -100) -> int:
+def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
     """Leading positions identical in all rows, unpadded, with no trained next token (0 if
     sharing would not pay: one row, packed rows, or fewer than MIN_SHARED_TOKENS)."""
     ids, labels = batch["input_ids"], batch["labels"]
@@ -86,54 +86,59 @@ def shared_prefix_length(batch: dict[str, torch.Tensor], ignore_index: int = -10
     same = (ids == ids[:1]).all(0)[:-1]  # position t: same token in every row
     if mask is not None:
         same &= (mask == 1).all(0)[:-1]
-    same &= (labels[:, 1:] == ignore_index).all(0)  # and the token after t is not trained
+    same &= (labels[:, 1:] == IGNORE_INDEX).all(0)  # and the token after t is not trained
     p = int(same.int().cumprod(0).sum())  # leading run; at most width - 1: one position per row
     return p if p >= MIN_SHARED_TOKENS else 0  # stays outside the prefix
 
 
-def forward_with_shared_prefix(backbone: nn.Module, inputs: dict[str, torch.Tensor],
-                               prefix: int) -> torch.Tensor | None:
-    """Hidden states of positions prefix.. of every row, computing positions ..prefix once;
-    None (with a warning) where the model ignored the cache, so the caller runs the plain forward.
-    """
-    ids = inputs["input_ids"]
-    key = _cache_argument(type(backbone))
-    with _cache_kept_under_checkpointing(backbone):
-        record = Cache(layer_class_to_replicate=_CaptureLayer)
-        backbone(input_ids=ids[:1, :prefix], use_cache=True, **{key: record})
-        if len(record.layers) == 0 or any(not layer.is_initialized for layer in record.layers):
-            # e.g. GPT-2 passes no cache to its blocks under gradient checkpointing
-            warnings.warn(f"{type(backbone).__name__} ignored the KV cache (gradient "
-                          "checkpointing?): shared prompt prefixes are computed per row",
-                          stacklevel=3)
-            return None
-        shared = Cache(layers=[_SharedPrefixLayer(layer.keys, layer.values)
-                               for layer in record.layers])
-        out = backbone(input_ids=ids[:, prefix:], attention_mask=inputs.get("attention_mask"),
-                       use_cache=True, **{key: shared})
-    return out.last_hidden_state
+def pack_on_shared_prefix(batch: dict[str, torch.Tensor], prefix: int,
+                          backbone: nn.Module) -> PackedRows | None:
+    """`batch` (right-padded rows whose first `prefix` tokens are shared) as one packed row for
+    `backbone`, or None where the extra attention would cost more than the rows' copies of the
+    prefix (long rows with a short prefix)."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    rows, width = ids.shape
+    real = batch.get("attention_mask", torch.ones_like(ids)) == 1
+    real[:, :prefix] = False  # each row keeps its tokens after the prefix
+    tokens = prefix + int(real.sum())
+    if tokens > MAX_PACKED_TOKENS or not _packing_pays(backbone, rows, width, tokens):
+        return None
+    # segment -1 = the prefix, r = row r's own tokens; rows stay in order, so causal + same
+    # segment (or the prefix) is each row's plain causal mask
+    where = real.nonzero(as_tuple=True)  # row-major: row 0's tokens, then row 1's, ...
+    segment = torch.cat([ids.new_full((prefix,), -1), where[0]])
+    seen = (segment[None, :] == segment[:, None]) | (segment[None, :] == -1)  # [query, key]
+    seen &= torch.ones(tokens, tokens, dtype=torch.bool, device=ids.device).tril()
+    next_label = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
+    inputs = {
+        "input_ids": torch.cat([ids[0, :prefix], ids[where]])[None],
+        "position_ids": torch.cat([torch.arange(prefix, device=ids.device), where[1]])[None],
+        "attention_mask": _as_mask(seen, backbone)[None, None],
+    }
+    # by the prefix rule no prefix position has a trained next token
+    targets = torch.cat([labels.new_full((prefix,), IGNORE_INDEX), next_label[where]])
+    return PackedRows(inputs, targets, prefix)
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_argument(cls: type) -> str:
-    """The forward's name for the KV cache (looked up once per model class): `cache` from
-    transformers 5.2x, `past_key_values` before (accepted, deprecated, until 5.40)."""
-    params = inspect.signature(cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def _as_mask(seen: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+    """sdpa takes booleans (True = attend); eager adds the mask to the scores."""
+    if backbone.config._attn_implementation == "sdpa":
+        return seen
+    dtype = backbone.get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(
+        ~seen, torch.finfo(dtype).min)
 
 
-@contextlib.contextmanager
-def _cache_kept_under_checkpointing(backbone: nn.Module) -> Iterator[None]:
-    """transformers drops the cache of checkpointed layers, because a re-run would append to it
-    twice, unless a layer declares `_can_checkpoint_with_cache`. Both caches here are safe to
-    re-run (see the module doc), so checkpointed layers declare it while the forward runs; the
-    re-runs in the backward keep the arguments the forward chose."""
-    layers = [m for m in backbone.modules() if getattr(m, "gradient_checkpointing", False)
-              and hasattr(m, "_can_checkpoint_with_cache")]
-    for m in layers:
-        m._can_checkpoint_with_cache = True  # instance attribute, shadows the class default
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m._can_checkpoint_with_cache
+def _packing_pays(backbone: nn.Module, rows: int, width: int, tokens: int) -> bool:
+    """Whether the linear-layer work saved (the rows' copies of the prefix, and the padding)
+    outweighs the extra attention: every query/key pair of the packed row against the causal
+    half of each padded row. Forward FLOPs; the backward scales both alike."""
+    config = backbone.config.get_text_config()
+    embeddings = {id(m.weight) for m in backbone.modules() if isinstance(m, nn.Embedding)}
+    weights_per_token = sum(p.numel() for p in backbone.parameters()
+                            if p.dim() == 2 and id(p) not in embeddings)
+    saved = (rows * width - tokens) * 2 * weights_per_token
+    extra_pairs = tokens**2 - rows * width**2 // 2
+    cost = extra_pairs * 4 * config.hidden_size * config.num_hidden_layers  # QKᵀ and PV
+    return cost < saved
