@@ -235,7 +235,8 @@ def main() -> None:
             print(f"    eval loss ratio  lorakit/trl "
                   f"{med['lorakit']['eval_loss'] / med['trl']['eval_loss']:.3f} (target <= 1.02)")
             print(f"    lorakit achieved {achieved / 1e9:.0f} GFLOP/s = "
-                  f"{achieved / ceilings[dtype]:.0%} of the {dtype} GEMM ceiling")
+                  f"{achieved / ceilings[dtype]:.0%} of the {dtype} GEMM ceiling (model FLOPs: "
+                  "4·N per non-pad token; a shared prefix counts once per row, recompute never)")
 
 
 if __name__ == "__main__":
