@@ -166,6 +166,11 @@ def test_packing_declined_where_attention_would_cost_more():
     batch = _batch(prefix, long_tails, n_prompt=1)
     assert shared_prefix_length(batch) == 8
     assert pack_on_shared_prefix(batch, 8, hf.model) is None  # 4 x 208 tokens, 8 shared
+    short = _batch(prefix, [t[:3] for t in long_tails], n_prompt=1)
+    assert pack_on_shared_prefix(short, 8, hf.model) is not None
+    # per-token inputs it does not know how to repack: the plain forward
+    extra = {**short, "token_type_ids": torch.zeros_like(short["input_ids"])}
+    assert pack_on_shared_prefix(extra, 8, hf.model) is None
     # and the loss then takes the plain forward
     plain = causal_lm_loss(hf, batch, share_prefix=False)
     shared = causal_lm_loss(hf, batch, share_prefix=True)

@@ -28,7 +28,8 @@ class TrainConfig:
     packing: bool = False
     # Compute a prompt prefix that every row of a batch shares (chat template, system prompt)
     # once per batch instead of once per row: same loss and gradients (lorakit.training.prefix).
-    # Applies where it is exact: no dropout, no packing, not under fsdp2.
+    # Applies where it is exact (no dropout, packing, fsdp2, flash attention or sliding windows)
+    # and pays (a batch runs as one packed row, so long rows with a short prefix do not).
     share_prefix: bool = True
     dataset_format: str | None = None  # "text" | "messages" | "prompt_completion" | "alpaca"
     chat_template: str | None = None

@@ -96,6 +96,8 @@ def pack_on_shared_prefix(batch: dict[str, torch.Tensor], prefix: int,
     """`batch` (right-padded rows whose first `prefix` tokens are shared) as one packed row for
     `backbone`, or None where the extra attention would cost more than the rows' copies of the
     prefix (long rows with a short prefix)."""
+    if set(batch) - {"input_ids", "attention_mask", "labels"}:
+        return None  # other per-token inputs would need repacking too
     ids, labels = batch["input_ids"], batch["labels"]
     rows, width = ids.shape
     real = batch.get("attention_mask", torch.ones_like(ids)) == 1
