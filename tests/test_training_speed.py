@@ -136,6 +136,33 @@ def test_shared_prefix_forward_matches_plain_forward(make, attn, checkpointing):
                                    msg=name)
 
 
+def test_shared_prefix_on_a_4bit_base():
+    """QLoRA: the NF4 base runs the packed row like any other input."""
+    pytest.importorskip("bitsandbytes")
+    from lorakit.base import prepare_for_kbit_training, quantize_model
+    base = prepare_for_kbit_training(quantize_model(make_tiny_llama(seed=5), "nf4"))
+    model = get_lora_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        perturb_trainables(model)
+    hf = model.train().model
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(3, 100, (9,), generator=g).tolist()
+    batch = _batch(prefix, [torch.randint(3, 100, (n,), generator=g).tolist() for n in (5, 8, 3)],
+                   n_prompt=1)
+    assert pack_on_shared_prefix(batch, shared_prefix_length(batch), hf.model) is not None
+
+    def run(share: bool):
+        model.zero_grad(set_to_none=True)
+        parts = causal_lm_loss(hf, batch, share_prefix=share)
+        parts.loss_sum.backward()
+        return parts.loss_sum, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    (loss, grads), (loss_ref, grads_ref) = run(True), run(False)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for g_, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g_, g_ref, rtol=1e-4, atol=1e-5)
+
+
 def test_packed_rows_see_only_the_prefix_and_themselves():
     """The packed row's hidden states equal each row's own plain forward, position by
     position (a row that could see another row would differ)."""
