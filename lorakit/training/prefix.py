@@ -29,7 +29,7 @@ from lorakit.data.collate import mask_builder_problem
 from lorakit.data.dataset import IGNORE_INDEX
 
 MIN_SHARED_TOKENS = 8  # below this the repacking costs more than it saves
-MAX_PACKED_TOKENS = 8192  # the mask is tokens² booleans (64 MiB here)
+MAX_PACKED_TOKENS = 4096  # the mask is tokens² booleans: 16 MiB at most
 _ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 _CUSTOM_MASK_IMPLS = ("sdpa", "eager")  # attention functions that apply a 4-D mask as given
 
@@ -100,7 +100,8 @@ def pack_on_shared_prefix(batch: dict[str, torch.Tensor], prefix: int,
         return None  # other per-token inputs would need repacking too
     ids, labels = batch["input_ids"], batch["labels"]
     rows, width = ids.shape
-    real = batch.get("attention_mask", torch.ones_like(ids)) == 1
+    mask = batch.get("attention_mask")
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask == 1
     real[:, :prefix] = False  # each row keeps its tokens after the prefix
     tokens = prefix + int(real.sum())
     if tokens > MAX_PACKED_TOKENS or not _packing_pays(backbone, rows, width, tokens):
