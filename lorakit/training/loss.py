@@ -19,6 +19,7 @@ from torch import nn
 
 from lorakit.data.dataset import IGNORE_INDEX
 from lorakit.training.prefix import pack_on_shared_prefix, shared_prefix_length
+
 # Configs whose models post-process logits (soft-capping, scaling): use their own forward.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                          "output_multiplier_scale")
