@@ -9,9 +9,9 @@
 Same model (the embedded SmolLM2-135M-Instruct), LoRA r=16 alpha=32 on all linear layers,
 dropout 0, same rows, batch size, steps, learning rate, schedule, max length and dtype. Each run
 is a separate process (peak RSS is per process); runs alternate lorakit, TRL, lorakit, TRL.
-Prints non-pad tokens/s and peak RSS (load + training, before the scoring) with ratios, eval loss after the same steps (both models
-scored by the same evaluator on the same held-out rows), and achieved FLOP/s against this
-machine's measured GEMM ceiling.
+Prints non-pad tokens/s and peak RSS (load + training, before the scoring) with ratios, eval
+loss after the same steps (both models scored by the same evaluator on the same held-out rows),
+and achieved FLOP/s against this machine's measured GEMM ceiling.
 
 Gradient checkpointing is the same on both sides: on by default, as in TRL's SFTConfig.
 Tokens/s counts the non-pad tokens of the rows each side trained on (TRL's num_tokens, lorakit's
@@ -62,9 +62,9 @@ def make_rows(kind: str, n: int, seed: int) -> list[dict]:
 
 def token_stats(rows: list[dict], tokenizer, kind: str) -> tuple[float, float]:
     """(mean tokens per row, fraction of tokens whose next token is trained)."""
-    from lorakit.data import prepare_dataset
+    from lorakit.data import IGNORE_INDEX, prepare_dataset
     data = prepare_dataset(rows, tokenizer, max_length=1024 if kind == "long" else 256)
-    trained = sum(sum(1 for y in e["labels"][1:] if y != -100) for e in data.examples)
+    trained = sum(sum(1 for y in e["labels"][1:] if y != IGNORE_INDEX) for e in data.examples)
     return statistics.mean(data.lengths), trained / sum(data.lengths)
 
 

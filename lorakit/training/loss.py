@@ -51,8 +51,9 @@ def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Σ cross_entropy(hidden @ weightᵀ + bias, targets) and the count of correct argmaxes,
-    `rows` rows at a time (the count only with `count_correct`). The forward also computes the gradients (softmax − one-hot, pushed
-    through the head) chunk by chunk; the backward only scales them by the incoming gradient."""
+    `rows` rows at a time (the count only with `count_correct`). The forward also computes the
+    gradients (softmax − one-hot, pushed through the head) chunk by chunk; the backward only
+    scales them by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows: int, count_correct: bool):
