@@ -74,9 +74,17 @@ FLAGS: dict[str, tuple[str, str]] = {
     "batch_size": ("training", "per_device_train_batch_size"),
     "grad_accum": ("training", "gradient_accumulation_steps"),
     "lr": ("training", "learning_rate"), "max_length": ("training", "max_length"),
-    "r": ("lora", "r"), "alpha": ("lora", "lora_alpha"), "dropout": ("lora", "lora_dropout"),
+    "lora_r": ("lora", "r"), "lora_alpha": ("lora", "lora_alpha"),
+    "lora_dropout": ("lora", "lora_dropout"),
     "target_modules": ("lora", "target_modules"),
 }
+
+# Short spellings kept for single-process use only. torchrun's own parser prefix-matches every
+# argument, even after the script name, so `--r` is an ambiguous abbreviation of its --rdzv-*,
+# --role, ... options; --alpha/--dropout pass today but any new torchrun option could take them.
+# Every other spelling of a `train` flag must pass torchrun (tests/test_torchrun_flags.py).
+SINGLE_PROCESS_ALIASES: dict[str, str] = {"--r": "--lora-r", "--alpha": "--lora-alpha",
+                                          "--dropout": "--lora-dropout"}
 
 
 def section_fields(section: str) -> dict[str, dataclasses.Field]:
@@ -429,6 +437,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ arguments
 
+def _aliases(flag: str) -> list[str]:
+    """The single-process spellings of a train flag (SINGLE_PROCESS_ALIASES)."""
+    return [alias for alias, name in SINGLE_PROCESS_ALIASES.items() if name == flag]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA fine-tuning of causal LMs")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -445,9 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", dest="batch_size", type=int)
     t.add_argument("--grad-accum", dest="grad_accum", type=int)
     t.add_argument("--lr", type=float)
-    t.add_argument("--r", type=int)
-    t.add_argument("--alpha", type=float)
-    t.add_argument("--dropout", type=float)
+    t.add_argument("--lora-r", *_aliases("--lora-r"), dest="lora_r", type=int, help="LoRA rank")
+    t.add_argument("--lora-alpha", *_aliases("--lora-alpha"), dest="lora_alpha", type=float,
+                   help="LoRA scaling numerator (scale = alpha / r)")
+    t.add_argument("--lora-dropout", *_aliases("--lora-dropout"), dest="lora_dropout",
+                   type=float)
     t.add_argument("--target-modules", dest="target_modules",
                    help="all-linear | q_proj,v_proj | a regex")
     t.add_argument("--quantization", choices=["nf4", "fp4", "int8"])
