@@ -223,22 +223,6 @@ def test_dense_weight_and_requantize_roundtrip():
         write_dense_weight(layer, torch.zeros(64, 96))
 
 
-def test_dense_weight_of_cpu_packed_layout():
-    """On AVX512-BF16 CPUs bitsandbytes repacks weights at the first eval forward; simulate it."""
-    import bitsandbytes.functional as bnbf
-    layer = quantize_model(nn.Sequential(nn.Linear(64, 96)), "nf4", skip=())[0]
-    w0 = dense_weight(layer)
-    w = layer.weight
-    w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu(w.data, w.quant_state)
-    layer.quant_state = w.quant_state
-    assert w.quant_state.packing_format_for_cpu
-    w1 = dense_weight(layer)  # unpacks in place, then dequantizes
-    assert not layer.weight.quant_state.packing_format_for_cpu
-    assert (w1 - w0).abs().max() < 1e-3  # absmax went through bf16 in the packed layout
-    write_dense_weight(layer, w1)
-    assert (dense_weight(layer) - w1).abs().max() < 1e-3
-
-
 # -------------------------------------------------------------------------------- k-bit training
 
 def test_prepare_does_not_upcast(ids):

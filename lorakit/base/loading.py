@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from lorakit import compat
+
 from .default_model import default_model_dir
 
 DTYPES: dict[str, torch.dtype] = {
@@ -120,16 +122,17 @@ def resolve_dtype(dtype: str | torch.dtype = "auto",
 def _probe_quantization(quantization: str, device_type: str) -> str | None:
     """None if bitsandbytes runs `quantization` on `device_type`, else the reason it cannot."""
     try:
-        import bitsandbytes as bnb
-    except Exception as e:  # ImportError, or a broken native library
-        return f"bitsandbytes cannot be imported ({e})"
+        bnb = compat.bitsandbytes()
+    except ImportError as e:
+        return f"bitsandbytes cannot be imported ({e.__cause__ or e})"
     from .quantize import quantize_model
     try:
-        torch.manual_seed(0)
-        probe = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(device_type)
-        quantize_model(probe, quantization, compute_dtype=torch.float32, skip=())
-        with torch.no_grad():
-            probe(torch.randn(2, 64, device=device_type))
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays untouched
+            torch.manual_seed(0)
+            probe = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(device_type)
+            quantize_model(probe, quantization, compute_dtype=torch.float32, skip=())
+            with torch.no_grad():
+                probe(torch.randn(2, 64, device=device_type))
     except Exception as e:
         return f"bitsandbytes {bnb.__version__} failed on a {device_type} test layer: " \
                f"{type(e).__name__}: {e}"
@@ -297,6 +300,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
         model.to(device)
     if quantization is not None:
         _release_checkpoint_mapping(model)
+        compat.keep_regular_layouts(model)
     model.eval()
     if tok is not None and tok.pad_token is None and tok.eos_token is not None:
         # batched training needs a pad token; padded positions are masked out anyway

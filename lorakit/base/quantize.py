@@ -16,15 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit import compat
+
 QUANT_TYPES = ("nf4", "fp4", "int8")
-
-
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-    except Exception as e:
-        raise ImportError(f"quantization needs bitsandbytes (pip install bitsandbytes): {e}") from e
-    return bnb
 
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:
@@ -54,7 +48,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4",
     """
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; use one of {', '.join(QUANT_TYPES)}")
-    bnb = _bnb()
+    bnb = compat.bitsandbytes()
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     keep: set[int] = set()
     for getter in ("get_output_embeddings", "get_input_embeddings"):
@@ -82,10 +76,11 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4",
                                     compute_dtype=compute_dtype or old.weight.dtype,
                                     compress_statistics=double_quant, quant_type=quant_type,
                                     quant_storage=quant_storage, device="meta")
-            new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False,
-                                           blocksize=blocksize, compress_statistics=double_quant,
-                                           quant_type=quant_type, quant_storage=quant_storage,
-                                           module=new)._quantize(device)
+            new.weight = compat.quantize_params4bit(
+                bnb.nn.Params4bit(old.weight.data, requires_grad=False, blocksize=blocksize,
+                                  compress_statistics=double_quant, quant_type=quant_type,
+                                  quant_storage=quant_storage, module=new), device)
+            compat.keep_regular_layout(new)
         if has_bias:
             new.bias = nn.Parameter(old.bias.data, requires_grad=False)
         new.train(old.training)
@@ -96,7 +91,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4",
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> bitsandbytes quantized linear layer (4-bit or 8-bit)."""
-    bnb = _bnb()
+    bnb = compat.bitsandbytes()
     return {n: m for n, m in model.named_modules()
             if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
 
@@ -104,7 +99,7 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 def quantized_storage_bits(model: nn.Module) -> tuple[int, int]:
     """(bits stored, weights represented) over the 4-bit layers: packed weights, absmax, nested
     absmax statistics, code tables and offsets; bits / weights is the cost per parameter."""
-    bnb = _bnb()
+    bnb = compat.bitsandbytes()
     bits = params = 0
     seen: set[tuple[str, int]] = set()  # code tables may be shared between layers: count once
 
@@ -175,8 +170,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
 # ------------------------------------------------------------------------------------ dequantize
 
 def _is_linear8bit(module: nn.Module) -> bool:
-    import sys
-    bnb = sys.modules.get("bitsandbytes")
+    bnb = compat.loaded_bitsandbytes()
     return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
 
 

@@ -8,34 +8,32 @@ written back (merge / unmerge / PiSSA), which is what this module answers.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-
-def _bnb_linear4bit_cls():
-    # bitsandbytes is only imported by code that quantizes; if it is not loaded, no module can be
-    # one of its layers, and we avoid its import cost for plain models.
-    bnb = sys.modules.get("bitsandbytes")
-    return None if bnb is None else bnb.nn.Linear4bit
+from lorakit import compat
 
 
 def is_linear4bit(module: nn.Module) -> bool:
-    cls = _bnb_linear4bit_cls()
-    return cls is not None and isinstance(module, cls)
+    bnb = compat.loaded_bitsandbytes()
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def is_packed_4bit(param: torch.Tensor) -> bool:
     """A bitsandbytes 4-bit parameter: two weights per stored byte."""
-    bnb = sys.modules.get("bitsandbytes")
+    bnb = compat.loaded_bitsandbytes()
     return bnb is not None and isinstance(param, bnb.nn.Params4bit)
 
 
 def is_linear8bit(module: nn.Module) -> bool:
-    bnb = sys.modules.get("bitsandbytes")
+    bnb = compat.loaded_bitsandbytes()
     return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
+
+
+def keep_regular_layouts(model: nn.Module) -> None:
+    """Keep every 4-bit layer of `model` readable and differentiable (see lorakit.compat)."""
+    compat.keep_regular_layouts(model)
 
 
 def _refuse_int8(module: nn.Module) -> None:
@@ -95,37 +93,26 @@ def write_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
         stored.copy_(new.to(stored.dtype))
 
 
-def _unpack_cpu_format(module: nn.Module) -> None:
-    # On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight into a CPU-only tiled
-    # layout at its first eval forward; the regular dequantize kernel misreads that layout.
-    # Undo it in place, as bitsandbytes' own state_dict saving does (it repacks on next use).
-    import bitsandbytes.functional as bnbf
-
-    w = module.weight
-    if getattr(w.quant_state, "packing_format_for_cpu", False):
-        w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
-        module.quant_state = w.quant_state
-
-
 def _dequantize_linear4bit(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     if getattr(module.weight, "quant_state", None) is None:
         raise ValueError(f"{type(module).__name__} holds no quantized weight yet (its weight is "
                          "quantized when the layer is moved to a device)")
-    _unpack_cpu_format(module)
+    compat.keep_regular_layout(module)  # the regular dequantize kernel misreads the CPU tiling
     w = module.weight
     # dequantize_4bit allocates a fresh (out, in) tensor in the quant state's dtype
     return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
 
 
 def _requantize_linear4bit(module: nn.Module, weight: torch.Tensor) -> None:
-    """Quantize an fp32 (out, in) matrix into the layer's existing 4-bit format (lossy)."""
-    import bitsandbytes as bnb
+    """Quantize an fp32 (out, in) matrix into the layer's existing 4-bit format (lossy), with the
+    layer's own settings: quant type, blocksize, double quantization, dtype, storage."""
+    bnb = compat.bitsandbytes()
 
     if getattr(module.weight, "quant_state", None) is None:
         raise ValueError(f"{type(module).__name__} holds no quantized weight to replace")
-    _unpack_cpu_format(module)  # the CPU tiled layout reports bf16 / non-nested settings
+    compat.keep_regular_layout(module)  # the CPU tiled layout reports bf16 / non-nested settings
     old = module.weight
     qs = old.quant_state
     if tuple(weight.shape) != tuple(qs.shape):
@@ -134,7 +121,8 @@ def _requantize_linear4bit(module: nn.Module, weight: torch.Tensor) -> None:
     # Quantize from the dtype the layer was quantized from, so dequantization keeps its dtype.
     new = bnb.nn.Params4bit(weight.detach().to(device=old.device, dtype=qs.dtype),
                             requires_grad=False, blocksize=qs.blocksize,
-                            compress_statistics=qs.nested, quant_type=qs.quant_type,
+                            compress_statistics=compat.double_quant(qs),
+                            quant_type=qs.quant_type,
                             quant_storage=getattr(old, "quant_storage", torch.uint8),
                             module=module)
-    module.weight = new._quantize(old.device)  # also updates module.quant_state
+    module.weight = compat.quantize_params4bit(new, old.device)  # also sets module.quant_state

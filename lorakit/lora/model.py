@@ -48,6 +48,9 @@ class LoraModel(nn.Module):
         self.active_adapters: list[str] = []
         for p in model.parameters():
             p.requires_grad_(False)
+        # 4-bit layers must stay differentiable and readable (bitsandbytes' CPU tiled layout is
+        # neither): every one of them, targeted or not, is on the training graph
+        backends.keep_regular_layouts(model)
         if config is not None:
             self.add_adapter(adapter_name, config)
 
@@ -358,5 +361,8 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     """Freeze `model`, inject the adapters `config` describes, and return the LoraModel.
 
     Adapter weights are kept in `adapter_dtype` (fp32 by default) whatever the base dtype.
+    bitsandbytes 4-bit layers are kept on their regular layout: on AVX512-BF16 CPUs
+    bitsandbytes would repack them at a no-grad eval forward into an inference-only layout
+    without a backward pass (`lorakit.compat`); one already repacked is restored exactly.
     """
     return LoraModel(model, config, adapter_name=adapter_name, adapter_dtype=adapter_dtype)

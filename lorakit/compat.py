@@ -1,0 +1,123 @@
+"""Private and version-dependent parts of other libraries, behind one small module.
+
+Each entry names the version it was checked against; tests/test_compat.py fails loudly when an
+installed library no longer has what an entry relies on. Nothing here imports a heavy library at
+import time: bitsandbytes is imported on first use, through `bitsandbytes()`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from types import ModuleType
+
+import torch
+from torch import nn
+
+# ------------------------------------------------------------------------------- bitsandbytes
+# Checked against bitsandbytes 0.50.2.
+#
+# On CPUs with AVX512-BF16, a `Linear4bit` repacks its weight into a CPU-only tiled layout at its
+# first forward in eval mode without grad (`_convert_weight_packed_for_cpu`, flagged by
+# `quant_state.packing_format_for_cpu`; the layer decides with its `support_avx512bf16_for_cpu`
+# attribute). That layout rounds the absmax scales to bf16, drops double quantization, computes
+# in bf16 whatever the compute dtype, and its matmul has no backward; everything that reads the
+# weight in the regular layout afterwards (the backward pass's dequantization, merges) reads
+# garbage. lorakit keeps every 4-bit layer it loads, quantizes or adapts on the regular layout
+# (measured in bench/qlora_cpu_layout.py: the tiled path is slower for prefill and no faster for
+# decoding on the default model), and reads a layer that was tiled before it saw it exactly.
+BNB_CHECKED = "0.50.2"
+
+# bitsandbytes' CPU backend logs this at import on AVX512-BF16 CPUs: it would fetch an optional
+# kernel for the tiled layout from the Hugging Face hub, which lorakit never uses (see above).
+_KERNELS_HUB_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropKernelsHubWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_KERNELS_HUB_MESSAGE)
+
+
+def silence_bitsandbytes_hub_kernel_warning() -> None:
+    """Drop bitsandbytes' 'Failed to load CPU gemm_4bit_forward from kernels-community' log line
+    (idempotent). Call before bitsandbytes is first imported: it logs while importing."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropKernelsHubWarning) for f in logger.filters):
+        logger.addFilter(_DropKernelsHubWarning())
+
+
+def bitsandbytes() -> ModuleType:
+    """Import bitsandbytes (with a clear error if it is missing or broken)."""
+    silence_bitsandbytes_hub_kernel_warning()
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # ImportError, or a broken native library
+        raise ImportError(f"quantization needs bitsandbytes (pip install bitsandbytes): {e}") from e
+    return bnb
+
+
+def loaded_bitsandbytes() -> ModuleType | None:
+    """bitsandbytes if something already imported it, else None (no module can then be one of
+    its layers, and plain models avoid its import cost)."""
+    return sys.modules.get("bitsandbytes")
+
+
+def is_cpu_tiled(module: nn.Module) -> bool:
+    """Whether a `Linear4bit` holds its weight in bitsandbytes' CPU tiled layout."""
+    state = getattr(module.weight, "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def keep_regular_layout(module: nn.Module) -> None:
+    """Keep a bitsandbytes `Linear4bit` on the regular 4-bit layout from now on: no repacking at
+    eval forwards, and a layer that was already repacked is restored (see `untile`)."""
+    module.support_avx512bf16_for_cpu = False
+    if is_cpu_tiled(module):
+        untile(module)
+
+
+def keep_regular_layouts(model: nn.Module) -> nn.Module:
+    """`keep_regular_layout` on every bitsandbytes 4-bit layer of `model` (in place); a no-op
+    when bitsandbytes is not loaded."""
+    bnb = loaded_bitsandbytes()
+    if bnb is not None:
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                keep_regular_layout(module)
+    return model
+
+
+def untile(module: nn.Module) -> None:
+    """Return a tiled `Linear4bit` to the regular layout, exactly: the same 4-bit codes and the
+    same (bf16-rounded) absmax values the tiled layer computes with, stored unnested in fp32.
+
+    bitsandbytes' own inverse re-quantizes the absmax to restore double quantization, which
+    changes the weights again; the original nested statistics are gone, so we keep what the
+    layer holds now. The layer's double-quantization setting is remembered for re-quantization
+    (merges), see `double_quant`.
+    """
+    import bitsandbytes.functional as bnbf
+
+    weight = module.weight
+    tiled = weight.quant_state
+    state = copy.copy(tiled)  # bitsandbytes' inverse edits the state it gets
+    state.original_nested = False  # skip its lossy re-quantization of absmax
+    data, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    # tiled absmax: (in / blocksize, out) in bf16; regular: flat, row-major over (out, in)
+    state.absmax = tiled.absmax.t().reshape(-1).to(torch.float32)
+    state.nested, state.offset, state.state2 = False, None, None
+    state.lorakit_double_quant = bool(getattr(tiled, "original_nested", False))
+    weight.data, weight.quant_state = data, state
+    module.quant_state = state
+
+
+def double_quant(quant_state) -> bool:
+    """The layer's own double-quantization setting (also for a layer restored by `untile`)."""
+    return bool(getattr(quant_state, "lorakit_double_quant", quant_state.nested))
+
+
+def quantize_params4bit(param, device: torch.device | str):
+    """Quantize a float `Params4bit` on `device` (bitsandbytes' `_quantize`: `.to(device)` does
+    it too, but only when the device changes)."""
+    return param._quantize(device)

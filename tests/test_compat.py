@@ -1,0 +1,52 @@
+"""lorakit.compat relies on parts of other libraries that are private or may change: each test
+here fails loudly, naming what moved, when an installed version no longer has it."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from lorakit import compat
+
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as bnbf  # noqa: E402
+
+
+def test_bitsandbytes_version_noted():
+    if bnb.__version__ != compat.BNB_CHECKED:
+        pytest.fail(f"bitsandbytes {bnb.__version__} is installed; lorakit.compat was checked "
+                    f"against {compat.BNB_CHECKED}: re-check its entries and update BNB_CHECKED")
+
+
+def test_bitsandbytes_cpu_tiling_api():
+    assert callable(getattr(bnbf, "_convert_weight_packed_for_cpu", None))
+    assert callable(getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None))
+    layer = bnb.nn.Linear4bit(64, 64)
+    assert hasattr(layer, "support_avx512bf16_for_cpu"), \
+        "Linear4bit no longer decides CPU repacking with support_avx512bf16_for_cpu"
+    src = inspect.getsource(bnb.nn.Linear4bit.forward)
+    assert "support_avx512bf16_for_cpu" in src and "_convert_weight_packed_for_cpu" in src
+
+
+def test_untile_round_trip_restores_regular_layout():
+    from lorakit.base import quantize_model
+    torch.manual_seed(0)
+    layer = quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 96)), "nf4", skip=())[0]
+    codes = layer.weight.data.clone()
+    w = layer.weight
+    w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu(w.data, w.quant_state)
+    layer.quant_state = w.quant_state
+    assert compat.is_cpu_tiled(layer)
+    compat.keep_regular_layout(layer)
+    assert not compat.is_cpu_tiled(layer) and not layer.support_avx512bf16_for_cpu
+    assert torch.equal(layer.weight.data, codes)  # the 4-bit codes are exactly the old ones
+    assert layer.quant_state is layer.weight.quant_state
+    assert compat.double_quant(layer.weight.quant_state)
+
+
+def test_params4bit_quantize():
+    p = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+    q = compat.quantize_params4bit(p, "cpu")
+    assert q.dtype == torch.uint8 and q.quant_state is not None and q.bnb_quantized
