@@ -188,6 +188,8 @@ def _load_base(name: str | None, dtype: str = "auto", quantization: str | None =
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from transformers import set_seed
+
     from lorakit import SFTTrainer, get_lora_model
     from lorakit.base import prepare_for_kbit_training
     from lorakit.data import load_records
@@ -239,6 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   device)
     if m.quantization:
         prepare_for_kbit_training(model, gradient_checkpointing=train.gradient_checkpointing)
+    # `seed` fixes the whole run, as in HF Trainer / TRL: adapter initialisation included
+    set_seed(train.seed)
     lora_model = get_lora_model(model, lora)
     if main:
         lora_model.print_trainable_parameters()

@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from transformers import set_seed
+
 from lorakit import LoraConfig, SFTTrainer, TrainConfig, get_lora_model, load_model
 from lorakit.demo.task import DEMO_DEFAULTS, INSTRUCTION, make_task
 from lorakit.inference import completion_examples, exact_match, generate_texts, render_prompt
@@ -55,6 +57,7 @@ def run_demo(output_dir: str = "lorakit-demo", max_steps: int | None = None,
     _say(f"base model exact match: {base_em:.0%} ({time.perf_counter() - t:.0f} s)")
 
     # 3. LoRA fine-tuning
+    set_seed(seed)  # the adapters' initialisation is part of the run
     lora = get_lora_model(model, LoraConfig(r=d["r"], lora_alpha=d["alpha"], lora_dropout=0.0,
                                             target_modules="all-linear"))
     lora.print_trainable_parameters()
