@@ -188,13 +188,12 @@ def _load_base(name: str | None, dtype: str = "auto", quantization: str | None =
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from transformers import set_seed
-
     from lorakit import SFTTrainer, get_lora_model
     from lorakit.base import prepare_for_kbit_training
     from lorakit.data import load_records
     from lorakit.inference import completion_examples, generate_texts, render_prompt
     from lorakit.training import distributed
+    from lorakit.training.config import set_seed
     from lorakit.training.report import plot_losses, write_report
 
     # under torchrun: a broken environment fails here, on every rank; rank 0 alone prints/writes

@@ -121,3 +121,8 @@ def quantize_params4bit(param, device: torch.device | str):
     """Quantize a float `Params4bit` on `device` (bitsandbytes' `_quantize`: `.to(device)` does
     it too, but only when the device changes)."""
     return param._quantize(device)
+
+
+# Any lorakit import lands here first (lorakit.base imports this module): silence the line before
+# something (transformers' trainer utilities, PEFT, lorakit itself) imports bitsandbytes.
+silence_bitsandbytes_hub_kernel_warning()

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
 SCHEDULES = ("cosine", "linear", "constant")
 DISTRIBUTED_MODES = ("ddp", "fsdp2")
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (CPU and CUDA), as transformers' `set_seed`
+    does (without importing its trainer utilities, which import bitsandbytes and more)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 @dataclass
