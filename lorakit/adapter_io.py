@@ -13,11 +13,13 @@ import copy
 import json
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from lorakit.config import LoraConfig
@@ -31,6 +33,17 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that exists but cannot be read: truncated, a corrupt header, not a
+    checkpoint of tensors. The message names the file and what is wrong with it."""
+
+
+def _reason(error: BaseException, limit: int = 160) -> str:
+    """The first line of a library's error message, short enough for a one-line report."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -140,17 +153,52 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
     try:
         return LoraConfig.from_json_file(str(file))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+        raise AdapterFileError(f"{file}: not valid JSON ({e})") from None
 
 
 def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by PEFT name, from its .safetensors file (or an old PEFT .bin)."""
     path = Path(path)
     if (path / WEIGHTS_NAME).is_file():
-        return load_file(str(path / WEIGHTS_NAME))
+        try:
+            return load_file(str(path / WEIGHTS_NAME))
+        except SafetensorError as e:  # truncated, or a header that is not safetensors JSON
+            raise AdapterFileError(f"{path / WEIGHTS_NAME}: not a readable safetensors file "
+                                   f"(truncated or corrupt: {_reason(e)})") from e
     if (path / LEGACY_WEIGHTS_NAME).is_file():
-        # old PEFT pickles: weights_only refuses anything but tensors, so no code can run
-        return torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        return _read_legacy_weights(path / LEGACY_WEIGHTS_NAME)
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path}")
+
+
+def _read_legacy_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        # old PEFT pickles: weights_only refuses anything but tensors, so no code can run
+        weights = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # not a pickle, or one holding more than tensors
+        raise AdapterFileError(f"{file}: not a PyTorch checkpoint of tensors (torch.load with "
+                               "weights_only=True refused it)") from e
+    except (RuntimeError, EOFError, ValueError) as e:  # truncated zip, empty file, ...
+        raise AdapterFileError(f"{file}: not a valid PyTorch checkpoint (truncated or corrupt: "
+                               f"{_reason(e)})") from e
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise AdapterFileError(f"{file}: holds a {type(weights).__name__}, not a mapping of "
+                               "tensor names to tensors")
+    return weights
+
+
+def read_weights_header(file: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of every tensor in a .safetensors file, without reading the data."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            header = {}
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                header[key] = (tuple(tensor.get_shape()), str(tensor.get_dtype()))
+            return header
+    except SafetensorError as e:
+        raise AdapterFileError(f"{file}: not a readable safetensors file (truncated or corrupt: "
+                               f"{_reason(e)})") from e
 
 
 def load_adapter(lora_model: "LoraModel", path: str | Path, adapter_name: str,

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -193,7 +194,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.data import load_records
     from lorakit.inference import completion_examples, generate_texts, render_prompt
     from lorakit.training import distributed
-    from lorakit.training.config import set_seed
     from lorakit.training.report import plot_losses, write_report
 
     # under torchrun: a broken environment fails here, on every rank; rank 0 alone prints/writes
@@ -224,6 +224,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     text = resolved_yaml(built)
     out = Path(output.dir)
+    if out.exists() and not out.is_dir():  # every rank: under torchrun all of them stop here
+        raise UserError(f"output directory {out} exists and is not a directory")
     if main:
         print("lorakit: resolved config\n" + "\n".join("  " + line for line in text.splitlines()),
               flush=True)
@@ -240,8 +242,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   device)
     if m.quantization:
         prepare_for_kbit_training(model, gradient_checkpointing=train.gradient_checkpointing)
-    # `seed` fixes the whole run, as in HF Trainer / TRL: adapter initialisation included
-    set_seed(train.seed)
     lora_model = get_lora_model(model, lora)
     if main:
         lora_model.print_trainable_parameters()
@@ -363,6 +363,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit.base import export_merged
     read_adapter_config(args.adapter)
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     model, tokenizer = _load_base(args.model, "float32")
@@ -374,32 +376,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def describe_adapter(path: str | Path) -> dict[str, Any]:
     """What an adapter directory holds, read from its files alone (no model is loaded)."""
-    from safetensors import safe_open
-
     from lorakit.adapter_io import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
-                                    read_adapter_config)
+                                    read_adapter_config, read_adapter_weights,
+                                    read_weights_header)
     path = Path(path)
     config = read_adapter_config(path)
     raw = json.loads((path / CONFIG_NAME).read_text())
     weights = path / WEIGHTS_NAME
-    n_params, dtypes, modules = 0, set(), set()
     if weights.is_file():
-        with safe_open(str(weights), "pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                shape = sl.get_shape()
-                count = 1
-                for s in shape:
-                    count *= s
-                n_params += count
-                dtypes.add(str(sl.get_dtype()))
-                if ".lora_A." in key:
-                    modules.add(key.removeprefix("base_model.model.").split(".lora_A.")[0])
-        size = weights.stat().st_size
-    elif (path / LEGACY_WEIGHTS_NAME).is_file():
-        size = (path / LEGACY_WEIGHTS_NAME).stat().st_size
+        header = read_weights_header(weights)  # shapes only: the data is not read
+    elif (weights := path / LEGACY_WEIGHTS_NAME).is_file():
+        header = {k: (tuple(t.shape), str(t.dtype)) for k, t in read_adapter_weights(path).items()}
     else:
         raise UserError(f"{path}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
+    size = weights.stat().st_size
+    n_params = sum(math.prod(shape) for shape, _ in header.values())
+    dtypes = {dtype for _, dtype in header.values()}
+    modules = {key.removeprefix("base_model.model.").split(".lora_A.")[0] for key in header
+               if ".lora_A." in key}
     init = config.init_lora_weights
     variant = ("DoRA" if config.use_dora else "LoRA") + (" + rsLoRA" if config.use_rslora else "") \
         + (" (PiSSA init)" if isinstance(init, str) and init.startswith("pissa") else "")
@@ -527,9 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from lorakit.adapter_io import AdapterFileError
     from lorakit.base import DefaultModelMissing, ModelNotFoundError, QuantizationUnsupportedError
     from lorakit.data import DataError
-    return (UserError, DataError, DefaultModelMissing, ModelNotFoundError,
+    return (UserError, DataError, AdapterFileError, DefaultModelMissing, ModelNotFoundError,
             QuantizationUnsupportedError, FileNotFoundError, ValueError)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ import yaml
 from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM
 
-from lorakit import LoraModel
+from lorakit import LoraConfig, LoraModel, get_lora_model
 
 pytestmark = pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer
 
@@ -55,8 +57,9 @@ def trained(tiny_dir, data, tmp_path_factory) -> Path:
         "output": {"samples": 2, "sample_max_new_tokens": 4}}))
     res = lorakit("train", "--config", config, "--model", tiny_dir, "--data", data / "train.jsonl",
                   "--eval-data", data / "eval.jsonl", "--output", out, "--max-steps", 4,
-                  "--batch-size", 8, "--r", 6)
+                  "--batch-size", 8, "--lora-r", 6)
     assert res.returncode == 0, res.stdout + res.stderr
+    (out.parent / "stdout.txt").write_text(res.stdout)
     return out
 
 
@@ -74,9 +77,34 @@ def test_train_writes_everything(trained, tiny_dir):
                                    trained / "adapter")
 
 
+def test_report_counts_the_printed_trainable_parameters(trained, tiny_dir):
+    printed = re.search(r"^trainable params: ([\d,]+) \|\|", (trained.parent / "stdout.txt")
+                        .read_text(), flags=re.M).group(1)
+    actual = get_lora_model(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(
+        r=6, lora_alpha=8, target_modules="all-linear")).get_nb_trainable_parameters()[0]
+    assert printed == f"{actual:,}"
+    assert f"- trainable parameters: {printed}\n" in (trained / "report.md").read_text()
+
+
+def significant_digits(number: str) -> int:
+    mantissa = number.lstrip("-").split("e")[0].replace(".", "")
+    return len(mantissa.lstrip("0")) or 1
+
+
+def test_console_shows_4_significant_digits_and_metrics_keep_all(trained):
+    printed = {int(m[0]): m[1] for m in re.findall(r"^lorakit: step=(\d+) .*\blr=(\S+)",
+                                                     (trained.parent / "stdout.txt").read_text(),
+                                                     flags=re.M)}
+    full = {r["step"]: r["lr"] for r in map(json.loads, (trained / "metrics.jsonl").read_text()
+                                            .splitlines()) if "lr" in r}
+    assert sorted(printed) == sorted(full) == [1, 2, 3, 4]
+    assert any(significant_digits(repr(lr)) > 4 for lr in full.values())  # cosine: 0.00085355...
+    for step, lr in full.items():
+        assert significant_digits(printed[step]) <= 4 and float(printed[step]) == float(f"{lr:.4g}")
+
+
 def test_resume_continues_the_run(trained, tiny_dir, data, tmp_path):
     out = tmp_path / "out"
-    import shutil
     shutil.copytree(trained, out)
     res = lorakit("train", "--model", tiny_dir, "--data", data / "train.jsonl", "--output", out,
                   "--max-steps", 6, "--batch-size", 8, "--r", 6, "--alpha", 8, "--lr", "1e-3",
@@ -155,3 +183,56 @@ def test_adapter_for_another_base_is_a_clear_error(trained, tiny_dir, tmp_path):
     assert "another base model" in res.stderr and "_proj" in res.stderr
     debug = lorakit("--debug", "generate", "--model", other, "--adapter", trained / "adapter", "hi")
     assert "Traceback" in debug.stderr
+
+
+def truncated(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-100])
+
+
+def corrupt_header(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[8:40] = b"\xff" * 32  # the JSON header starts after its 8-byte length
+    file.write_bytes(bytes(data))
+
+
+def not_a_checkpoint(file: Path) -> None:
+    file.unlink()
+    (file.parent / "adapter_model.bin").write_bytes(b"not a pickle\n")
+
+
+@pytest.mark.parametrize("spoil,command,needle", [
+    (truncated, "generate", "adapter_model.safetensors: not a readable safetensors file"),
+    (truncated, "inspect", "adapter_model.safetensors: not a readable safetensors file"),
+    (truncated, "eval", "adapter_model.safetensors: not a readable safetensors file"),
+    (truncated, "merge", "adapter_model.safetensors: not a readable safetensors file"),
+    (corrupt_header, "generate", "adapter_model.safetensors: not a readable safetensors file"),
+    (corrupt_header, "inspect", "adapter_model.safetensors: not a readable safetensors file"),
+    (not_a_checkpoint, "generate", "adapter_model.bin: not a PyTorch checkpoint of tensors"),
+    (not_a_checkpoint, "inspect", "adapter_model.bin: not a PyTorch checkpoint of tensors"),
+])
+def test_unreadable_adapter_files_are_one_line_errors(spoil, command, needle, trained, tiny_dir,
+                                                      data, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained / "adapter", adapter)
+    spoil(adapter / "adapter_model.safetensors")
+    args = {"generate": ["generate", "--model", tiny_dir, "--adapter", adapter, "hi"],
+            "inspect": ["inspect", adapter],
+            "eval": ["eval", "--model", tiny_dir, "--adapter", adapter, "--data",
+                     data / "eval.jsonl", "--no-generate"],
+            "merge": ["merge", "--model", tiny_dir, "--adapter", adapter, "--output",
+                      tmp_path / "merged"]}[command]
+    assert_one_line_error(lorakit(*args), needle)
+
+
+def test_output_naming_an_existing_file_is_a_one_line_error(tiny_dir, data, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a directory\n")
+    res = lorakit("train", "--model", tiny_dir, "--data", data / "train.jsonl", "--output",
+                  tmp_path / "taken", "--max-steps", 1)
+    assert_one_line_error(res, "taken exists and is not a directory")
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, needle: str) -> None:
+    assert res.returncode == 2, res.stdout + res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("lorakit: error")]
+    assert len(errors) == 1 and needle in errors[0], res.stderr
+    assert "Traceback" not in res.stderr

@@ -206,3 +206,17 @@ def test_packing_gives_the_same_loss_as_padding(tmp_path):
     assert losses(tmp_path / "a")[1] == pytest.approx(losses(tmp_path / "b")[1], rel=1e-5)
     for a, b in zip(padded.model.parameters(), packed.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_report_counts_the_trained_parameters_after_a_merge(tmp_path):
+    # the demo's order: train, merge_and_unload (to score the merged model), then the report
+    from lorakit.training.report import write_report
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trained = trainer.model.get_nb_trainable_parameters()[0]
+    result = trainer.train()
+    trainer.model.merge_and_unload()
+    run_config = trainer.run_config(trainer.total_steps())
+    assert run_config["trainable_parameters"] == trained > 0
+    assert run_config["adapters"]["default"]["r"] == 8
+    report = write_report(tmp_path, run_config, result).read_text()
+    assert f"- trainable parameters: {trained:,}\n" in report

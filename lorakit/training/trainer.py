@@ -368,17 +368,28 @@ class SFTTrainer:
             out, self.model, optimizer, scheduler, state, run_config, self.args.save_total_limit))
         return path or out / f"checkpoint-{state.step}"
 
+    # the adapters' configs and trainable count, as last seen while the model had adapters
+    _adapters_seen: dict[str, Any] | None = None
+
     def run_config(self, total_steps: int) -> dict[str, Any]:
-        """Everything that defines the run, saved with it (and with every checkpoint)."""
+        """Everything that defines the run, saved with it (and with every checkpoint).
+
+        The adapters and trainable count are those last seen while the model had adapters
+        (train() records them at its start): after `merge_and_unload()`, as in the demo before
+        its report, the bare model would give no adapters and 0 trainable parameters."""
+        if self.model.peft_config or self._adapters_seen is None:
+            self._adapters_seen = {
+                "adapters": {n: c.to_dict() for n, c in self.model.peft_config.items()},
+                "trainable_parameters": self.model.get_nb_trainable_parameters()[0]}
         return {
             "train": self.args.to_dict(),
-            "adapters": {n: c.to_dict() for n, c in self.model.peft_config.items()},
+            "adapters": self._adapters_seen["adapters"],
             "base_model": getattr(self.model.model, "name_or_path", None),
             "total_steps": total_steps, "bf16": self.bf16, "device": str(self.device),
             "shared_prefix_off": self.prefix_off,
             "train_data": self.train_data.stats.as_dict() if self.train_data else None,
             "eval_data": self.eval_data.stats.as_dict() if self.eval_data else None,
-            "trainable_parameters": self.model.get_nb_trainable_parameters()[0],
+            "trainable_parameters": self._adapters_seen["trainable_parameters"],
         } | ({} if self.dist is None else {"distributed": {
             "mode": self.dist.mode, "world_size": self.world_size,
             "per_rank_batch_size": self.batch_size, "global_batch_size": self.batch_size
@@ -390,11 +401,21 @@ class SFTTrainer:
             return
         with open(metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        # metrics.jsonl above keeps every digit; people read 4 significant ones
         if bar is not None:
-            bar.set_postfix({k: v for k, v in record.items() if k in
+            bar.set_postfix({k: self._short(v) for k, v in record.items() if k in
                              ("loss", "tokens_per_s", "eval_loss")}, refresh=False)
         else:
-            self._log(" ".join(f"{k}={v}" for k, v in record.items()))
+            self._log(" ".join(f"{k}={self._short(v)}" for k, v in record.items()))
+
+    @staticmethod
+    def _short(value: Any) -> str:
+        """A float to 4 significant digits (lr=0.001997, 5e-05); from 10^4 on, whole numbers
+        (tokens_per_s=12085, not 1.209e+04). Anything else as str()."""
+        if not isinstance(value, float) or not math.isfinite(value):
+            return str(value)
+        short = f"{value:.4g}"
+        return f"{value:.0f}" if "e+" in short else short
 
     def _progress_bar(self, total: int, initial: int):
         show = sys.stderr.isatty() if self.args.disable_tqdm is None else not self.args.disable_tqdm
