@@ -194,6 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.data import load_records
     from lorakit.inference import completion_examples, generate_texts, render_prompt
     from lorakit.training import distributed
+    from lorakit.training.config import set_seed
     from lorakit.training.report import plot_losses, write_report
 
     # under torchrun: a broken environment fails here, on every rank; rank 0 alone prints/writes
@@ -242,6 +243,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   device)
     if m.quantization:
         prepare_for_kbit_training(model, gradient_checkpointing=train.gradient_checkpointing)
+    # `seed` fixes the whole run, as in HF Trainer / TRL: adapter initialisation included
+    set_seed(train.seed)
     lora_model = get_lora_model(model, lora)
     if main:
         lora_model.print_trainable_parameters()
