@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.base.default_model import default_model_dir
+from lorakit.base.loading import machine_summary
 
 
 def timed(model, ids, mode: str = "inference") -> float:
@@ -43,6 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     import peft
 
+    print(f"adapter_overhead: {machine_summary()}", flush=True)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     path = default_model_dir()

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import LoraConfig, get_lora_model
 from lorakit.base.default_model import default_model_dir
+from lorakit.base.loading import machine_summary
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.",
            "Name three prime numbers.", "How do I boil an egg?",
@@ -46,6 +47,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"mixed_batch: {machine_summary()}", flush=True)
 
     torch.manual_seed(0)
     path = default_model_dir()

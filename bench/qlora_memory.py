@@ -128,6 +128,8 @@ def main() -> None:
                                              args.gradient_checkpointing)))
         return
 
+    from lorakit.base.loading import machine_summary
+    print(f"qlora_memory: {machine_summary()}", flush=True)
     bases = args.bases.split(",")
     unknown = [b for b in bases if b not in BASES]
     if unknown:

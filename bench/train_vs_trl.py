@@ -195,6 +195,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from lorakit.base.default_model import default_model_dir
+    from lorakit.base.loading import machine_summary
+    print(f"train_vs_trl: {machine_summary()}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     ceilings = {d: gemm_ceiling(getattr(torch, d)) for d in args.dtypes}
     print(f"train_vs_trl: {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()},"

@@ -29,6 +29,18 @@ def make_tiny_gpt2(vocab_size: int = VOCAB, seed: int = 0, **kw) -> GPT2LMHeadMo
     return GPT2LMHeadModel(cfg).eval()
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """The machine under the results: CPU vector features decide bf16 autocast and 4-bit paths."""
+    from lorakit.base.loading import machine_summary
+    return machine_summary()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if config.option.verbose < 0:  # -q (as in `make test`) hides the header: say it at the end
+        from lorakit.base.loading import machine_summary
+        terminalreporter.write_line(f"machine: {machine_summary()}")
+
+
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()

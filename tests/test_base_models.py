@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -235,6 +236,33 @@ def test_dtype_auto_on_this_machine():
         fast = bool(flags & {"avx512_bf16", "amx_bf16"})
         assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if fast else torch.float32)
     assert resolve_dtype("auto", "mps") == torch.float32  # other devices: fp32 unless asked
+
+
+def summary_features(summary: str) -> dict[str, bool]:
+    return {label: answer == "yes"
+            for label, answer in re.findall(r"([A-Z][A-Z0-9-]*) (yes|no)\b", summary)}
+
+
+def test_machine_summary_reports_what_proc_cpuinfo_says():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo (not Linux): nothing to compare the summary against")
+    # read here, not through loading's own parser
+    line = next(x for x in cpuinfo.read_text().splitlines() if x.startswith("flags"))
+    flags = set(line.split(":", 1)[1].split())
+    got = summary_features(loading.machine_summary())
+    assert got == {"AVX2": "avx2" in flags, "AVX-512": "avx512f" in flags,
+                   "AVX-512-BF16": "avx512_bf16" in flags, "AMX-BF16": "amx_bf16" in flags}
+
+
+def test_machine_summary_on_an_avx2_only_cpu(cpu_flags, monkeypatch):
+    cpu_flags({"fpu", "avx", "avx2", "fma"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    summary = loading.machine_summary()
+    assert summary_features(summary) == {"AVX2": True, "AVX-512": False, "AVX-512-BF16": False,
+                                         "AMX-BF16": False}
+    assert "bf16 autocast (training default, cpu): off" in summary
+    assert f"torch {torch.__version__}, {torch.get_num_threads()} threads" in summary
 
 
 def test_explicit_dtypes():

@@ -86,6 +86,57 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+def _cpuinfo_value(key: str) -> str | None:
+    """The first `key : value` line of /proc/cpuinfo (e.g. "model name"), or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+# what the summary calls each /proc/cpuinfo flag; the bf16 ones decide the CPU paths (bf16
+# autocast, bitsandbytes' tiled 4-bit layout), so a result is only comparable between machines
+# that agree on them
+CPU_FEATURES: dict[str, str] = {"avx2": "AVX2", "avx512f": "AVX-512",
+                                "avx512_bf16": "AVX-512-BF16", "amx_bf16": "AMX-BF16"}
+
+
+def cpu_features() -> dict[str, bool]:
+    """Which of CPU_FEATURES this CPU has: /proc/cpuinfo flags, else torch's own CPU probes."""
+    flags = _cpuinfo_flags()
+    if flags:
+        return {name: name in flags for name in CPU_FEATURES}
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+
+    def probe(name: str) -> bool:
+        try:
+            return bool(getattr(torch.cpu, name)())
+        except Exception:  # private API: treat any failure as "no"
+            return False
+    return {"avx2": capability in ("AVX2", "AVX512"), "avx512f": capability == "AVX512",
+            "avx512_bf16": probe("_is_avx512_bf16_supported"),
+            "amx_bf16": probe("_is_amx_tile_supported")}
+
+
+def machine_summary() -> str:
+    """One line tying a test or benchmark result to its machine: CPU, vector features, whether
+    training autocasts to bf16 by default, torch version and threads."""
+    import platform
+    cpu = _cpuinfo_value("model name") or platform.processor() or platform.machine()
+    has = cpu_features()
+    features = ", ".join(f"{label} {'yes' if has[flag] else 'no'}"
+                         for flag, label in CPU_FEATURES.items())
+    device = resolve_device(None)
+    autocast = "on" if bf16_is_fast(device) else "off"
+    return (f"CPU: {cpu} | {features} | bf16 autocast (training default, {device.type}): "
+            f"{autocast} | torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
 def bf16_is_fast(device: str | torch.device | None = None) -> bool:
     """Whether `device` computes in bf16 natively (CUDA compute capability >= 8, or see
     `cpu_has_fast_bf16`). Other devices (MPS, XPU, ...) get fp32 from "auto"; ask explicitly."""
