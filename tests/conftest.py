@@ -71,6 +71,25 @@ def smol_tokenizer(default_model_dir):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny random Llama saved as a model directory with SmolLM2's tokenizer and chat template:
+    what the CLI tests pass as --model."""
+    path = tmp_path_factory.mktemp("tiny-chat-model")
+    make_tiny_llama(vocab_size=len(smol_tokenizer), initializer_range=0.2).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_sum_rows(path, n: int, start: int = 0) -> None:
+    """Chat prompt/completion rows "a plus b?" -> "a+b" (a, b < 6), rows [start, start + n)."""
+    import json
+    rows = [{"prompt": [{"role": "user", "content": f"{a} plus {b}?"}],
+             "completion": [{"role": "assistant", "content": str(a + b)}]}
+            for a in range(6) for b in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[start:start + n]))
+
+
 @torch.no_grad()
 def perturb_trainables(model: torch.nn.Module, seed: int = 3) -> None:
     """Make every trainable tensor (adapters, biases, saved copies) differ from its start."""

@@ -14,7 +14,7 @@ import peft
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, write_sum_rows
 from transformers import AutoModelForCausalLM
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
@@ -23,21 +23,15 @@ pytestmark = pytest.mark.default_model  # the tiny model borrows SmolLM2's token
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smol_tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_llama(vocab_size=len(smol_tokenizer), initializer_range=0.2).save_pretrained(path)
-    smol_tokenizer.save_pretrained(path)
-    return path
+def tiny_dir(tiny_chat_dir) -> Path:
+    return tiny_chat_dir
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data")
-    rows = [{"prompt": [{"role": "user", "content": f"{a} plus {b}?"}],
-             "completion": [{"role": "assistant", "content": str(a + b)}]}
-            for a in range(6) for b in range(6)]
-    (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
-    (path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[30:]))
+    write_sum_rows(path / "train.jsonl", 30)
+    write_sum_rows(path / "eval.jsonl", 6, start=30)
     return path
 
 

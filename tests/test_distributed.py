@@ -20,7 +20,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, write_sum_rows
 from safetensors.torch import load_file
 from test_trainer import counting_data, losses
 
@@ -373,16 +373,11 @@ def test_global_batch_size_on_one_process_is_per_device_over_accumulation(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer
-def test_cli_under_torchrun_trains_once_and_writes_once(tmp_path, smol_tokenizer):
-    model_dir = tmp_path / "tiny"
-    tiny = make_tiny_llama(vocab_size=len(smol_tokenizer), initializer_range=0.2)
-    tiny.save_pretrained(model_dir)
-    smol_tokenizer.save_pretrained(model_dir)
-    rows = [{"prompt": [{"role": "user", "content": f"{a} plus {b}?"}],
-             "completion": [{"role": "assistant", "content": str(a + b)}]}
-            for a in range(5) for b in range(5)]
+def test_cli_under_torchrun_trains_once_and_writes_once(tmp_path, smol_tokenizer,
+                                                        tiny_chat_dir):
+    model_dir = tiny_chat_dir
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_sum_rows(data, 25)
     out = tmp_path / "out"
     log = torchrun("-m", "lorakit", "train", "--model", model_dir, "--data", data, "--output", out,
                    "--max-steps", 2, "--batch-size", 4, "--lr", "1e-3",

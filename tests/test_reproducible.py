@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tiny_llama
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer
@@ -25,11 +24,8 @@ ADAPTER = Path("adapter") / "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smol_tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_llama(vocab_size=len(smol_tokenizer), initializer_range=0.2).save_pretrained(path)
-    smol_tokenizer.save_pretrained(path)
-    return path
+def tiny_dir(tiny_chat_dir) -> Path:
+    return tiny_chat_dir
 
 
 @pytest.fixture(scope="module")
@@ -117,20 +113,30 @@ def test_seed_changes_the_adapter(tiny_dir, data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_dir, data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("full") / "out"
-    run(train_cmd(tiny_dir, data, out, "--set", "training.bf16=false"))
-    return out
+def uninterrupted(tiny_dir, data, tmp_path_factory):
+    """The uninterrupted run's output directory, per bf16 setting (run once each)."""
+    done: dict[str, Path] = {}
+
+    def get(bf16: str) -> Path:
+        if bf16 not in done:
+            out = tmp_path_factory.mktemp(f"full-bf16-{bf16}") / "out"
+            run(train_cmd(tiny_dir, data, out, "--set", f"training.bf16={bf16}"))
+            done[bf16] = out
+        return done[bf16]
+    return get
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_equals_uninterrupted(tiny_dir, data, tmp_path, uninterrupted):
+@pytest.mark.parametrize("bf16", ["false", "true"])
+def test_sigterm_then_resume_equals_uninterrupted(tiny_dir, data, tmp_path, uninterrupted, bf16):
+    """Bit-identical under bf16 autocast too: the resumed process computes the same ops on the
+    same inputs (fp32 adapters and optimizer state, restored exactly)."""
     out = tmp_path / "out"
-    cmd = train_cmd(tiny_dir, data, out, "--set", "training.bf16=false")
+    cmd = train_cmd(tiny_dir, data, out, "--set", f"training.bf16={bf16}")
     assert start_and_signal(cmd, out, signal.SIGTERM, after_step=4) == 0  # a clean stop
     assert not (out / ADAPTER).exists() and list(out.glob("checkpoint-*"))
     run(cmd + ["--resume"])
-    assert (out / ADAPTER).read_bytes() == (uninterrupted / ADAPTER).read_bytes()
+    assert (out / ADAPTER).read_bytes() == (uninterrupted(bf16) / ADAPTER).read_bytes()
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == list(range(1, 13))  # each step logged once, in order
@@ -145,4 +151,4 @@ def test_sigkill_twice_then_resume_equals_uninterrupted(tiny_dir, data, tmp_path
     assert start_and_signal(cmd + ["--resume"], out, signal.SIGKILL,
                             after_step=8) == -signal.SIGKILL
     run(cmd + ["--resume"])
-    assert (out / ADAPTER).read_bytes() == (uninterrupted / ADAPTER).read_bytes()
+    assert (out / ADAPTER).read_bytes() == (uninterrupted("false") / ADAPTER).read_bytes()

@@ -82,18 +82,12 @@ def test_readme_shows_only_torchrun_safe_train_flags():
 
 @pytest.mark.slow
 @pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer
-def test_cli_under_torchrun_takes_lora_flags(tmp_path, smol_tokenizer):
-    from conftest import make_tiny_llama
+def test_cli_under_torchrun_takes_lora_flags(tmp_path, tiny_chat_dir):
+    from conftest import write_sum_rows
     from test_distributed import torchrun
-    model_dir = tmp_path / "tiny"
-    tiny = make_tiny_llama(vocab_size=len(smol_tokenizer), initializer_range=0.2)
-    tiny.save_pretrained(model_dir)
-    smol_tokenizer.save_pretrained(model_dir)
-    rows = [{"prompt": [{"role": "user", "content": f"{a} plus {b}?"}],
-             "completion": [{"role": "assistant", "content": str(a + b)}]}
-            for a in range(4) for b in range(4)]
+    model_dir = tiny_chat_dir
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_sum_rows(data, 16)
     out = tmp_path / "out"
     log = torchrun("-m", "lorakit", "train", "--model", model_dir, "--data", data, "--output", out,
                    "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0, "--max-steps", 2,
