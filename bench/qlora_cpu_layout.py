@@ -42,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from lorakit import compat
-    from lorakit.base import dequantize_model, load_model
+    from lorakit.base import load_model
+    from lorakit.lora import dequantize_model
     from lorakit.base.loading import machine_summary
     print(machine_summary(), flush=True)
     bnb = compat.bitsandbytes()

@@ -1,7 +1,7 @@
 """lorakit: LoRA and QLoRA fine-tuning of causal language models, PEFT-format adapters."""
 
 from lorakit.base import load_model
-from lorakit.config import LoraConfig
+from lorakit.lora.config import LoraConfig
 from lorakit.lora import LoraLayer, LoraModel, get_lora_model
 from lorakit.training import (SFTTrainer, TrainConfig, TrainResult, TrainingDivergedError,
                               create_loraplus_optimizer)

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from lorakit.config import LoraConfig
+from lorakit.lora.config import LoraConfig
 from lorakit.training.config import TrainConfig
 
 
@@ -192,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorakit import SFTTrainer, get_lora_model
     from lorakit.base import prepare_for_kbit_training
     from lorakit.data import load_records
-    from lorakit.inference import completion_examples, generate_texts, render_prompt
+    from lorakit.serving.generate import completion_examples, generate_texts, render_prompt
     from lorakit.training import distributed
     from lorakit.training.config import set_seed
     from lorakit.training.report import plot_losses, write_report
@@ -296,7 +296,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load_with_adapters(model_name: str | None, adapters: list[str], dtype: str = "auto",
                         quantization: str | None = None):
     from lorakit import LoraModel
-    from lorakit.adapter_io import read_adapter_config
+    from lorakit.lora.files import read_adapter_config
     model, tokenizer = _load_base(model_name, dtype, quantization)
     if not adapters:
         return model, tokenizer, None
@@ -315,7 +315,7 @@ def _load_with_adapters(model_name: str | None, adapters: list[str], dtype: str 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit import SFTTrainer, TrainConfig
     from lorakit.data import load_records
-    from lorakit.inference import completion_examples, exact_match_rate
+    from lorakit.serving.generate import completion_examples, exact_match_rate
 
     model, tokenizer, _ = _load_with_adapters(args.model, args.adapter or [], args.dtype)
     if not hasattr(model, "peft_config"):  # evaluate the bare base model through the same path
@@ -341,7 +341,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lorakit.inference import generate_texts
+    from lorakit.serving.generate import generate_texts
     model, tokenizer, lora = _load_with_adapters(args.model, args.adapter or [], args.dtype)
     if args.merged:
         if lora is None:
@@ -362,8 +362,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit import LoraModel
-    from lorakit.adapter_io import read_adapter_config
-    from lorakit.base import export_merged
+    from lorakit.lora.files import read_adapter_config
+    from lorakit.lora import export_merged
     read_adapter_config(args.adapter)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
@@ -379,7 +379,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def describe_adapter(path: str | Path) -> dict[str, Any]:
     """What an adapter directory holds, read from its files alone (no model is loaded)."""
-    from lorakit.adapter_io import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
+    from lorakit.lora.files import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
                                     read_adapter_config, read_adapter_weights,
                                     read_weights_header)
     path = Path(path)
@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from lorakit.adapter_io import AdapterFileError
+    from lorakit.lora.files import AdapterFileError
     from lorakit.base import DefaultModelMissing, ModelNotFoundError, QuantizationUnsupportedError
     from lorakit.data import DataError
     return (UserError, DataError, AdapterFileError, DefaultModelMissing, ModelNotFoundError,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -121,6 +122,36 @@ def quantize_params4bit(param, device: torch.device | str):
     """Quantize a float `Params4bit` on `device` (bitsandbytes' `_quantize`: `.to(device)` does
     it too, but only when the device changes)."""
     return param._quantize(device)
+
+
+# ------------------------------------------------------------------------------------- torch
+# Checked against torch 2.13.0.
+TORCH_CHECKED = "2.13.0"
+
+
+def own_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A module's own parameters and persistent buffers: its `state_dict` entries without the
+    children's (torch keeps non-persistent buffer names in a private set)."""
+    for name, p in module.named_parameters(recurse=False):
+        yield name, p
+    for name, b in module.named_buffers(recurse=False):
+        if name not in module._non_persistent_buffers_set:
+            yield name, b
+
+
+# ------------------------------------------------------------------------------ transformers
+# Checked against transformers 5.24.0.
+TRANSFORMERS_CHECKED = "5.24.0"
+
+
+def unquantized_config(config):
+    """A copy of a model config without what a quantized load recorded in it (the public
+    `quantization_config` and the private `_pre_quantization_dtype`)."""
+    config = copy.deepcopy(config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    return config
 
 
 # Any lorakit import lands here first (lorakit.base imports this module): silence the line before

@@ -14,7 +14,7 @@ import peft
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_llama, write_sum_rows
+from conftest import write_sum_rows
 from transformers import AutoModelForCausalLM
 
 from lorakit import LoraConfig, LoraModel, get_lora_model

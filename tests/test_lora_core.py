@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import math
 
 import peft
 import pytest
 import torch
 from conftest import make_tiny_gpt2, make_tiny_llama, perturb_trainables
-from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, LoraLayer, LoraModel, get_lora_model
-from lorakit.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.lora.variants import PLAIN
 
 TOL = 1e-5

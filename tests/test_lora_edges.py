@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from conftest import make_tiny_gpt2, make_tiny_llama
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.lora.files import CONFIG_NAME, WEIGHTS_NAME
 
 
 @pytest.mark.parametrize("field,value,needle", [

@@ -10,7 +10,7 @@ from conftest import VOCAB, make_tiny_gpt2, make_tiny_llama
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.lora.files import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.lora import layer as layer_mod
 from lorakit.lora.layer import LoraLayer
 

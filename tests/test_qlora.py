@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 bnb = pytest.importorskip("bitsandbytes")
 
 from lorakit import LoraConfig, LoraModel, get_lora_model  # noqa: E402
-from lorakit.base import (dequantize_model, export_merged, load_model,  # noqa: E402
-                          prepare_for_kbit_training, quantize_model)
+from lorakit.base import load_model, prepare_for_kbit_training, quantize_model  # noqa: E402
+from lorakit.lora import dequantize_model, export_merged  # noqa: E402
 from lorakit.base.loading import QuantizationUnsupportedError, _probe_quantization  # noqa: E402
 from lorakit.base.quantize import quantized_layers, quantized_storage_bits  # noqa: E402
 from lorakit.lora.backends import dense_weight, write_dense_weight  # noqa: E402

@@ -24,7 +24,8 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 
 from lorakit import LoraConfig, SFTTrainer, TrainConfig, get_lora_model  # noqa: E402
-from lorakit.base import export_merged, load_model, quantize_model  # noqa: E402
+from lorakit.base import load_model, quantize_model  # noqa: E402
+from lorakit.lora import export_merged  # noqa: E402
 from lorakit.lora.backends import dense_weight  # noqa: E402
 
 pytestmark = pytest.mark.cpu_path

@@ -13,7 +13,7 @@ from conftest import VOCAB, make_tiny_gpt2, make_tiny_llama
 from conftest import perturb_trainables as perturb
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.adapter_io import CONFIG_NAME
+from lorakit.lora.files import CONFIG_NAME
 from lorakit.lora.layer import LoraLayer
 from lorakit.lora.variants import DORA, PLAIN, DoraVariant, LoraVariant, variant_for
 
@@ -338,7 +338,7 @@ def test_pissa_conversion_errors(tmp_path):
     loaded = LoraModel.from_pretrained(make_tiny_llama(), tmp_path / "init")
     loaded.save_pretrained(tmp_path / "conv", convert_pissa_to_lora=True)
     with pytest.raises(ValueError, match="not PiSSA-initialised"):
-        from lorakit.adapter_io import save_adapter
+        from lorakit.lora.files import save_adapter
         save_adapter(plain, tmp_path / "y", "default", convert_to_lora=True)
 
 

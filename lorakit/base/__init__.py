@@ -3,11 +3,10 @@
 from lorakit.base.default_model import DefaultModelMissing, default_model_dir, lorakit_home
 from lorakit.base.loading import (ModelNotFoundError, QuantizationUnsupportedError, bf16_is_fast,
                                   cpu_has_fast_bf16, load_model, resolve_dtype)
-from lorakit.base.quantize import (dequantize_model, export_merged, prepare_for_kbit_training,
-                                   quantize_model)
+from lorakit.base.quantize import prepare_for_kbit_training, quantize_model
 
 __all__ = [
     "DefaultModelMissing", "ModelNotFoundError", "QuantizationUnsupportedError", "bf16_is_fast",
-    "cpu_has_fast_bf16", "default_model_dir", "dequantize_model", "export_merged", "load_model",
+    "cpu_has_fast_bf16", "default_model_dir", "load_model",
     "lorakit_home", "prepare_for_kbit_training", "quantize_model", "resolve_dtype",
 ]

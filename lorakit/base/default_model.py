@@ -14,9 +14,10 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from lorakit.atomic import TMP_PREFIX, atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +72,12 @@ def default_model_dir(cache_root: Path | None = None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(target)
-    # same parent directory as the target, so the final rename is atomic (one filesystem)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{DEFAULT_MODEL_NAME}.", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any other
-    try:
+    # another process may finish the same conversion first: its copy is as good as ours
+    with atomic_directory(target, keep_existing=True) as tmp:
         _convert_gguf(gguf, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # another process finished first: its copy is as good as ours
-            if not _is_complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-_TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 6 * 3600  # a conversion takes about a minute; older leftovers are from killed runs
 
 
@@ -99,7 +89,7 @@ def _remove_stale_temp_dirs(target: Path) -> None:
     # A SIGKILLed conversion cannot run its cleanup; sweep its leftovers by age so that a
     # conversion running concurrently in another process is never touched.
     now = time.time()
-    for p in target.parent.glob(f"{_TMP_PREFIX}{target.name}.*"):
+    for p in target.parent.glob(f"{TMP_PREFIX}{target.name}.*"):
         try:
             if now - p.stat().st_mtime > _STALE_TMP_S:
                 shutil.rmtree(p, ignore_errors=True)

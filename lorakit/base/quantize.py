@@ -1,5 +1,5 @@
-"""QLoRA plumbing around bitsandbytes: quantize a model in memory, prepare it for training, and
-export a LoRA model on a quantized base as a plain (bf16/fp32) transformers checkpoint.
+"""QLoRA plumbing around bitsandbytes: quantize a model in memory and prepare it for training.
+(Reading quantized weights back, merged exports and dequantization live in lorakit.lora.)
 
 We never write a 4-bit format of our own: every quantized layer is a bitsandbytes `Linear4bit`
 (NF4/FP4, double quantization, blocksize 64) or `Linear8bitLt`, the same layers transformers'
@@ -8,10 +8,7 @@ We never write a 4-bit format of our own: every quantized layer is a bitsandbyte
 
 from __future__ import annotations
 
-import copy
-import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,11 +21,6 @@ QUANT_TYPES = ("nf4", "fp4", "int8")
 def _skipped(name: str, skip: Iterable[str]) -> bool:
     # "lm_head" skips "lm_head" and "model.lm_head", never "foo_lm_head"
     return any(name == s or name.endswith("." + s) for s in skip)
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
 
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4",
@@ -55,8 +47,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4",
         emb = getattr(model, getter, lambda: None)()
         if emb is not None and getattr(emb, "weight", None) is not None:
             keep.add(id(emb.weight))
-    from lorakit.lora.layer import LoraLayer
-    if any(isinstance(m, LoraLayer) for m in model.modules()):
+    # adapter wrappers (lorakit's and PEFT's) keep the layer they wrap as `<name>.base_layer`
+    if any(n == "base_layer" or n.endswith(".base_layer") for n, _ in model.named_modules()):
         raise ValueError("quantize the base model before adding LoRA adapters")
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # not subclasses
     for name in names:
@@ -84,8 +76,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4",
         if has_bias:
             new.bias = nn.Parameter(old.bias.data, requires_grad=False)
         new.train(old.training)
-        parent, child = _parent(model, name)
-        setattr(parent, child, new)
+        model.set_submodule(name, new)
     return model
 
 
@@ -165,139 +156,3 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
     return model
-
-
-# ------------------------------------------------------------------------------------ dequantize
-
-def _is_linear8bit(module: nn.Module) -> bool:
-    bnb = compat.loaded_bitsandbytes()
-    return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
-
-
-def _dense(module: nn.Module) -> torch.Tensor:
-    """fp32 (out, in) copy of a linear layer's weight, whatever its storage."""
-    from lorakit.lora.backends import dense_weight
-    if _is_linear8bit(module):
-        w = module.weight
-        if w.dtype != torch.int8:  # has_fp16_weights=True: a float weight, not quantized
-            return w.detach().to(torch.float32, copy=True)
-        import bitsandbytes.functional as bnbf
-        # the row scales move from the weight to the layer's state at its first forward
-        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
-        return bnbf.int8_vectorwise_dequant(w.data, scb).to(torch.float32)
-    return dense_weight(module)
-
-
-def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Replace every bitsandbytes 4/8-bit linear layer by an `nn.Linear` in `dtype`, in place.
-
-    This recovers the quantized values exactly (not the original pre-quantization weights)."""
-    for name, layer in list(quantized_layers(model).items()):
-        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                        device="meta", dtype=dtype)
-        lin.weight = nn.Parameter(_dense(layer).to(dtype), requires_grad=False)
-        if layer.bias is not None:
-            lin.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
-        lin.train(layer.training)
-        parent, child = _parent(model, name)
-        setattr(parent, child, lin)
-    return model
-
-
-def _plain_config(config):
-    config = copy.deepcopy(config)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    return config
-
-
-def _merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict of the plain model a LoRA model on a (quantized) base stands for: each
-    LoRA layer's dense base weight plus its active adapters folded in fp32, quantized layers
-    dequantized, full copies (modules_to_save) under their original names, all cast to `dtype`."""
-    from lorakit.lora import backends
-    from lorakit.lora.layer import LoraLayer, ModulesToSave
-
-    state: dict[str, torch.Tensor] = {}
-
-    def put(key: str, t: torch.Tensor) -> None:
-        t = t.detach()
-        state[key] = t.to(dtype) if t.is_floating_point() else t
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        if isinstance(module, LoraLayer):
-            base = module.base_layer
-            w = _dense(base)
-            for name in module.active_adapters:
-                if name not in module.merged_adapters and not module.disabled:
-                    w += module.adapters[name].delta_weight(w)
-            put(prefix + "weight", w.t() if backends.is_fan_in_fan_out(base) else w)
-            if getattr(base, "bias", None) is not None:
-                put(prefix + "bias", base.bias)
-            return
-        if isinstance(module, ModulesToSave):
-            return visit(module.current, prefix)
-        if _is_linear8bit(module) or backends.is_linear4bit(module):
-            put(prefix + "weight", _dense(module))
-            if module.bias is not None:
-                put(prefix + "bias", module.bias)
-            return
-        for n, p in module._parameters.items():
-            if p is not None:
-                put(prefix + n, p)
-        for n, b in module._buffers.items():
-            if b is not None and n not in module._non_persistent_buffers_set:
-                put(prefix + n, b)
-        for n, child in module._modules.items():
-            if child is not None:
-                visit(child, prefix + n + ".")
-
-    with torch.no_grad():
-        visit(model, "")
-    return state
-
-
-def export_merged(lora_model: nn.Module, out_dir: str | os.PathLike,
-                  dtype: str | torch.dtype = "bfloat16", tokenizer=None) -> Path:
-    """Write the LoRA model as a plain, unquantized transformers checkpoint (the recommended way
-    to merge a QLoRA adapter): every 4/8-bit layer is dequantized, the active adapters are added
-    in fp32, the result is cast to `dtype` ("bfloat16", "float16" or "float32") and saved with
-    `save_pretrained` (plus `tokenizer`, if given). `AutoModelForCausalLM.from_pretrained(out_dir)`
-    opens it. The LoRA model itself is left unchanged. The directory appears atomically.
-    """
-    import shutil
-    import tempfile
-
-    from lorakit.base.loading import resolve_dtype
-
-    torch_dtype = resolve_dtype(dtype)
-    base = getattr(lora_model, "model", lora_model)  # LoraModel wraps the transformers model
-    state = _merged_state_dict(base, torch_dtype)
-    config = _plain_config(base.config)
-    with torch.device("meta"):  # no allocation, no random init: every tensor is assigned below
-        plain = type(base)(config)
-    plain.load_state_dict(state, strict=True, assign=True)
-    out_emb, in_emb = plain.get_output_embeddings(), plain.get_input_embeddings()
-    tied = getattr(config, "tie_word_embeddings", False)
-    if tied and out_emb is not None and not torch.equal(out_emb.weight, in_emb.weight):
-        config.tie_word_embeddings = False  # an adapted or trained lm_head no longer matches
-    elif tied:
-        plain.tie_weights()
-    plain.to(torch_dtype)  # parameters already are; this also records the dtype in the config
-    if getattr(base, "generation_config", None) is not None:
-        plain.generation_config = copy.deepcopy(base.generation_config)
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

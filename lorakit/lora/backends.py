@@ -42,7 +42,7 @@ def _refuse_int8(module: nn.Module) -> None:
     if is_linear8bit(module):
         raise NotImplementedError(
             "merging into an 8-bit (bitsandbytes Linear8bitLt) base is not supported; write a "
-            "merged bf16/fp32 model with lorakit.base.export_merged(...) instead")
+            "merged bf16/fp32 model with lorakit.lora.export_merged(...) instead")
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -62,10 +62,12 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The frozen weight as an fp32 (out, in) matrix: a copy, never a view of the stored one."""
-    _refuse_int8(module)
+    """The frozen weight as an fp32 (out, in) matrix: a copy, never a view of the stored one.
+    Every storage reads: float, Conv1D, bitsandbytes 4-bit and 8-bit."""
     if is_linear4bit(module):
         return _dequantize_linear4bit(module)
+    if is_linear8bit(module):
+        return _dequantize_linear8bit(module)
     w = module.weight.detach()
     w = w.t() if is_fan_in_fan_out(module) else w
     return w.to(torch.float32, copy=True)
@@ -103,6 +105,16 @@ def _dequantize_linear4bit(module: nn.Module) -> torch.Tensor:
     w = module.weight
     # dequantize_4bit allocates a fresh (out, in) tensor in the quant state's dtype
     return bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+
+
+def _dequantize_linear8bit(module: nn.Module) -> torch.Tensor:
+    w = module.weight
+    if w.dtype != torch.int8:  # has_fp16_weights=True: a float weight, not quantized
+        return w.detach().to(torch.float32, copy=True)
+    import bitsandbytes.functional as bnbf
+    # the row scales move from the weight to the layer's state at its first forward
+    scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+    return bnbf.int8_vectorwise_dequant(w.data, scb).to(torch.float32)
 
 
 def _requantize_linear4bit(module: nn.Module, weight: torch.Tensor) -> None:

@@ -322,9 +322,3 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             layer.merge(merged[id(layer)])
         for m in saved:
             m.disabled = False
-
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)

@@ -16,10 +16,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.lora.config import LoraConfig
 from lorakit.lora import backends
 from lorakit.lora.layer import (AdapterGroups, LoraLayer, ModulesToSave, adapters_disabled,
-                                lora_layers, saved_modules, set_submodule)
+                                lora_layers, saved_modules)
 from lorakit.lora.targeting import find_targets, resolve_target_modules
 from lorakit.lora.variants import variant_for
 
@@ -149,7 +149,7 @@ class LoraModel(nn.Module):
                 if backends.is_fan_in_fan_out(module):
                     config.fan_in_fan_out = True  # as PEFT does: Conv1D stores W transposed
                 module = LoraLayer(module)
-                set_submodule(self.model, name, module)
+                self.model.set_submodule(name, module)
             r, alpha = config.rank_and_alpha(name)
             module.add_adapter(adapter_name, r, alpha, config.scaling(r, alpha),
                                config.lora_dropout, config.init_lora_weights, variant,
@@ -158,7 +158,7 @@ class LoraModel(nn.Module):
             module = self.model.get_submodule(name)
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module)
-                set_submodule(self.model, name, module)
+                self.model.set_submodule(name, module)
             module.add_copy(adapter_name)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:
@@ -274,12 +274,12 @@ class LoraModel(nn.Module):
         for name, layer in list(lora_layers(self.model)):
             if layer.merged_adapters and not _merged:
                 layer.unmerge()
-            set_submodule(self.model, name, layer.base_layer)
+            self.model.set_submodule(name, layer.base_layer)
         for name, module in list(saved_modules(self.model)):
             # a merged model keeps the trained copy; a plain unload restores the original
             keep = module.copies[module.active_adapter] if _merged and module.active_adapter \
                 else module.original_module
-            set_submodule(self.model, name, keep)
+            self.model.set_submodule(name, keep)
         model = self.model
         self.peft_config.clear()
         return model
@@ -307,7 +307,7 @@ class LoraModel(nn.Module):
         A/B kept since initialisation (every selected PiSSA adapter is converted);
         `path_initial_model_for_weight_conversion` (PEFT's option) reads them from an adapter
         saved before training (one adapter at a time)."""
-        from lorakit.adapter_io import read_adapter_weights, save_adapter
+        from lorakit.lora.files import read_adapter_weights, save_adapter
         from lorakit.lora.pissa import is_pissa
         names = selected_adapters or self.list_adapters()
         unknown = [n for n in names if n not in self.peft_config]
@@ -334,7 +334,7 @@ class LoraModel(nn.Module):
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
-        from lorakit.adapter_io import load_adapter
+        from lorakit.lora.files import load_adapter
         load_adapter(self, path, adapter_name, is_trainable=is_trainable)
 
     @classmethod

@@ -7,7 +7,7 @@ from typing import Iterator
 
 from torch import nn
 
-from lorakit.config import ALL_LINEAR, LoraConfig, TargetSpec
+from lorakit.lora.config import ALL_LINEAR, LoraConfig, TargetSpec
 from lorakit.lora import backends
 
 

@@ -14,10 +14,8 @@ mid-write leaves the previous checkpoint untouched and no half checkpoint under 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit.adapter_io import load_adapter_weights
+from lorakit.atomic import atomic_directory
+from lorakit.lora.files import load_adapter_weights
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 
@@ -41,14 +40,6 @@ class TrainState:
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(output_dir: str | Path, lora_model, optimizer: torch.optim.Optimizer,
                     scheduler, state: TrainState, run_config: dict[str, Any],
                     save_total_limit: int | None = None) -> Path:
@@ -56,8 +47,7 @@ def save_checkpoint(output_dir: str | Path, lora_model, optimizer: torch.optim.O
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{state.step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{state.step}-", dir=output_dir))
-    try:
+    with atomic_directory(final) as tmp:  # re-saving a step (a signal right after a save) replaces
         lora_model.save_pretrained(tmp)
         opt = optimizer.state_dict()
         tensors, scalars = {}, {}
@@ -77,16 +67,6 @@ def save_checkpoint(output_dir: str | Path, lora_model, optimizer: torch.optim.O
                          "optimizer_scalars": scalars, "scheduler": scheduler.state_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # re-saving the same step (e.g. a signal right after a save)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if save_total_limit:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from lorakit.config import LoraConfig
+from lorakit.atomic import atomic_write_bytes
+from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import lora_layers, saved_modules
 from lorakit.lora.pissa import to_lora_tensors
 
@@ -44,21 +43,6 @@ def _reason(error: BaseException, limit: int = 160) -> str:
     """The first line of a library's error message, short enough for a one-line report."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def peft_parameters(lora_model: "LoraModel", adapter_name: str) -> dict[str, torch.nn.Parameter]:

@@ -1,0 +1,108 @@
+"""A LoRA model as a plain transformers model: merged export and dequantization of its base.
+
+`export_merged` is the recommended way to merge a QLoRA adapter: every 4/8-bit layer is read as
+its exact dense values, the active adapters are added in fp32, and the result is written as an
+ordinary (bf16/fp32) checkpoint that any transformers code opens.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit import compat
+from lorakit.atomic import atomic_directory
+from lorakit.base.loading import resolve_dtype
+from lorakit.base.quantize import quantized_layers
+from lorakit.lora import backends
+from lorakit.lora.layer import LoraLayer, ModulesToSave
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every bitsandbytes 4/8-bit linear layer by an `nn.Linear` in `dtype`, in place.
+
+    This recovers the quantized values exactly (not the original pre-quantization weights)."""
+    for name, layer in list(quantized_layers(model).items()):
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                        device="meta", dtype=dtype)
+        lin.weight = nn.Parameter(backends.dense_weight(layer).to(dtype), requires_grad=False)
+        if layer.bias is not None:
+            lin.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        lin.train(layer.training)
+        model.set_submodule(name, lin)
+    return model
+
+
+def _merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model a LoRA model on a (quantized) base stands for: each
+    LoRA layer's dense base weight plus its active adapters folded in fp32, quantized layers
+    dequantized, full copies (modules_to_save) under their original names, all cast to `dtype`."""
+    state: dict[str, torch.Tensor] = {}
+
+    def put(key: str, t: torch.Tensor) -> None:
+        t = t.detach()
+        state[key] = t.to(dtype) if t.is_floating_point() else t
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, LoraLayer):
+            base = module.base_layer
+            w = backends.dense_weight(base)
+            for name in module.active_adapters:
+                if name not in module.merged_adapters and not module.disabled:
+                    w += module.adapters[name].delta_weight(w)
+            put(prefix + "weight", w.t() if backends.is_fan_in_fan_out(base) else w)
+            if getattr(base, "bias", None) is not None:
+                put(prefix + "bias", base.bias)
+            return
+        if isinstance(module, ModulesToSave):
+            return visit(module.current, prefix)
+        if backends.is_linear8bit(module) or backends.is_linear4bit(module):
+            put(prefix + "weight", backends.dense_weight(module))
+            if module.bias is not None:
+                put(prefix + "bias", module.bias)
+            return
+        for n, t in compat.own_state(module):
+            put(prefix + n, t)
+        for n, child in module.named_children():
+            visit(child, prefix + n + ".")
+
+    with torch.no_grad():
+        visit(model, "")
+    return state
+
+
+def export_merged(lora_model: nn.Module, out_dir: str | os.PathLike,
+                  dtype: str | torch.dtype = "bfloat16", tokenizer=None) -> Path:
+    """Write the LoRA model as a plain, unquantized transformers checkpoint (the recommended way
+    to merge a QLoRA adapter): every 4/8-bit layer is dequantized, the active adapters are added
+    in fp32, the result is cast to `dtype` ("bfloat16", "float16" or "float32") and saved with
+    `save_pretrained` (plus `tokenizer`, if given). `AutoModelForCausalLM.from_pretrained(out_dir)`
+    opens it. The LoRA model itself is left unchanged. The directory appears atomically.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    base = getattr(lora_model, "model", lora_model)  # LoraModel wraps the transformers model
+    state = _merged_state_dict(base, torch_dtype)
+    config = compat.unquantized_config(base.config)
+    with torch.device("meta"):  # no allocation, no random init: every tensor is assigned below
+        plain = type(base)(config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    out_emb, in_emb = plain.get_output_embeddings(), plain.get_input_embeddings()
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied and out_emb is not None and not torch.equal(out_emb.weight, in_emb.weight):
+        config.tie_word_embeddings = False  # an adapted or trained lm_head no longer matches
+    elif tied:
+        plain.tie_weights()
+    plain.to(torch_dtype)  # parameters already are; this also records the dtype in the config
+    if getattr(base, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(base.generation_config)
+
+    out = Path(out_dir)
+    with atomic_directory(out) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
