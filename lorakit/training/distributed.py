@@ -240,14 +240,14 @@ class DataParallel:
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
 
-        from lorakit.training.loss import _split_head
+        from lorakit.training.loss import split_head
 
         hf = model.model
         mesh = init_device_mesh(device.type, (self.world_size,))
         keep = {p for p in model.parameters() if p.requires_grad}
         for layer in self._decoder_layers(hf):
             fully_shard(layer, mesh=mesh, ignored_params=keep)
-        parts = _split_head(hf)
+        parts = split_head(hf)
         if parts is None:  # the loss runs the whole model: one root
             fully_shard(hf, mesh=mesh, ignored_params=keep)
         else:  # the loss runs the backbone, then the head on the trained positions: two roots

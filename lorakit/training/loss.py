@@ -36,7 +36,7 @@ class LossParts:
     n_correct: int
 
 
-def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(backbone, output head) of a transformers causal LM, or None where that is unsafe."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     prefix = getattr(model, "base_model_prefix", None)
@@ -128,7 +128,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     with `prefix_sharing_problem`)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    parts = _split_head(model)
+    parts = split_head(model)
     if parts is None:  # the model's own forward, full logits
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
