@@ -144,6 +144,18 @@ def own_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 TRANSFORMERS_CHECKED = "5.24.0"
 
 
+def attn_implementation(config) -> str | None:
+    """The attention implementation a model runs ("sdpa", "eager", "flash_attention_2", ...):
+    transformers keeps it in the private `config._attn_implementation`."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def no_split_modules(model) -> tuple[str, ...]:
+    """Class names of the model's blocks that must stay whole (its decoder layers): the private
+    `_no_split_modules` of transformers' models, which accelerate and FSDP wrapping read too."""
+    return tuple(getattr(model, "_no_split_modules", None) or ())
+
+
 def unquantized_config(config):
     """A copy of a model config without what a quantized load recorded in it (the public
     `quantization_config` and the private `_pre_quantization_dtype`)."""

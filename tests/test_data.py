@@ -18,14 +18,13 @@ from lorakit.data import (
     DataError,
     SFTData,
     LengthGroupedBatches,
-    check_packing_supported,
     collate,
     detect_format,
     load_records,
     pack,
-    packing_supported,
     prepare_dataset,
 )
+from lorakit.base.capabilities import check_packing_supported, packing_supported
 
 IGNORE = -100
 

@@ -6,14 +6,7 @@
         batch = collate([data[i] for i in idx], tokenizer.pad_token_id)
 """
 
-from .collate import (
-    LengthGroupedBatches,
-    check_packing_supported,
-    collate,
-    pack,
-    packing_problem,
-    packing_supported,
-)
+from .collate import LengthGroupedBatches, collate, pack
 from .dataset import IGNORE_INDEX, SFTData, SFTStats, prepare_dataset
 from .errors import ChatTemplateError, DataError
 from .formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, FORMATS, detect_format
@@ -21,7 +14,6 @@ from .sources import load_records
 
 __all__ = [
     "load_records", "prepare_dataset", "SFTData", "SFTStats", "DataError", "ChatTemplateError",
-    "collate", "LengthGroupedBatches", "pack", "packing_supported", "packing_problem",
-    "check_packing_supported", "detect_format", "FORMATS", "ALPACA_PROMPT",
+    "collate", "LengthGroupedBatches", "pack", "detect_format", "FORMATS", "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT", "IGNORE_INDEX",
 ]

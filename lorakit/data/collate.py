@@ -5,7 +5,8 @@ Packing puts several examples in one row with position_ids restarting at 0 for e
 and *no* attention_mask: `find_packed_sequence_indices` turns each restart into a new sequence and
 the causal mask gets a block per sequence. That holds for the "eager", "sdpa" and "flex_attention"
 implementations. Flash attention instead reads sequence starts from position_ids only when the
-batch has one row. Two ways to lose the isolation silently, both checked by `packing_supported`:
+batch has one row. Two ways to lose the isolation silently, both checked by
+`lorakit.base.capabilities.packing_supported`:
 - an attention_mask is passed (so `collate` returns none for packed rows), and
 - the model builds a KV cache in the forward (`config.use_cache=True`, transformers' default):
   with a cache, transformers skips the packed-sequence detection.
@@ -14,18 +15,14 @@ batch has one row. Two ways to lose the isolation silently, both checked by `pac
 from __future__ import annotations
 
 import bisect
-import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .dataset import IGNORE_INDEX
+from lorakit.base.capabilities import check_packing_supported  # noqa: F401  (TEMP)
 
-# Attention implementations whose mask builder honours packed position_ids at any batch size.
-_MASKED_IMPLS = ("eager", "sdpa", "flex_attention")
-_FLASH_IMPLS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
-_MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask")
+from .dataset import IGNORE_INDEX
 
 
 def collate(examples: Sequence[dict], pad_token_id: int | None,
@@ -171,60 +168,3 @@ def pack(examples: Sequence[dict], max_length: int) -> list[dict[str, list[int]]
             positions += range(lengths[i])
         packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     return packed
-
-
-def _hf_model(model):
-    """The transformers model inside `model` (itself, or wrapped by an adapter library)."""
-    from transformers import PreTrainedModel
-
-    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-
-
-def packing_problem(model, batch_size: int | None = None) -> str | None:
-    """Why `model` would let packed examples attend to each other, or None when it would not.
-
-    batch_size: rows per forward; flash attention isolates packed examples only with 1 (None:
-    unknown, treated as more than one).
-    """
-    problem = mask_builder_problem(model)
-    if problem:
-        return problem
-    config = _hf_model(model).config
-    impl = getattr(config, "_attn_implementation", None)
-    if impl in _FLASH_IMPLS:
-        if batch_size != 1:
-            return (f"attention implementation {impl!r} separates packed examples only in a "
-                    "batch of one row; use batch size 1, or 'sdpa'")
-    elif impl not in _MASKED_IMPLS:
-        return (f"attention implementation {impl!r} does not separate packed examples; use one "
-                f"of {_MASKED_IMPLS + _FLASH_IMPLS}")
-    if getattr(config, "use_cache", False):
-        return ("model.config.use_cache is True: the forward then builds a KV cache, and with a "
-                "cache transformers ignores packed position_ids; set model.config.use_cache = "
-                "False for training")
-    return None
-
-
-def mask_builder_problem(model) -> str | None:
-    """Why `model` would not take packed position_ids or a custom 4-D mask as given, or None.
-    transformers' mask builders (masking_utils) do; a model with its own mask code may not."""
-    base = _hf_model(model)
-    if base is None:
-        return f"{type(model).__name__} is not a transformers model"
-    module = sys.modules.get(type(base).__module__)
-    if not any(hasattr(module, f) for f in _MASK_BUILDERS):
-        return (f"{type(base).__name__} does not build its attention mask with "
-                "transformers.masking_utils")
-    return None
-
-
-def packing_supported(model, batch_size: int | None = None) -> bool:
-    """Whether packed examples stay isolated in `model` (see `packing_problem` for why not)."""
-    return packing_problem(model, batch_size) is None
-
-
-def check_packing_supported(model, batch_size: int | None = None) -> None:
-    """Raise ValueError, saying why, when packing would let examples attend to each other."""
-    problem = packing_problem(model, batch_size)
-    if problem:
-        raise ValueError(f"cannot train with packing: {problem}")

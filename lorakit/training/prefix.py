@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from lorakit.data.collate import mask_builder_problem
+from lorakit import compat
+from lorakit.base.capabilities import mask_builder_problem
 from lorakit.data.dataset import IGNORE_INDEX
 
 MIN_SHARED_TOKENS = 8  # below this the repacking costs more than it saves
@@ -59,7 +60,7 @@ def prefix_sharing_problem(model: nn.Module, training: bool = True) -> str | Non
             value = getattr(text_config, key, None)
             if isinstance(value, float) and value > 0:
                 return f"config.{key}={value} (attention dropout)"
-    impl = getattr(config, "_attn_implementation", None)
+    impl = compat.attn_implementation(config)
     if impl not in _CUSTOM_MASK_IMPLS:  # flash attention takes no mask: rows would see each other
         return f"attention implementation {impl!r} does not apply a custom 4-D mask"
     problem = mask_builder_problem(model)
@@ -125,7 +126,7 @@ def pack_on_shared_prefix(batch: dict[str, torch.Tensor], prefix: int,
 
 def _as_mask(seen: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
     """sdpa takes booleans (True = attend); eager adds the mask to the scores."""
-    if backbone.config._attn_implementation == "sdpa":
+    if compat.attn_implementation(backbone.config) == "sdpa":
         return seen
     dtype = backbone.get_input_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
