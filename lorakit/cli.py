@@ -189,7 +189,8 @@ def _load_base(name: str | None, dtype: str = "auto", quantization: str | None =
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lorakit import SFTTrainer, get_lora_model
+    from lorakit.lora import get_lora_model
+    from lorakit.training import SFTTrainer
     from lorakit.base import prepare_for_kbit_training
     from lorakit.data import load_records
     from lorakit.serving.generate import completion_examples, generate_texts, render_prompt
@@ -295,7 +296,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _load_with_adapters(model_name: str | None, adapters: list[str], dtype: str = "auto",
                         quantization: str | None = None):
-    from lorakit import LoraModel
+    from lorakit.lora import LoraModel
     from lorakit.lora.files import read_adapter_config
     model, tokenizer = _load_base(model_name, dtype, quantization)
     if not adapters:
@@ -313,7 +314,7 @@ def _load_with_adapters(model_name: str | None, adapters: list[str], dtype: str 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lorakit import SFTTrainer, TrainConfig
+    from lorakit.training import SFTTrainer, TrainConfig
     from lorakit.data import load_records
     from lorakit.serving.generate import completion_examples, exact_match_rate
 
@@ -361,7 +362,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lorakit import LoraModel
+    from lorakit.lora import LoraModel
     from lorakit.lora.files import read_adapter_config
     from lorakit.lora import export_merged
     read_adapter_config(args.adapter)
