@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from lorakit.base.quantize import QUANT_TYPES
 from lorakit.lora.config import LoraConfig
 from lorakit.training.config import TrainConfig
 
@@ -466,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                    type=float)
     t.add_argument("--target-modules", dest="target_modules",
                    help="all-linear | q_proj,v_proj | a regex")
-    t.add_argument("--quantization", choices=["nf4", "fp4", "int8"])
+    t.add_argument("--quantization", choices=QUANT_TYPES)
     t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     t.add_argument("--max-length", dest="max_length", type=int)
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",

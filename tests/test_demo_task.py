@@ -11,8 +11,9 @@ import re
 import pytest
 
 from lorakit.demo import task
-from lorakit.demo.task import (DEMO_DEFAULTS, INSTRUCTION, STYLES, exact_match, exact_match_rate,
-                               make_examples, make_task, reference)
+from lorakit.demo.task import (DEMO_DEFAULTS, INSTRUCTION, STYLES, make_examples, make_task,
+                               reference)
+from lorakit.serving.generate import exact_match
 
 MONTH = {m.lower(): i + 1 for i, m in enumerate(task.MONTHS)}
 MONTH.update({m.lower(): i + 1 for i, m in enumerate(task.MONTHS_ABBR)})
@@ -134,13 +135,6 @@ def test_exact_match_strips_whitespace_and_nothing_else():
     assert not exact_match("", "2021-03-05")
 
 
-def test_exact_match_rate():
-    assert exact_match_rate(["a", " b", "c"], ["a", "b", "x"]) == pytest.approx(2 / 3)
-    assert exact_match_rate([], []) == 0.0
-    with pytest.raises(ValueError):
-        exact_match_rate(["a"], [])
-
-
 def test_demo_defaults_are_complete():
     assert set(DEMO_DEFAULTS) >= {"n_train", "n_eval", "max_steps", "lr", "batch_size",
                                   "max_length", "r", "alpha", "max_new_tokens"}
@@ -162,19 +156,19 @@ def test_demo_package_does_not_import_peft_or_trl():
 
 
 @pytest.mark.default_model
-def test_generate_predictions_batched_equals_one_by_one(smol_tokenizer):
+def test_generated_predictions_batched_equal_one_by_one(smol_tokenizer):
     """Left padding must not change greedy outputs; order is kept; end-of-turn stops decoding."""
     import torch
 
     from conftest import make_tiny_llama
-    from lorakit.demo.task import generate_predictions
+    from lorakit.serving.generate import generate_texts
 
     tok = smol_tokenizer
     model = make_tiny_llama(vocab_size=len(tok), seed=0)
     _, rows = make_task(0, 3, seed=0)
     prompts = [r["prompt"] for r in rows] + ["a plain string prompt"]
-    batched = generate_predictions(model, tok, prompts, max_new_tokens=5, batch_size=3)
-    single = [generate_predictions(model, tok, [p], max_new_tokens=5, batch_size=1)[0]
+    batched = generate_texts(model, tok, prompts, max_new_tokens=5, batch_size=3)
+    single = [generate_texts(model, tok, [p], max_new_tokens=5, batch_size=1)[0]
               for p in prompts]
     assert batched == single
     assert len(batched) == len(prompts) and all(isinstance(s, str) for s in batched)
@@ -189,5 +183,5 @@ def test_generate_predictions_batched_equals_one_by_one(smol_tokenizer):
             return out
 
     model.lm_head = SaysImEnd()
-    assert generate_predictions(model, tok, prompts[:2], max_new_tokens=4) == ["", ""]
-    assert generate_predictions(model, tok, []) == []
+    assert generate_texts(model, tok, prompts[:2], max_new_tokens=4) == ["", ""]
+    assert generate_texts(model, tok, []) == []

@@ -26,13 +26,13 @@ import torch
 from lorakit import compat
 
 from .default_model import default_model_dir
+from .quantize import QUANT_TYPES
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-QUANTIZATIONS = ("nf4", "fp4", "int8")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -192,9 +192,9 @@ def _probe_quantization(quantization: str, device_type: str) -> str | None:
 
 def check_quantization_supported(quantization: str, device: str | torch.device | None = None):
     """Raise `QuantizationUnsupportedError` unless bitsandbytes runs `quantization` on `device`."""
-    if quantization not in QUANTIZATIONS:
+    if quantization not in QUANT_TYPES:
         raise ValueError(f"unknown quantization {quantization!r}; use None or one of "
-                         f"{', '.join(QUANTIZATIONS)}")
+                         f"{', '.join(QUANT_TYPES)}")
     device = resolve_device(device)
     reason = _probe_quantization(quantization, device.type)
     if reason is not None:

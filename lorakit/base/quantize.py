@@ -14,13 +14,9 @@ import torch
 from torch import nn
 
 from lorakit import compat
+from lorakit.base.modules import name_matches
 
-QUANT_TYPES = ("nf4", "fp4", "int8")
-
-
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    # "lm_head" skips "lm_head" and "model.lm_head", never "foo_lm_head"
-    return any(name == s or name.endswith("." + s) for s in skip)
+QUANT_TYPES = ("nf4", "fp4", "int8")  # the quantization names lorakit takes, everywhere
 
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4",
@@ -53,7 +49,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4",
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear]  # not subclasses
     for name in names:
         old = model.get_submodule(name)
-        if _skipped(name, skip) or id(old.weight) in keep:
+        if name_matches(name, skip) or id(old.weight) in keep:
             continue
         device, has_bias = old.weight.device, old.bias is not None
         if quant_type == "int8":

@@ -56,6 +56,13 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
+def alpaca_prompt(record: dict) -> str:
+    """An alpaca row's prompt: with its "input" when that is non-blank, else the shorter form."""
+    inp = record.get("input") or ""
+    template = ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=record["instruction"], input=inp)
+
+
 def detect_format(fields: Mapping[str, Any] | Iterable[str]) -> str:
     """The format named by a row's (or a dataset's) field names.
 
@@ -167,9 +174,7 @@ def render(record: dict, fmt: str, tokenizer, chat_template: str | None = None,
         text = record["text"]
         return Rendered(text, [(0, len(text))], chat=False, add_eos=True)
     if fmt == "alpaca":
-        inp = record.get("input") or ""
-        template = ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT
-        prompt = template.format(instruction=record["instruction"], input=inp)
+        prompt = alpaca_prompt(record)
         text = prompt + record["output"]
         return Rendered(text, [(len(prompt), len(text))], chat=False, add_eos=True)
     if fmt == "prompt_completion" and isinstance(record["prompt"], str):

@@ -50,10 +50,9 @@ def _merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.
     def visit(module: nn.Module, prefix: str) -> None:
         if isinstance(module, LoraLayer):
             base = module.base_layer
-            w = backends.dense_weight(base)
-            for name in module.active_adapters:
-                if name not in module.merged_adapters and not module.disabled:
-                    w += module.adapters[name].delta_weight(w)
+            pending = [] if module.disabled else [
+                n for n in module.active_adapters if n not in module.merged_adapters]
+            w = module.merged_weight(pending)
             put(prefix + "weight", w.t() if backends.is_fan_in_fan_out(base) else w)
             if getattr(base, "bias", None) is not None:
                 put(prefix + "bias", base.bias)

@@ -39,6 +39,12 @@ class AdapterFileError(ValueError):
     checkpoint of tensors. The message names the file and what is wrong with it."""
 
 
+def adapter_dir(root: str | Path, adapter_name: str) -> Path:
+    """Where an adapter lives in a saved directory: PEFT puts "default" at the root and every
+    other adapter in a sub-directory of its name."""
+    return Path(root) if adapter_name == "default" else Path(root) / adapter_name
+
+
 def _reason(error: BaseException, limit: int = 160) -> str:
     """The first line of a library's error message, short enough for a one-line report."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -203,6 +203,17 @@ class LoraLayer(nn.Module):
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return
+        weight = self.merged_weight(names)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"merging adapters {names} would write NaN/inf into the base weight; "
+                             "the layer is left unchanged")
+        backends.write_dense_weight(self.base_layer, weight)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The dense fp32 (out, in) weight with adapters `names` merged on top of those merged
+        already, computed without changing the layer (merges and exports both use it)."""
         weight = backends.dense_weight(self.base_layer)
         # variants whose merge depends on the weight (DoRA) see it without earlier merges, as
         # forward does; variants return new tensors, so `base` is never modified
@@ -211,11 +222,7 @@ class LoraLayer(nn.Module):
             base = self.adapters[name].variant.unmerge(self.adapters[name], base)
         for name in names:
             weight = self.adapters[name].variant.merge(self.adapters[name], weight, base)
-        if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(f"merging adapters {names} would write NaN/inf into the base weight; "
-                             "the layer is left unchanged")
-        backends.write_dense_weight(self.base_layer, weight)
-        self.merged_adapters.extend(names)
+        return weight
 
     @torch.no_grad()
     def unmerge(self, names: list[str] | None = None) -> None:

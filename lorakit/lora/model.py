@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.lora.config import LoraConfig
+from lorakit.base.modules import name_matches
 from lorakit.lora import backends
 from lorakit.lora.layer import (AdapterGroups, LoraLayer, ModulesToSave, adapters_disabled,
                                 lora_layers, saved_modules)
@@ -170,9 +171,8 @@ class LoraModel(nn.Module):
             return []
         from lorakit.lora.targeting import candidate_modules
         names = [n for n, m in candidate_modules(self.model)
-                 if n and any(n == s or n.endswith("." + s) for s in config.modules_to_save)]
-        missing = [s for s in config.modules_to_save
-                   if not any(n == s or n.endswith("." + s) for n in names)]
+                 if n and name_matches(n, config.modules_to_save)]
+        missing = [s for s in config.modules_to_save if not any(name_matches(n, s) for n in names)]
         if missing:
             raise ValueError(f"modules_to_save: no module named {missing} in "
                              f"{type(self.model).__name__}")
@@ -307,7 +307,7 @@ class LoraModel(nn.Module):
         A/B kept since initialisation (every selected PiSSA adapter is converted);
         `path_initial_model_for_weight_conversion` (PEFT's option) reads them from an adapter
         saved before training (one adapter at a time)."""
-        from lorakit.lora.files import read_adapter_weights, save_adapter
+        from lorakit.lora.files import adapter_dir, read_adapter_weights, save_adapter
         from lorakit.lora.pissa import is_pissa
         names = selected_adapters or self.list_adapters()
         unknown = [n for n in names if n not in self.peft_config]
@@ -320,7 +320,7 @@ class LoraModel(nn.Module):
                                  f"initial weights; select one adapter (have {names})")
             initial = read_adapter_weights(path_initial_model_for_weight_conversion)
         for name in names:
-            sub = Path(save_directory) if name == "default" else Path(save_directory) / name
+            sub = adapter_dir(save_directory, name)
             convert = convert_pissa_to_lora and is_pissa(self.peft_config[name].init_lora_weights)
             save_adapter(self, sub, name, initial_weights=initial, convert_to_lora=convert)
 

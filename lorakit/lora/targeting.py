@@ -7,8 +7,9 @@ from typing import Iterator
 
 from torch import nn
 
-from lorakit.lora.config import ALL_LINEAR, LoraConfig, TargetSpec
+from lorakit.base.modules import name_matches
 from lorakit.lora import backends
+from lorakit.lora.config import ALL_LINEAR, LoraConfig, TargetSpec
 
 
 def _name_matches(spec: TargetSpec, name: str) -> bool:
@@ -16,7 +17,7 @@ def _name_matches(spec: TargetSpec, name: str) -> bool:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return name in spec or any(name.endswith("." + s) for s in spec)
+    return name_matches(name, spec)
 
 
 def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:

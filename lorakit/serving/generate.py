@@ -7,7 +7,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from lorakit.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, detect_format
+from lorakit.data.formats import alpaca_prompt, detect_format
 
 Prompt = Union[str, list[dict[str, str]]]  # plain text, or chat messages
 
@@ -86,10 +86,7 @@ def completion_examples(records: Sequence[dict], format: str | None = None) -> l
                                                              if m["role"] == "assistant")
             examples.append(Example(record["prompt"], ref))
         elif fmt == "alpaca":
-            inp = record.get("input") or ""
-            template = ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT
-            examples.append(Example(template.format(instruction=record["instruction"], input=inp),
-                                    record["output"]))
+            examples.append(Example(alpaca_prompt(record), record["output"]))
         elif fmt == "messages" and record["messages"] and record["messages"][-1]["role"] == "assistant":
             examples.append(Example(record["messages"][:-1], record["messages"][-1]["content"]))
     return examples

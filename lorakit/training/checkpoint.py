@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.atomic import atomic_directory
-from lorakit.lora.files import load_adapter_weights
+from lorakit.lora.files import adapter_dir, load_adapter_weights
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 
@@ -95,7 +95,7 @@ def load_checkpoint(path: str | Path, lora_model, optimizer: torch.optim.Optimiz
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{path} is not a lorakit checkpoint (no trainer_state.json)")
     for name in lora_model.list_adapters():
-        sub = path if name == "default" else path / name
+        sub = adapter_dir(path, name)
         load_adapter_weights(lora_model, sub, name)
     saved = json.loads((path / "trainer_state.json").read_text())
     tensors = load_file(path / "optimizer.safetensors")
