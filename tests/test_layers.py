@@ -12,7 +12,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lorakit"  # read as text, never imported
 LAYERS = [
-    ("lorakit.compat", "lorakit.atomic"),  # foreign APIs and file rules: import nothing of ours
+    ("lorakit.compat", "lorakit.atomic", "lorakit.errors"),  # import nothing of lorakit
     ("lorakit.base",),
     ("lorakit.lora",),
     ("lorakit.data",),

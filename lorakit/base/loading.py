@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import torch
 
 from lorakit import compat
+from lorakit.errors import UserError
 
 from .default_model import default_model_dir
 from .quantize import QUANT_TYPES
@@ -35,11 +36,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """Neither a local model directory nor a hub id we can reach."""
 
 
-class QuantizationUnsupportedError(RuntimeError):
+class QuantizationUnsupportedError(UserError, RuntimeError):
     """bitsandbytes cannot run the requested quantization on this device."""
 
 

@@ -1,5 +1,7 @@
 """The SFT data pipeline: read rows, render and mask them, tokenize, batch or pack.
 
+Owns: rows to tensors. May import compat, atomic, errors and base (model capabilities).
+
     data = prepare_dataset("train.jsonl", tokenizer, max_length=1024)
     sampler = LengthGroupedBatches(data.lengths, batch_size=8, seed=0)
     for idx in sampler.iter_from(epoch=0):

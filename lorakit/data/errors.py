@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from lorakit.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad training data. The message names the file, the line or row, and the problem."""
 
 

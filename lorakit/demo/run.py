@@ -14,9 +14,14 @@ import time
 from pathlib import Path
 
 from lorakit.base import load_model
-from lorakit.lora import LoraConfig, get_lora_model
 from lorakit.demo.task import DEMO_DEFAULTS, INSTRUCTION, make_task
-from lorakit.serving.generate import completion_examples, exact_match, generate_texts, render_prompt
+from lorakit.lora import LoraConfig, get_lora_model
+from lorakit.serving.generate import (
+    completion_examples,
+    exact_match,
+    generate_texts,
+    render_prompt,
+)
 from lorakit.training import SFTTrainer, TrainConfig
 from lorakit.training.config import set_seed
 from lorakit.training.report import plot_losses, write_report

@@ -1,4 +1,9 @@
-"""LoRA layers, injection, variants and the LoraModel wrapper."""
+"""LoRA: the config, the layer and its variants, injection, the LoraModel wrapper, the adapter
+files (PEFT format) and every read and write of base weights (dense, Conv1D, 4-bit, 8-bit) for
+merges, PiSSA and exports.
+
+Owns: everything about adapters. May import compat, atomic, errors and base.
+"""
 
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.export import dequantize_model, export_merged

@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from lorakit.errors import ConfigError
+
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = (True, False, "gaussian", "pissa")  # plus "pissa_niter_<n>" (randomized SVD)
 ALL_LINEAR = "all-linear"
@@ -74,8 +76,8 @@ class LoraConfig:
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise one ValueError naming the bad field and what it accepts."""
-        def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"LoraConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+        def bad(name: str, allowed: str) -> ConfigError:
+            return ConfigError(f"LoraConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
 
         if self.peft_type != "LORA":
             raise bad("peft_type", "lorakit reads LoRA adapters only ('LORA')")
@@ -152,7 +154,7 @@ class LoraConfig:
                 kwargs[key] = value
             elif key in _PEFT_FEATURE_KEYS:
                 if value not in (None, False, {}, [], ""):
-                    raise ValueError(f"adapter config sets {key}={value!r}, a PEFT feature that "
+                    raise ConfigError(f"adapter config sets {key}={value!r}, a PEFT feature that "
                                      "lorakit does not implement; refusing to load it as plain LoRA")
             elif key not in _PEFT_METADATA_KEYS:
                 unknown.append(key)
@@ -187,4 +189,4 @@ def _check_regex(field_name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"LoraConfig.{field_name}: {pattern!r} is not a valid regex ({e})") from None
+        raise ConfigError(f"LoraConfig.{field_name}: {pattern!r} is not a valid regex ({e})") from None

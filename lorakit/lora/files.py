@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from lorakit.atomic import atomic_write_bytes
+from lorakit.errors import InputNotFoundError, UserError
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import lora_layers, saved_modules
 from lorakit.lora.pissa import to_lora_tensors
@@ -34,7 +35,11 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-class AdapterFileError(ValueError):
+class AdapterMismatchError(UserError, ValueError):
+    """An adapter whose tensors do not fit the base model it is loaded onto."""
+
+
+class AdapterFileError(UserError, ValueError):
     """An adapter file that exists but cannot be read: truncated, a corrupt header, not a
     checkpoint of tensors. The message names the file and what is wrong with it."""
 
@@ -139,7 +144,7 @@ def _convert_to_plain_lora(lora_model: "LoraModel", adapter_name: str,
 def read_adapter_config(path: str | Path) -> LoraConfig:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not an adapter directory")
+        raise InputNotFoundError(f"no {CONFIG_NAME} in {path}: not an adapter directory")
     try:
         return LoraConfig.from_json_file(str(file))
     except json.JSONDecodeError as e:
@@ -157,7 +162,7 @@ def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
                                    f"(truncated or corrupt: {_reason(e)})") from e
     if (path / LEGACY_WEIGHTS_NAME).is_file():
         return _read_legacy_weights(path / LEGACY_WEIGHTS_NAME)
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path}")
+    raise InputNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path}")
 
 
 def _read_legacy_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -216,17 +221,17 @@ def _copy_weights(lora_model: "LoraModel", adapter_name: str, weights: dict[str,
     params = peft_parameters(lora_model, adapter_name)
     unexpected = sorted(set(weights) - set(params))
     if unexpected:
-        raise ValueError(f"{path}: {len(unexpected)} tensors match nothing in the model "
+        raise AdapterMismatchError(f"{path}: {len(unexpected)} tensors match nothing in the model "
                          f"(e.g. {unexpected[:3]}); is this adapter for another base model?")
     missing = sorted(k for k in set(params) - set(weights) if ".lora_" in k)
     if missing:
-        raise ValueError(f"{path}: adapter weights are missing {len(missing)} tensors "
+        raise AdapterMismatchError(f"{path}: adapter weights are missing {len(missing)} tensors "
                          f"(e.g. {missing[:3]})")
     for key, tensor in weights.items():
         target = params[key]
         if target.shape != tensor.shape:
             module = key[len(PREFIX):].rsplit(".", 2 if key.endswith(".weight") else 1)[0]
-            raise ValueError(
+            raise AdapterMismatchError(
                 f"{path}: tensor for module '{module}' ({key.rsplit('.', 2)[-2]}) has shape "
                 f"{tuple(tensor.shape)} but the base model needs {tuple(target.shape)}; "
                 "was this adapter trained on another base model?")

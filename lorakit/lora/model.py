@@ -16,11 +16,18 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from lorakit.lora.config import LoraConfig
 from lorakit.base.modules import name_matches
+from lorakit.errors import ConfigError
 from lorakit.lora import backends
-from lorakit.lora.layer import (AdapterGroups, LoraLayer, ModulesToSave, adapters_disabled,
-                                lora_layers, saved_modules)
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.layer import (
+    AdapterGroups,
+    LoraLayer,
+    ModulesToSave,
+    adapters_disabled,
+    lora_layers,
+    saved_modules,
+)
 from lorakit.lora.targeting import find_targets, resolve_target_modules
 from lorakit.lora.variants import variant_for
 
@@ -174,7 +181,7 @@ class LoraModel(nn.Module):
                  if n and name_matches(n, config.modules_to_save)]
         missing = [s for s in config.modules_to_save if not any(name_matches(n, s) for n in names)]
         if missing:
-            raise ValueError(f"modules_to_save: no module named {missing} in "
+            raise ConfigError(f"modules_to_save: no module named {missing} in "
                              f"{type(self.model).__name__}")
         return names
 

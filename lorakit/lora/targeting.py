@@ -8,6 +8,7 @@ from typing import Iterator
 from torch import nn
 
 from lorakit.base.modules import name_matches
+from lorakit.errors import ConfigError
 from lorakit.lora import backends
 from lorakit.lora.config import ALL_LINEAR, LoraConfig, TargetSpec
 
@@ -104,13 +105,13 @@ def find_targets(model: nn.Module, config: LoraConfig, targets: TargetSpec) -> l
             if idx is None or idx not in wanted:
                 continue
         if not _is_linear_like(module):
-            raise ValueError(
+            raise ConfigError(
                 f"target module '{name}' is a {type(module).__name__}; lorakit adapts nn.Linear "
                 "and Conv1D layers only (train other modules fully with modules_to_save)")
         found.append(name)
     if not found:
         available = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
-        raise ValueError(
+        raise ConfigError(
             f"target_modules={config.target_modules!r} matches no module of "
             f"{type(model).__name__}; its linear layers are named: {available} "
             "(or use target_modules='all-linear')")

@@ -1,4 +1,8 @@
-"""SFT training: config, the loop, checkpoints, optimisers."""
+"""SFT training: config, the loop, loss, checkpoints, optimisers, several processes.
+
+Owns: turning a LoRA model and data into trained adapters. May import every layer below it
+(compat, atomic, errors, base, lora, data); imported by serving, demo and cli.
+"""
 
 from lorakit.training.checkpoint import TrainState, latest_checkpoint, list_checkpoints
 from lorakit.training.config import TrainConfig

@@ -1,0 +1,20 @@
+"""The exception a user can cause, and only that: the CLI reports a `UserError` in one line (exit
+status 2); anything else is a bug and keeps its traceback. Imports nothing of lorakit.
+
+Each subclass also derives from the built-in exception Python code expects (ValueError for a bad
+value, FileNotFoundError for a missing file), so `except ValueError` keeps working for callers.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in what the user gave: command line, config, data, model or adapter files."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration value (LoraConfig, TrainConfig, run config sections)."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """A file or directory the user named does not exist or is not what it should be."""
