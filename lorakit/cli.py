@@ -13,171 +13,21 @@ Errors a user can cause print one line and exit with status 2 (`--debug` shows t
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import json
 import math
 import os
 import sys
 import tempfile
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from lorakit.base.quantize import QUANT_TYPES
-from lorakit.lora.config import LoraConfig
-from lorakit.training.config import TrainConfig
+from lorakit.base.config import DTYPE_CHOICES
+from lorakit.errors import UserError
+from lorakit.training.run_config import (SINGLE_PROCESS_ALIASES, TRAIN_FLAGS, field_type,
+                                         run_config)
 
-
-class UserError(Exception):
-    """A mistake in the command line, config or files: reported in one line, exit status 2."""
-
-
-# --------------------------------------------------------------------------- the run config file
-
-@dataclass
-class ModelArgs:
-    name_or_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    dtype: str = "auto"
-    quantization: str | None = None  # "nf4" | "fp4" | "int8"
-    trust_remote_code: bool = False
-
-
-@dataclass
-class DataArgs:
-    train: str | None = None
-    eval: str | None = None
-
-
-@dataclass
-class OutputArgs:
-    dir: str = "lorakit-out"
-    samples: int = 3  # sample generations before/after training in report.md
-    sample_max_new_tokens: int = 48
-
-
-SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "lora": LoraConfig,
-                             "training": TrainConfig, "output": OutputArgs}
-# fields that belong to the run, not the section: lora files record them themselves
-_HIDDEN = {"lora": {"peft_type", "base_model_name_or_path", "revision", "inference_mode",
-                    "task_type"},
-           "training": {"output_dir"}}
-
-# flag -> (section, field)
-FLAGS: dict[str, tuple[str, str]] = {
-    "model": ("model", "name_or_path"), "dtype": ("model", "dtype"),
-    "quantization": ("model", "quantization"),
-    "data": ("data", "train"), "eval_data": ("data", "eval"),
-    "output": ("output", "dir"),
-    "max_steps": ("training", "max_steps"), "epochs": ("training", "num_train_epochs"),
-    "batch_size": ("training", "per_device_train_batch_size"),
-    "grad_accum": ("training", "gradient_accumulation_steps"),
-    "lr": ("training", "learning_rate"), "max_length": ("training", "max_length"),
-    "lora_r": ("lora", "r"), "lora_alpha": ("lora", "lora_alpha"),
-    "lora_dropout": ("lora", "lora_dropout"),
-    "target_modules": ("lora", "target_modules"),
-}
-
-# Short spellings kept for single-process use only. torchrun's own parser prefix-matches every
-# argument, even after the script name, so `--r` is an ambiguous abbreviation of its --rdzv-*,
-# --role, ... options; --alpha/--dropout pass today but any new torchrun option could take them.
-# Every other spelling of a `train` flag must pass torchrun (tests/test_torchrun_flags.py).
-SINGLE_PROCESS_ALIASES: dict[str, str] = {"--r": "--lora-r", "--alpha": "--lora-alpha",
-                                          "--dropout": "--lora-dropout"}
-
-
-def section_fields(section: str) -> dict[str, dataclasses.Field]:
-    hidden = _HIDDEN.get(section, set())
-    return {f.name: f for f in dataclasses.fields(SECTIONS[section]) if f.name not in hidden}
-
-
-def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:
-    """YAML 1.1 reads '2e-4' as a string and users write '10' for ints: convert by field type."""
-    hint = str(field.type)
-    if isinstance(value, str):
-        try:
-            if hint.startswith("float"):
-                return float(value)
-            if hint.startswith("int"):
-                return int(value)
-        except ValueError:
-            raise UserError(f"{where}: expected a number, got {value!r}") from None
-    if hint.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def parse_target_modules(text: str) -> str | list[str]:
-    """'all-linear' stays; 'q_proj,v_proj' is a list; anything with regex characters a regex."""
-    if text == "all-linear" or any(c in text for c in "*()[]|\\^$+?"):
-        return text
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def load_run_config(path: str | None) -> dict[str, dict[str, Any]]:
-    """Read a YAML run config; unknown sections/keys are errors with a suggestion."""
-    config: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    if path is None:
-        return config
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected sections {list(SECTIONS)} at the top level")
-    for section, values in data.items():
-        if section not in SECTIONS:
-            raise UserError(f"{path}: unknown section '{section}'{_did_you_mean(section, SECTIONS)}; "
-                            f"sections are {list(SECTIONS)}")
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise UserError(f"{path}: section '{section}' must be a mapping of keys to values")
-        for key, value in values.items():
-            set_value(config, section, key, value, where=f"{path}: {section}.{key}")
-    return config
-
-
-def set_value(config: dict[str, dict[str, Any]], section: str, key: str, value: Any,
-              where: str) -> None:
-    fields = section_fields(section)
-    if key not in fields:
-        raise UserError(f"{where}: unknown key '{key}' in section '{section}'"
-                        f"{_did_you_mean(key, fields)}")
-    config[section][key] = _coerce(value, fields[key], where)
-
-
-def build_sections(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Instantiate each section; invalid values become UserErrors naming the field."""
-    built = {}
-    for section, cls in SECTIONS.items():
-        values = dict(config[section])
-        if section == "training":
-            values["output_dir"] = config["output"].get("dir", OutputArgs.dir)
-        try:
-            built[section] = cls(**values)
-        except (ValueError, TypeError) as e:
-            raise UserError(f"{section}: {e}") from None
-    return built
-
-
-def resolved_yaml(built: dict[str, Any]) -> str:
-    out = {}
-    for section, obj in built.items():
-        fields = section_fields(section)
-        out[section] = {k: v for k, v in dataclasses.asdict(obj).items() if k in fields}
-    return yaml.safe_dump(out, sort_keys=False)
+__all__ = ["SINGLE_PROCESS_ALIASES", "build_parser", "main"]
 
 
 # ---------------------------------------------------------------------------------- sub-commands
@@ -190,42 +40,30 @@ def _load_base(name: str | None, dtype: str = "auto", quantization: str | None =
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lorakit.lora import get_lora_model
-    from lorakit.training import SFTTrainer
     from lorakit.base import prepare_for_kbit_training
     from lorakit.data import load_records
-    from lorakit.serving.generate import completion_examples, generate_texts, render_prompt
-    from lorakit.training import distributed
+    from lorakit.lora import get_lora_model
+    from lorakit.serving.generate import (
+        completion_examples,
+        generate_texts,
+        render_prompt,
+    )
+    from lorakit.training import SFTTrainer, distributed
     from lorakit.training.config import set_seed
     from lorakit.training.report import plot_losses, write_report
 
     # under torchrun: a broken environment fails here, on every rank; rank 0 alone prints/writes
     launch = distributed.launch_env()
     main = launch is None or launch.is_main
-    config = load_run_config(args.config)
-    for flag, (section, key) in FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            if flag == "target_modules":
-                value = parse_target_modules(value)
-            set_value(config, section, key, value, where=f"--{flag.replace('_', '-')}")
-    for item in args.set or []:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise UserError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.warmup_ratio=0.1")
-        dotted, raw = item.split("=", 1)
-        section, key = dotted.split(".", 1)
-        if section not in SECTIONS:
-            raise UserError(f"--set {item!r}: unknown section '{section}'"
-                            f"{_did_you_mean(section, SECTIONS)}")
-        set_value(config, section, key, yaml.safe_load(raw), where=f"--set {dotted}")
-    built = build_sections(config)
-    m, d, lora, train, output = (built[s] for s in SECTIONS)
+    cfg = run_config(args.config, {spelling: getattr(args, _dest(spelling))
+                                   for spelling in TRAIN_FLAGS}, args.set or [])
+    m, d, lora, train, output = cfg.model, cfg.data, cfg.lora, cfg.training, cfg.output
     if not d.train:
         raise UserError("no training data: pass --data FILE or set data.train in the config")
     distributed.per_rank_batch_size(train, launch.world_size if launch else 1)  # splits evenly?
     fsdp2 = launch is not None and train.distributed_mode == "fsdp2"
 
-    text = resolved_yaml(built)
+    text = cfg.to_yaml()
     out = Path(output.dir)
     if out.exists() and not out.is_dir():  # every rank: under torchrun all of them stop here
         raise UserError(f"output directory {out} exists and is not a directory")
@@ -315,9 +153,9 @@ def _load_with_adapters(model_name: str | None, adapters: list[str], dtype: str 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lorakit.training import SFTTrainer, TrainConfig
     from lorakit.data import load_records
     from lorakit.serving.generate import completion_examples, exact_match_rate
+    from lorakit.training import SFTTrainer, TrainConfig
 
     model, tokenizer, _ = _load_with_adapters(args.model, args.adapter or [], args.dtype)
     if not hasattr(model, "peft_config"):  # evaluate the bare base model through the same path
@@ -363,9 +201,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lorakit.lora import LoraModel
+    from lorakit.lora import LoraModel, export_merged
     from lorakit.lora.files import read_adapter_config
-    from lorakit.lora import export_merged
     read_adapter_config(args.adapter)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
@@ -381,9 +218,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def describe_adapter(path: str | Path) -> dict[str, Any]:
     """What an adapter directory holds, read from its files alone (no model is loaded)."""
-    from lorakit.lora.files import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
-                                    read_adapter_config, read_adapter_weights,
-                                    read_weights_header)
+    from lorakit.lora.files import (
+        CONFIG_NAME,
+        LEGACY_WEIGHTS_NAME,
+        WEIGHTS_NAME,
+        read_adapter_config,
+        read_adapter_weights,
+        read_weights_header,
+    )
     path = Path(path)
     config = read_adapter_config(path)
     raw = json.loads((path / CONFIG_NAME).read_text())
@@ -439,9 +281,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ arguments
 
-def _aliases(flag: str) -> list[str]:
-    """The single-process spellings of a train flag (SINGLE_PROCESS_ALIASES)."""
-    return [alias for alias, name in SINGLE_PROCESS_ALIASES.items() if name == flag]
+def _dest(spelling: str) -> str:
+    return spelling.lstrip("-").replace("-", "_")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,25 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune with LoRA (YAML config + flag overrides)")
     t.add_argument("--config", help="YAML file with model/data/lora/training/output sections")
-    t.add_argument("--model", help="base model: local directory or hub id (default: SmolLM2-135M)")
-    t.add_argument("--data", help="training data (.jsonl/.json/.csv/.parquet or datasets dir)")
-    t.add_argument("--eval-data", dest="eval_data", help="held-out data for eval loss")
-    t.add_argument("--output", help="output directory")
-    t.add_argument("--max-steps", dest="max_steps", type=int)
-    t.add_argument("--epochs", type=float)
-    t.add_argument("--batch-size", dest="batch_size", type=int)
-    t.add_argument("--grad-accum", dest="grad_accum", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--lora-r", *_aliases("--lora-r"), dest="lora_r", type=int, help="LoRA rank")
-    t.add_argument("--lora-alpha", *_aliases("--lora-alpha"), dest="lora_alpha", type=float,
-                   help="LoRA scaling numerator (scale = alpha / r)")
-    t.add_argument("--lora-dropout", *_aliases("--lora-dropout"), dest="lora_dropout",
-                   type=float)
-    t.add_argument("--target-modules", dest="target_modules",
-                   help="all-linear | q_proj,v_proj | a regex")
-    t.add_argument("--quantization", choices=QUANT_TYPES)
-    t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    t.add_argument("--max-length", dest="max_length", type=int)
+    for spelling, flag in TRAIN_FLAGS.items():  # one per config field, from the run config
+        t.add_argument(spelling, *flag.aliases, dest=_dest(spelling), help=flag.help or None,
+                       type=field_type(flag.section, flag.key) if flag.choices is None else None,
+                       choices=flag.choices)
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in --output, or from CHECKPOINT")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
@@ -480,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model")
     e.add_argument("--adapter", action="append", help="adapter directory (repeatable)")
     e.add_argument("--data", required=True)
-    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     e.add_argument("--max-length", dest="max_length", type=int, default=1024)
     e.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     e.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
@@ -497,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merged", action="store_true", help="merge the adapters first")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
     g.add_argument("--system", help="with --chat: a system message before the prompt")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", dest="top_p", type=float, default=1.0)
@@ -526,9 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from lorakit.lora.files import AdapterFileError
-    from lorakit.base import DefaultModelMissing, ModelNotFoundError, QuantizationUnsupportedError
+    from lorakit.base import (
+        DefaultModelMissing,
+        ModelNotFoundError,
+        QuantizationUnsupportedError,
+    )
     from lorakit.data import DataError
+    from lorakit.lora.files import AdapterFileError
     return (UserError, DataError, AdapterFileError, DefaultModelMissing, ModelNotFoundError,
             QuantizationUnsupportedError, FileNotFoundError, ValueError)
 

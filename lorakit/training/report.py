@@ -4,10 +4,20 @@ trainer's own log)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from lorakit.training.trainer import TrainResult
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes and what its report shows (the run config's `output` section)."""
+
+    dir: str = "lorakit-out"
+    samples: int = 3  # sample generations before/after training in report.md
+    sample_max_new_tokens: int = 48
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
