@@ -1,5 +1,5 @@
 """Training on several processes (torchrun, gloo on CPU): the 1-process adapter from 2 processes
-(DDP-style and FSDP2), exact resume of a 2-process run, and ill-configured launches that fail at
+(replicate and FSDP2), exact resume of a 2-process run, and ill-configured launches that fail at
 once with one message on every rank. Every launch is bounded in time (its whole process group is
 killed on a timeout)."""
 
@@ -26,8 +26,9 @@ from test_trainer import counting_data, losses
 
 from lorakit import LoraConfig, SFTTrainer, TrainConfig, get_lora_model
 from lorakit.base import quantize_model
-from lorakit.training.distributed import (DataParallel, LaunchEnv, LaunchError, launch_env,
-                                          per_rank_batch_size)
+from lorakit.training.distributed import (LaunchEnv, LaunchError, MultiProcessGroup,
+                                          ProcessGroup, launch_env, per_rank_batch_size,
+                                          process_group)
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = str(ROOT / "tests")
@@ -76,7 +77,7 @@ SCRIPT = textwrap.dedent("""
 
     out, scenario = Path(sys.argv[1]), sys.argv[2]
     if scenario == "runs":
-        make(out / "ddp", **EQUAL).train()
+        make(out / "replicate", distributed_mode="ddp", **EQUAL).train()  # the alias
         trainer = make(out / "fsdp2", distributed_mode="fsdp2", **EQUAL)
         trainer.train()
         for module in trainer.model.modules():  # roots keep their last forward's gather
@@ -141,7 +142,8 @@ def torchrun(*args: str, timeout: float = 400) -> str:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> Path:
-    """One 2-process launch with three runs: ddp, fsdp2, and a checkpointed ddp run."""
+    """One 2-process launch with these runs: replicate, fsdp2, a checkpointed replicate run,
+    fsdp2 on a 4-bit base."""
     out = tmp_path_factory.mktemp("dist")
     script = out / "run.py"
     script.write_text(SCRIPT.format(tests=TESTS))
@@ -181,18 +183,19 @@ def assert_same_run(out: Path, one: Path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_the_one_process_adapter(launched, one_process):
-    out = launched / "ddp"
+    out = launched / "replicate"
     assert_same_run(out, one_process)
     # rank 0 alone wrote: one record per step and eval, no duplicate lines
     assert [r["step"] for r in records(out)] == [1, 2, 2, 3, 4, 4]
     dist = json.loads((out / "run_config.json").read_text())["distributed"]
-    assert dist == {"mode": "ddp", "world_size": 2, "per_rank_batch_size": 2,
+    # asked for by its alias "ddp", reported by its name
+    assert dist == {"mode": "replicate", "world_size": 2, "per_rank_batch_size": 2,
                     "global_batch_size": 8}
     log = (launched / "log.txt").read_text()
-    for mode in ("ddp", "fsdp2"):  # reported at the start, by rank 0 only
+    for mode in ("replicate", "fsdp2"):  # reported at the start, by rank 0 only
         assert log.count(f"lorakit: 2 ranks ({mode}, gloo): global batch 8 = 2 per rank x 2 "
                          "ranks x 2 accumulation step(s)") == 1, log
-    assert log.count("lorakit: step=4 eval_loss") == 2  # the ddp and fsdp2 runs, rank 0 only
+    assert log.count("lorakit: step=4 eval_loss") == 2  # replicate and fsdp2, rank 0 only
 
 
 @pytest.mark.slow
@@ -226,12 +229,12 @@ def test_fsdp2_shards_a_4bit_base(launched, tmp_path):
 
 def test_fsdp2_refuses_an_8bit_base():
     model = get_lora_model(make_tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
-    ranks = DataParallel(LaunchEnv(0, 2, 0, "localhost", 29500), "fsdp2")
+    ranks = MultiProcessGroup(LaunchEnv(0, 2, 0, "localhost", 29500), "fsdp2")
     ranks.check_model(model)  # unquantized: fine
     from test_qlora import tiny_llama
     model = get_lora_model(quantize_model(tiny_llama(), "int8"),
                            LoraConfig(r=4, target_modules="all-linear"))
-    DataParallel(LaunchEnv(0, 2, 0, "localhost", 29500), "ddp").check_model(model)
+    MultiProcessGroup(LaunchEnv(0, 2, 0, "localhost", 29500), "ddp").check_model(model)
     with pytest.raises(LaunchError, match="fsdp2' cannot shard bitsandbytes 8-bit weights"):
         ranks.check_model(model)
 
@@ -355,6 +358,35 @@ def test_per_rank_batch_size():
         per_rank_batch_size(args, 5)
     with pytest.raises(ValueError, match="distributed_mode"):
         TrainConfig(distributed_mode="zero3")
+
+
+def test_ddp_is_an_alias_of_replicate():
+    assert TrainConfig().distributed_mode == "replicate"
+    assert TrainConfig(distributed_mode="ddp").distributed_mode == "replicate"
+    env = LaunchEnv(0, 2, 0, "localhost", 29500)
+    assert MultiProcessGroup(env, "ddp").mode == MultiProcessGroup(env).mode == "replicate"
+    with pytest.raises(ValueError, match="'ddp' is an alias of 'replicate'"):
+        TrainConfig(distributed_mode="DDP")
+
+
+def test_one_process_is_a_group_of_one(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    group = process_group(TrainConfig(distributed_mode="fsdp2"))  # no effect on one process
+    assert type(group) is ProcessGroup
+    assert (group.rank, group.world_size, group.is_main, group.mode) == (0, 1, True, "single")
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    assert group.reduce_step([p], 1.5, False) == (1.5, False)
+    assert torch.equal(p.grad, torch.full((3,), 2.0))  # the gradient is the whole-run one
+    assert group.sum_ints(3, 4) == [3, 4] and group.sum_floats(0.5, 2) == [0.5, 2.0]
+    assert group.any_rank(True) and not group.any_rank(False)
+    # a signal after the step's reduce still stops one process at that step
+    assert group.should_stop(False, True)
+    assert group.run_config(4, 2) == {} and group.describe(4, 2) is None
+    rng = torch.get_rng_state()
+    group.seed_step(42, 7)  # one process keeps the stream seeded once, at the start
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_global_batch_size_on_one_process_is_per_device_over_accumulation(tmp_path):

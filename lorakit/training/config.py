@@ -11,7 +11,17 @@ import numpy as np
 import torch
 
 SCHEDULES = ("cosine", "linear", "constant")
-DISTRIBUTED_MODES = ("ddp", "fsdp2")
+DISTRIBUTED_MODES = ("replicate", "fsdp2")
+# "ddp" was the first name of "replicate"; torch's DistributedDataParallel is not what runs
+MODE_ALIASES = {"ddp": "replicate"}
+
+
+def canonical_mode(mode: str) -> str:
+    """The distributed mode that `mode` names ("ddp" -> "replicate"); ValueError if none."""
+    mode = MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else mode
+    if mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"must be one of {DISTRIBUTED_MODES} ('ddp' is an alias of 'replicate')")
+    return mode
 
 
 def set_seed(seed: int) -> None:
@@ -68,7 +78,8 @@ class TrainConfig:
     seed: int = 42
     disable_tqdm: bool | None = None  # None: a bar on a terminal, log lines otherwise
     # several processes (torchrun; see lorakit.training.distributed); no effect on one process
-    distributed_mode: str = "ddp"  # "ddp": a full copy per rank | "fsdp2": base sharded per layer
+    # "replicate" (alias "ddp"): a whole base per rank | "fsdp2": base sharded per layer
+    distributed_mode: str = "replicate"
     global_batch_size: int | None = None  # examples per optimizer step over all ranks; sets the
     # per-rank batch to global / (ranks × gradient_accumulation_steps), which must divide evenly
     ddp_timeout: int = 1800  # seconds a rank waits for the others, to join and in each collective
@@ -101,8 +112,10 @@ class TrainConfig:
                 raise bad(name, "must be an integer >= 1, or None")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise bad("max_grad_norm", "must be > 0, or None for no clipping")
-        if self.distributed_mode not in DISTRIBUTED_MODES:
-            raise bad("distributed_mode", f"must be one of {DISTRIBUTED_MODES}")
+        try:
+            self.distributed_mode = canonical_mode(self.distributed_mode)
+        except ValueError as e:
+            raise bad("distributed_mode", str(e)) from None
         if self.global_batch_size is not None and (not isinstance(self.global_batch_size, int)
                                                    or self.global_batch_size < 1):
             raise bad("global_batch_size", "must be an integer >= 1, or None")

@@ -4,9 +4,10 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\
         --rdzv-endpoint node0:29500 --rdzv-id run1 -m lorakit train --config run.yaml
 
-`SFTTrainer` reads the launch from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT). Without WORLD_SIZE (or with WORLD_SIZE=1) nothing here runs and the
-trainer is the single-process loop, unchanged. gloo on CPU, NCCL on CUDA.
+`SFTTrainer` always talks to a `ProcessGroup`, which `process_group(args)` builds from torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without WORLD_SIZE (or with
+WORLD_SIZE=1) it is a group of one, whose collectives change nothing: the loop has no
+single-process branch. Under torchrun it is a `MultiProcessGroup`: gloo on CPU, NCCL on CUDA.
 
 Why N processes compute the 1-process run:
 - Data: every rank reads all the data and computes the same global batch order from the seeded
@@ -31,10 +32,13 @@ need `no_sync` around accumulation, and need every rank to run a forward even wh
 batch leaves it no example. The same all-reduce carries the step's loss (for the NaN check) and
 the ranks' stop requests (SIGTERM), so all ranks agree on both; and it serves the FSDP2 mode too.
 
+Replicate mode (`TrainConfig.distributed_mode="replicate"`, the default; "ddp" is its earlier
+name) is all of the above: every rank holds the whole base, and only the adapter gradients cross.
+
 FSDP2 mode (`TrainConfig.distributed_mode="fsdp2"`), for bases that do not fit one device:
 `torch.distributed.fsdp.fully_shard` shards the frozen base per decoder layer (and the embedding
 / norm / head units), while the adapters are left out of the sharding (`ignored_params`) and stay
-whole on every rank, trained exactly as in "ddp" mode. Adapters and their AdamW state are a
+whole on every rank, trained exactly as in "replicate" mode. Adapters and their AdamW state are a
 fraction of a percent of the base, so sharding them would save little and would make every
 checkpoint and adapter save a gather; this way checkpoints, resume and PEFT adapter files are the
 same code as on one process. Tried with torch 2.13: fully_shard works on CPU with gloo, also with
@@ -60,6 +64,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lorakit.training.config import TrainConfig, canonical_mode
 
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -130,36 +136,108 @@ def local_device(device: torch.device, env: LaunchEnv | None) -> torch.device:
     return device
 
 
-def quantized_parameters(model: nn.Module) -> list[str]:
-    """Names of bitsandbytes-quantized parameters (4-bit and 8-bit)."""
-    return [n for n, p in model.named_parameters()
-            if type(p).__name__ in ("Params4bit", "Int8Params")]
-
-
 def shutdown() -> None:
     """Leave the process group (call once at the end of a torchrun script)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-class DataParallel:
-    """The collectives SFTTrainer needs to train on several processes (see the module doc)."""
+def process_group(args: TrainConfig) -> ProcessGroup:
+    """The group this process trains in: torchrun's ranks, or a group of one without torchrun."""
+    env = launch_env()
+    if env is None:
+        return ProcessGroup()
+    return MultiProcessGroup(env, args.distributed_mode, args.ddp_timeout)
 
-    def __init__(self, env: LaunchEnv, mode: str = "ddp", timeout_s: int = 1800) -> None:
-        self.env, self.mode, self.timeout_s = env, mode, timeout_s
+
+class ProcessGroup:
+    """A process group of one: what `SFTTrainer` asks of its ranks, answered by one process.
+
+    Every collective is an identity (the sum over one rank is its own value) and every check
+    passes, so the trainer calls them unconditionally; `MultiProcessGroup` does the real work."""
+
+    mode = "single"
+    rank, world_size, is_main = 0, 1, True
+
+    def local_device(self, device: torch.device) -> torch.device:
+        """The device this process trains on, given the configured one."""
+        return device
+
+    def describe(self, per_rank: int, accumulation: int) -> str | None:
+        """A line for the start of the run, or None when there is nothing to say."""
+        return None
+
+    def run_config(self, per_rank: int, accumulation: int) -> dict[str, Any]:
+        """The group's part of the saved run config: nothing for one process."""
+        return {}
+
+    # -- checks before any collective -----------------------------------------------------------
+    def check_data(self, n_examples: int) -> None:
+        """Fail before training if the data cannot give every rank an example."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Fail before training if the model cannot be placed in this mode."""
+
+    # -- the model --------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module, device: torch.device) -> None:
+        """Place the model on `device` for training or evaluation."""
+        model.to(device)
+
+    # -- collectives in the loop ------------------------------------------------------------------
+    def seed_step(self, seed: int, step: int) -> None:
+        """Reseed before a step. One process keeps the single stream seeded at the start of
+        `train()`: its dropout masks then follow from the seed and the steps run, and a resume
+        restores that stream from the checkpoint."""
+
+    def sum_ints(self, *values: int) -> list[int]:
+        return list(values)
+
+    def sum_floats(self, *values: float) -> list[float]:
+        return [float(v) for v in values]
+
+    def reduce_step(self, params: Sequence[torch.Tensor], loss: float,
+                    stop: bool) -> tuple[float, bool]:
+        """The step's gradients (left in `params`), loss and stop request, summed over ranks."""
+        return loss, stop
+
+    def should_stop(self, agreed: bool, requested: bool) -> bool:
+        """Whether to stop after this step, given the request `agreed` in `reduce_step` and this
+        process's request now. One process agrees with itself at any moment, so a signal that
+        came during the rest of the step (optimizer, logging, evaluation) stops it too."""
+        return requested
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+
+    def check_same(self, what: str, value: Any) -> None:
+        """Raise on every rank if the ranks do not all have the same `value`."""
+
+
+class MultiProcessGroup(ProcessGroup):
+    """Several processes launched by torchrun, in mode "replicate" or "fsdp2" (see the module
+    doc): torch.distributed collectives over gloo (CPU) or NCCL (CUDA)."""
+
+    def __init__(self, env: LaunchEnv, mode: str = "replicate", timeout_s: int = 1800) -> None:
+        self.env, self.mode, self.timeout_s = env, canonical_mode(mode), timeout_s
         self.rank, self.world_size, self.is_main = env.rank, env.world_size, env.is_main
         self.device = torch.device("cpu")
         self._prepared: nn.Module | None = None
 
-    @classmethod
-    def from_env(cls, args) -> DataParallel | None:
-        env = launch_env()
-        return None if env is None else cls(env, args.distributed_mode, args.ddp_timeout)
+    def local_device(self, device: torch.device) -> torch.device:
+        return local_device(device, self.env)
 
     def describe(self, per_rank: int, accumulation: int) -> str:
         return (f"{self.world_size} ranks ({self.mode}, {self._backend(self.device)}): global "
                 f"batch {per_rank * self.world_size * accumulation} = {per_rank} per rank x "
                 f"{self.world_size} ranks x {accumulation} accumulation step(s)")
+
+    def run_config(self, per_rank: int, accumulation: int) -> dict[str, Any]:
+        return {"distributed": {
+            "mode": self.mode, "world_size": self.world_size, "per_rank_batch_size": per_rank,
+            "global_batch_size": per_rank * self.world_size * accumulation}}
 
     # -- checks before any collective: same inputs, same outcome on every rank -----------------
     def check_data(self, n_examples: int) -> None:
@@ -176,7 +254,7 @@ class DataParallel:
             raise LaunchError(
                 f"distributed_mode='fsdp2' cannot shard bitsandbytes 8-bit weights ({int8[0]}): "
                 "their quantization state (CB/SCB) lives on the parameter object, which FSDP2 "
-                "replaces when it gathers the shards; use distributed_mode='ddp', or a 4-bit "
+                "replaces when it gathers the shards; use distributed_mode='replicate', or a 4-bit "
                 "(nf4/fp4) or unquantized base")
         if self._decoder_layers(model.model) == []:
             raise LaunchError(f"distributed_mode='fsdp2' found no decoder layers to shard in "
@@ -211,8 +289,8 @@ class DataParallel:
                 "address?") from None
 
     def prepare_model(self, model: nn.Module, device: torch.device) -> None:
-        """Join the group; place the model (ddp: whole on `device`; fsdp2: base sharded), and
-        give every rank rank 0's adapters."""
+        """Join the group; place the model (replicate: whole on `device`; fsdp2: base sharded),
+        and give every rank rank 0's adapters."""
         self.start(device)
         if self._prepared is model:
             return
@@ -258,7 +336,7 @@ class DataParallel:
                 fully_shard(head, mesh=mesh, ignored_params=keep)
         with torch.no_grad():  # the adapters (ignored) and anything FSDP did not move
             for module in model.modules():
-                for name, p in module.named_parameters(recurse=False):
+                for p in module.parameters(recurse=False):
                     if not isinstance(p, DTensor) and p.device != device:
                         p.data = p.data.to(device)
                 for name, b in module.named_buffers(recurse=False):
@@ -296,6 +374,11 @@ class DataParallel:
             if present:
                 p.grad = g.to(p.dtype)
         return float(flat[-2]), bool(flat[-1] > 0)
+
+    def should_stop(self, agreed: bool, requested: bool) -> bool:
+        # only the request agreed in the all-reduce: a signal that reaches one rank later would
+        # otherwise stop that rank alone and leave the others waiting in the next collective
+        return agreed
 
     def any_rank(self, flag: bool) -> bool:
         return self.sum_ints(int(flag))[0] > 0

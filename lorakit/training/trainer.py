@@ -5,10 +5,11 @@
     result = trainer.train()            # or train(resume_from_checkpoint=True)
     metrics = trainer.evaluate()
 
-Launched by torchrun (WORLD_SIZE set), the same loop trains on several processes: each rank
-takes its share of every global batch, and `DataParallel` sums the token counts and the adapter
-gradients over the ranks, so that they compute the 1-process step (see
-lorakit.training.distributed). Only rank 0 writes files and logs.
+The loop always talks to a process group (lorakit.training.distributed). Without torchrun it is
+a group of one whose collectives change nothing; launched by torchrun (WORLD_SIZE set), the same
+loop trains on several processes: each rank takes its share of every global batch, and the group
+sums the token counts and the adapter gradients over the ranks, so that they compute the
+1-process step. Only rank 0 writes files and logs.
 """
 
 from __future__ import annotations
@@ -29,15 +30,26 @@ import torch
 
 from lorakit.base.loading import bf16_is_fast, resolve_device
 from lorakit.base.quantize import enable_checkpointing
-from lorakit.data import LengthGroupedBatches, SFTData, collate, pack, prepare_dataset
+from lorakit.data import (
+    IGNORE_INDEX,
+    LengthGroupedBatches,
+    SFTData,
+    collate,
+    pack,
+    prepare_dataset,
+)
 from lorakit.data.collate import check_packing_supported
-from lorakit.training.checkpoint import (TrainState, latest_checkpoint, load_checkpoint,
-                                        save_checkpoint)
+from lorakit.training.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lorakit.training.config import TrainConfig
-from lorakit.training.distributed import DataParallel, local_device, per_rank_batch_size
+from lorakit.training.distributed import per_rank_batch_size, process_group
 from lorakit.training.loss import causal_lm_loss
-from lorakit.training.prefix import prefix_sharing_problem
 from lorakit.training.optim import adapter_param_groups
+from lorakit.training.prefix import prefix_sharing_problem
 
 
 class TrainingDivergedError(RuntimeError):
@@ -82,10 +94,9 @@ class SFTTrainer:
         self.model = model
         self.args = args = args or TrainConfig()
         self.tokenizer = tokenizer
-        self.dist = DataParallel.from_env(args)  # None on one process
-        self.rank, self.world_size = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
-        self.is_main = self.rank == 0
-        self.device = local_device(resolve_device(args.device), self.dist and self.dist.env)
+        self.group = group = process_group(args)  # without torchrun: a group of one
+        self.rank, self.world_size, self.is_main = group.rank, group.world_size, group.is_main
+        self.device = group.local_device(resolve_device(args.device))
         self.batch_size = per_rank_batch_size(args, self.world_size)  # examples per rank
         self.bf16 = bf16_is_fast(self.device) if args.bf16 is None else args.bf16
         # Read and tokenize everything up front: bad data fails here, before any training.
@@ -95,10 +106,9 @@ class SFTTrainer:
         # why shared-prompt-prefix forwards are off for training / evaluation (None: they are on)
         self.prefix_off = {mode: self._prefix_sharing_problem(mode) for mode in ("train", "eval")}
         self._stop_signal: int | None = None
-        if self.dist is not None:  # fail alike on every rank, before any collective
-            self.dist.check_model(model)
-            if self.train_data is not None:
-                self.dist.check_data(len(self.train_data))
+        group.check_model(model)  # fail alike on every rank, before any collective
+        if self.train_data is not None:
+            group.check_data(len(self.train_data))
 
     # -- data ---------------------------------------------------------------------------------
     def _prepare(self, data: Any, split: str) -> SFTData:
@@ -126,7 +136,7 @@ class SFTTrainer:
             return "share_prefix=False"
         if mode == "train" and self.args.packing:
             return "packed rows"
-        if self.dist is not None and self.dist.mode == "fsdp2":  # ranks must call alike
+        if self.group.mode == "fsdp2":  # ranks must call alike
             return "fsdp2 gathers weights per forward call"
         return prefix_sharing_problem(self.model.model, training=mode == "train")
 
@@ -155,8 +165,8 @@ class SFTTrainer:
         if not idx:  # a short last batch left this rank nothing: a 2-token forward that trains
             # and scores nothing keeps the ranks' collectives in step (FSDP2 gathers per forward)
             ids = data[0]["input_ids"][:2]
-            return collate([{k: v[:2] for k, v in data[0].items()} | {"labels": [-100] * len(ids)}],
-                           self.pad_id)
+            return collate([{k: v[:2] for k, v in data[0].items()}
+                            | {"labels": [IGNORE_INDEX] * len(ids)}], self.pad_id)
         return collate([data[i] for i in idx], self.pad_id)
 
     def total_steps(self) -> int:
@@ -168,44 +178,23 @@ class SFTTrainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainResult:
-        args, model, device = self.args, self.model, self.device
+        args, model, device, group = self.args, self.model, self.device, self.group
         if self.train_data is None:
             raise ValueError("no train_data was given")
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(args.seed)
-        if self.dist is None:
-            model.to(device)
-        else:  # join the ranks; ddp: whole model here, fsdp2: base sharded; rank 0's adapters
-            self.dist.prepare_model(model, device)
-            self._log(self.dist.describe(self.batch_size, args.gradient_accumulation_steps))
-        hf = model.model
+        # several ranks: join them; replicate: the whole model here, fsdp2: the base sharded;
+        # every rank starts from rank 0's adapters
+        group.prepare_model(model, device)
+        if launch := group.describe(self.batch_size, args.gradient_accumulation_steps):
+            self._log(launch)
         if args.gradient_checkpointing:
-            enable_checkpointing(hf)
+            enable_checkpointing(model.model)
 
         total = self.total_steps()
-        groups = adapter_param_groups(model, args.learning_rate, args.weight_decay,
-                                      args.loraplus_lr_ratio)
-        # fused: one kernel for all adapter tensors instead of ~10 ops per tensor (420 tensors
-        # for all-linear SmolLM2: 31 -> 6 ms a step on CPU); sharded (DTensor) params stay unfused
-        fused = device.type in ("cpu", "cuda") and (self.dist is None or self.dist.mode == "ddp")
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon,
-                                      betas=(args.adam_beta1, args.adam_beta2), fused=fused)
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(args.lr_scheduler_type, warmup, total))
-        trainable = [p for g in groups for p in g["params"]]
-
-        state = TrainState()
-        if resume_from_checkpoint:
-            path = latest_checkpoint(out) if resume_from_checkpoint is True \
-                else Path(resume_from_checkpoint)
-            if self.dist is not None:  # every rank reads it: the same one, or all stop here
-                self.dist.check_same("the checkpoint to resume from", path and str(path))
-            if path is None:
-                raise FileNotFoundError(f"no checkpoint to resume from in {out}")
-            state = load_checkpoint(path, model, optimizer, scheduler)
-            self._log(f"resumed from {path} at step {state.step}")
+        optimizer, scheduler, trainable = self._optimizer(total)
+        state = self._resume(resume_from_checkpoint, out, optimizer, scheduler)
         run_config = self.run_config(total)
         metrics_file = out / "metrics.jsonl"
         if self.is_main:
@@ -221,8 +210,7 @@ class SFTTrainer:
         model.train()
         with self._stop_on_signals():
             while state.step < total:
-                if self.dist is not None:  # dropout masks from (seed, step, rank): exact resume
-                    self.dist.seed_step(args.seed, state.step)
+                group.seed_step(args.seed, state.step)  # ranks: masks from (seed, step, rank)
                 # one optimizer step = gradient_accumulation_steps micro-batches, and the loss is
                 # the mean over all their trained tokens (not a mean of per-batch means), on all
                 # ranks together
@@ -238,12 +226,12 @@ class SFTTrainer:
                     loss.backward()
                     step_loss += loss.item()
                 window_tokens += n_tokens
-                if self.dist is not None:  # every rank: the 1-process gradient and loss, and
-                    # one decision about stopping (a signal may reach the ranks at other steps)
-                    step_loss, stop_agreed = self.dist.reduce_step(
-                        trainable, step_loss, self._stop_signal is not None)
-                    if stop_agreed and self._stop_signal is None:
-                        self._stop_signal = 0  # another rank was signalled
+                # every rank: the 1-process gradient and loss, and one decision about stopping
+                # (a signal may reach the ranks at other steps)
+                step_loss, stop_agreed = group.reduce_step(
+                    trainable, step_loss, self._stop_signal is not None)
+                if stop_agreed and self._stop_signal is None:
+                    self._stop_signal = 0  # another rank was signalled
                 if not math.isfinite(step_loss):
                     optimizer.zero_grad(set_to_none=True)
                     raise TrainingDivergedError(
@@ -264,13 +252,15 @@ class SFTTrainer:
                     record = {"step": state.step, "epoch": round(state.epoch + state.batch_index
                               / max(1, self._batches_per_epoch()), 4),
                               "loss": round(window_loss / window_steps, 6),
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
+                              "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": round(float(grad_norm), 4),
                               "tokens_per_s": round(window_tokens / (now - t_window), 1)}
                     self._record(record, state, metrics_file, bar)
                     window_loss, window_steps, window_tokens, t_window = 0.0, 0, 0, now
-                if self.eval_data is not None and args.eval_steps and state.step % args.eval_steps == 0:
+                if (self.eval_data is not None and args.eval_steps
+                        and state.step % args.eval_steps == 0):
                     last_eval = self._evaluate_and_record(state, metrics_file, bar)
-                stopping = self._stop_signal is not None if self.dist is None else stop_agreed
+                stopping = group.should_stop(stop_agreed, self._stop_signal is not None)
                 if (args.save_steps and state.step % args.save_steps == 0) or stopping:
                     last_ckpt = self._save_checkpoint(out, optimizer, scheduler, state, run_config)
                 if bar is not None:
@@ -281,9 +271,7 @@ class SFTTrainer:
                     break
         if bar is not None:
             bar.close()
-        interrupted = self._stop_signal is not None
-        if self.dist is not None:
-            interrupted = self.dist.any_rank(interrupted)
+        interrupted = group.any_rank(self._stop_signal is not None)
         if not interrupted:
             if self.eval_data is not None and (not args.eval_steps or state.step % args.eval_steps):
                 last_eval = self._evaluate_and_record(state, metrics_file, None)
@@ -300,6 +288,36 @@ class SFTTrainer:
             peak_memory_mb=peak_memory_mb(device), checkpoint=str(last_ckpt) if last_ckpt else None,
             interrupted=interrupted)
 
+    def _optimizer(self, total: int) -> tuple[torch.optim.Optimizer, Any, list[torch.Tensor]]:
+        """AdamW over the adapters' parameter groups, its schedule, and the trained tensors."""
+        args = self.args
+        groups = adapter_param_groups(self.model, args.learning_rate, args.weight_decay,
+                                      args.loraplus_lr_ratio)
+        # fused: one kernel for all adapter tensors instead of ~10 ops per tensor (420 tensors
+        # for all-linear SmolLM2: 31 -> 6 ms a step on CPU); sharded (DTensor) params stay unfused
+        fused = self.device.type in ("cpu", "cuda") and self.group.mode != "fsdp2"
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon,
+                                      betas=(args.adam_beta1, args.adam_beta2), fused=fused)
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(args.lr_scheduler_type, warmup, total))
+        return optimizer, scheduler, [p for g in groups for p in g["params"]]
+
+    def _resume(self, resume_from_checkpoint: str | bool | None, out: Path, optimizer,
+                scheduler) -> TrainState:
+        """A fresh state, or the checkpoint's (weights, optimizer, schedule and data position)."""
+        if not resume_from_checkpoint:
+            return TrainState()
+        path = latest_checkpoint(out) if resume_from_checkpoint is True \
+            else Path(resume_from_checkpoint)
+        # every rank reads it: the same one, or all stop here
+        self.group.check_same("the checkpoint to resume from", path and str(path))
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {out}")
+        state = load_checkpoint(path, self.model, optimizer, scheduler)
+        self._log(f"resumed from {path} at step {state.step}")
+        return state
+
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, eval_data: Any = None) -> dict[str, float]:
@@ -308,10 +326,7 @@ class SFTTrainer:
         if data is None:
             raise ValueError("no eval data")
         model, was_training = self.model, self.model.training
-        if self.dist is None:
-            model.to(self.device)
-        else:  # joins the ranks and places the model, once
-            self.dist.prepare_model(model, self.device)
+        self.group.prepare_model(model, self.device)  # several ranks: joins them, once
         model.eval()
         order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
         bs = self.args.per_device_eval_batch_size
@@ -329,9 +344,8 @@ class SFTTrainer:
             loss_sum += float(parts.loss_sum)
             n_tok += parts.n_tokens
             n_ok += parts.n_correct
-        if self.dist is not None:
-            loss_sum, n_tok, n_ok = self.dist.sum_floats(loss_sum, n_tok, n_ok)
-            n_tok, n_ok = int(n_tok), int(n_ok)
+        loss_sum, n_tok, n_ok = self.group.sum_floats(loss_sum, n_tok, n_ok)
+        n_tok, n_ok = int(n_tok), int(n_ok)
         model.train(was_training)
         loss = loss_sum / max(n_tok, 1)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
@@ -350,16 +364,16 @@ class SFTTrainer:
 
     def _count_tokens(self, micro: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
         """Trained (next-token label) and non-pad tokens of a step's micro-batches, all ranks'."""
-        n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        n_label = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
                        else b["input_ids"].numel() for b in micro)
-        return (n_label, n_tokens) if self.dist is None else self.dist.sum_ints(n_label, n_tokens)
+        n_label, n_tokens = self.group.sum_ints(n_label, n_tokens)
+        return n_label, n_tokens
 
     def _on_main_then_wait(self, write):
         """Files are written by rank 0 alone; the other ranks wait until they are complete."""
         result = write() if self.is_main else None
-        if self.dist is not None:
-            self.dist.barrier()
+        self.group.barrier()
         return result
 
     def _save_checkpoint(self, out: Path, optimizer, scheduler, state: TrainState,
@@ -390,10 +404,7 @@ class SFTTrainer:
             "train_data": self.train_data.stats.as_dict() if self.train_data else None,
             "eval_data": self.eval_data.stats.as_dict() if self.eval_data else None,
             "trainable_parameters": self._adapters_seen["trainable_parameters"],
-        } | ({} if self.dist is None else {"distributed": {
-            "mode": self.dist.mode, "world_size": self.world_size,
-            "per_rank_batch_size": self.batch_size, "global_batch_size": self.batch_size
-            * self.world_size * self.args.gradient_accumulation_steps}})
+        } | self.group.run_config(self.batch_size, self.args.gradient_accumulation_steps)
 
     def _record(self, record: dict[str, Any], state: TrainState, metrics_file: Path, bar) -> None:
         state.log_history.append(record)
