@@ -138,7 +138,7 @@ SCRIPT = textwrap.dedent("""
         real = ck.save_file
         def slow(tensors, path, *a, **k):  # the second checkpoint hangs half-written
             real(tensors, path, *a, **k)
-            if "-6-" in str(path):
+            if "checkpoint-6." in str(path):  # its temporary directory, not yet renamed
                 (out / "writing").write_text("x")
                 time.sleep(120)
         ck.save_file = slow

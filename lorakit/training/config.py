@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorakit.errors import ConfigError
+
 SCHEDULES = ("cosine", "linear", "constant")
 DISTRIBUTED_MODES = ("replicate", "fsdp2")
 # "ddp" was the first name of "replicate"; torch's DistributedDataParallel is not what runs
@@ -85,8 +87,8 @@ class TrainConfig:
     ddp_timeout: int = 1800  # seconds a rank waits for the others, to join and in each collective
 
     def __post_init__(self) -> None:
-        def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+        def bad(name: str, allowed: str) -> ConfigError:
+            return ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
 
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "max_length", "logging_steps"):
