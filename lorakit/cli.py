@@ -21,11 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
 from lorakit.base.config import DTYPE_CHOICES
 from lorakit.errors import UserError
-from lorakit.training.run_config import (SINGLE_PROCESS_ALIASES, TRAIN_FLAGS, field_type,
-                                         run_config)
+from lorakit.training.run_config import SINGLE_PROCESS_ALIASES, TRAIN_FLAGS, field_type, run_config
 
 __all__ = ["SINGLE_PROCESS_ALIASES", "build_parser", "main"]
 
@@ -40,96 +38,14 @@ def _load_base(name: str | None, dtype: str = "auto", quantization: str | None =
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lorakit.base import prepare_for_kbit_training
-    from lorakit.data import load_records
-    from lorakit.lora import get_lora_model
-    from lorakit.serving.generate import (
-        completion_examples,
-        generate_texts,
-        render_prompt,
-    )
-    from lorakit.training import SFTTrainer, distributed
-    from lorakit.training.config import set_seed
-    from lorakit.training.report import plot_losses, write_report
+    from lorakit.recipes import SFTRecipe, summary_lines
 
-    # under torchrun: a broken environment fails here, on every rank; rank 0 alone prints/writes
-    launch = distributed.launch_env()
-    main = launch is None or launch.is_main
     cfg = run_config(args.config, {spelling: getattr(args, _dest(spelling))
                                    for spelling in TRAIN_FLAGS}, args.set or [])
-    m, d, lora, train, output = cfg.model, cfg.data, cfg.lora, cfg.training, cfg.output
-    if not d.train:
-        raise UserError("no training data: pass --data FILE or set data.train in the config")
-    distributed.per_rank_batch_size(train, launch.world_size if launch else 1)  # splits evenly?
-    fsdp2 = launch is not None and train.distributed_mode == "fsdp2"
-
-    text = cfg.to_yaml()
-    out = Path(output.dir)
-    if out.exists() and not out.is_dir():  # every rank: under torchrun all of them stop here
-        raise UserError(f"output directory {out} exists and is not a directory")
-    if main:
-        print("lorakit: resolved config\n" + "\n".join("  " + line for line in text.splitlines()),
-              flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(text)
-
-    device = None
-    if launch is not None:  # this rank's GPU; fsdp2: the CPU, sharding moves each rank's part
-        from lorakit.base.loading import resolve_device, resolve_dtype
-        device = distributed.local_device(resolve_device(train.device), launch)
-        m.dtype = resolve_dtype(m.dtype, device)
-        device = "cpu" if fsdp2 and not m.quantization else device
-    model, tokenizer = _load_base(m.name_or_path, m.dtype, m.quantization, m.trust_remote_code,
-                                  device)
-    if m.quantization:
-        prepare_for_kbit_training(model, gradient_checkpointing=train.gradient_checkpointing)
-    # `seed` fixes the whole run, as in HF Trainer / TRL: adapter initialisation included
-    set_seed(train.seed)
-    lora_model = get_lora_model(model, lora)
-    if main:
-        lora_model.print_trainable_parameters()
-    trainer = SFTTrainer(lora_model, train, train_data=d.train, eval_data=d.eval,
-                         tokenizer=tokenizer)
-    stats = trainer.train_data.stats
-    if main:
-        print(f"lorakit: train data {stats.rows} rows -> {stats.examples} examples "
-              f"({stats.truncated} truncated, {stats.dropped} dropped), "
-              f"{trainer.total_steps()} steps", flush=True)
-
-    samples = []
-    if fsdp2 and output.samples and main:
-        print("lorakit: no sample generations in fsdp2 mode (the base is sharded)", flush=True)
-    if output.samples and main and not fsdp2:
-        rows = load_records(d.eval or d.train)
-        picked = completion_examples(rows)[:output.samples]
-        if picked:
-            with lora_model.disable_adapters():
-                before = generate_texts(lora_model, tokenizer, [e.prompt for e in picked],
-                                        output.sample_max_new_tokens)
-            samples = [{"prompt": render_prompt(e.prompt, tokenizer)[0], "before": b,
-                        "reference": e.reference} for e, b in zip(picked, before)]
-
-    result = trainer.train(resume_from_checkpoint=args.resume)
-    if not main:
-        return 0
-    if samples:
-        after = generate_texts(lora_model, tokenizer, [e.prompt for e in picked],
-                               output.sample_max_new_tokens)
-        for s, a in zip(samples, after):
-            s["after"] = a
-    plot = plot_losses(out)
-    report = write_report(out, trainer.run_config(trainer.total_steps()), result, samples)
-    status = "interrupted at" if result.interrupted else "finished"
-    print(f"lorakit: {status} step {result.global_step} in {result.seconds:.0f} s "
-          f"({result.tokens_per_second:.0f} tokens/s, peak {result.peak_memory_mb:.0f} MB)")
-    for k, v in (result.metrics or {}).items():
-        print(f"lorakit: {k} = {v:.4f}" if isinstance(v, float) else f"lorakit: {k} = {v}")
-    if not result.interrupted:
-        print(f"lorakit: adapter  -> {out / 'adapter'}")
-    print(f"lorakit: checkpoint -> {result.checkpoint}")
-    if plot:
-        print(f"lorakit: loss plot -> {plot}")
-    print(f"lorakit: report -> {report}")
+    recipe = SFTRecipe(cfg).setup()
+    outcome = recipe.train(resume=args.resume)
+    for line in summary_lines(outcome) if recipe.is_main else []:
+        print(f"lorakit: {line}")
     return 0
 
 

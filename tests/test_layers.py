@@ -1,5 +1,5 @@
 """The package's imports point one way, in the order data flows:
-compat/atomic → base → lora → data → training → serving → demo → cli.
+compat/atomic/errors → base → lora → data → training → serving → recipes → demo → cli.
 
 Read from the source (every `import`, also inside functions; `if TYPE_CHECKING:` blocks are not
 imports), so a lazy import cannot hide an arrow pointing backwards.
@@ -18,6 +18,7 @@ LAYERS = [
     ("lorakit.data",),
     ("lorakit.training",),
     ("lorakit.serving",),
+    ("lorakit.recipes",),
     ("lorakit.demo",),
     ("lorakit.cli", "lorakit.__main__"),
 ]

@@ -22,11 +22,14 @@ def hf_model(model):
     return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
 
 
-def packing_problem(model, batch_size: int | None = None) -> str | None:
+def packing_problem(model, batch_size: int | None = None,
+                    use_cache: bool | None = None) -> str | None:
     """Why `model` would let packed examples attend to each other, or None when it would not.
 
     batch_size: rows per forward; flash attention isolates packed examples only with 1 (None:
     unknown, treated as more than one).
+    use_cache: what the caller's forwards pass as `use_cache` (None: they pass nothing, so the
+    model's config decides).
     """
     problem = mask_builder_problem(model)
     if problem:
@@ -40,7 +43,7 @@ def packing_problem(model, batch_size: int | None = None) -> str | None:
     elif impl not in MASKED_IMPLS:
         return (f"attention implementation {impl!r} does not separate packed examples; use one "
                 f"of {MASKED_IMPLS + FLASH_IMPLS}")
-    if getattr(config, "use_cache", False):
+    if use_cache or (use_cache is None and getattr(config, "use_cache", False)):
         return ("model.config.use_cache is True: the forward then builds a KV cache, and with a "
                 "cache transformers ignores packed position_ids; set model.config.use_cache = "
                 "False for training")
@@ -60,13 +63,15 @@ def mask_builder_problem(model) -> str | None:
     return None
 
 
-def packing_supported(model, batch_size: int | None = None) -> bool:
+def packing_supported(model, batch_size: int | None = None,
+                      use_cache: bool | None = None) -> bool:
     """Whether packed examples stay isolated in `model` (see `packing_problem` for why not)."""
-    return packing_problem(model, batch_size) is None
+    return packing_problem(model, batch_size, use_cache) is None
 
 
-def check_packing_supported(model, batch_size: int | None = None) -> None:
+def check_packing_supported(model, batch_size: int | None = None,
+                            use_cache: bool | None = None) -> None:
     """Raise ValueError, saying why, when packing would let examples attend to each other."""
-    problem = packing_problem(model, batch_size)
+    problem = packing_problem(model, batch_size, use_cache)
     if problem:
         raise ValueError(f"cannot train with packing: {problem}")

@@ -20,8 +20,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from lorakit.base.capabilities import check_packing_supported  # noqa: F401  (TEMP)
-
 from .dataset import IGNORE_INDEX
 
 

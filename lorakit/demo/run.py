@@ -13,18 +13,20 @@ import json
 import time
 from pathlib import Path
 
-from lorakit.base import load_model
+from lorakit.base.config import ModelConfig
+from lorakit.data.config import DataConfig
 from lorakit.demo.task import DEMO_DEFAULTS, INSTRUCTION, make_task
-from lorakit.lora import LoraConfig, get_lora_model
+from lorakit.lora import LoraConfig
+from lorakit.recipes import SFTRecipe
 from lorakit.serving.generate import (
     completion_examples,
     exact_match,
     generate_texts,
     render_prompt,
 )
-from lorakit.training import SFTTrainer, TrainConfig
-from lorakit.training.config import set_seed
-from lorakit.training.report import plot_losses, write_report
+from lorakit.training import TrainConfig
+from lorakit.training.report import OutputConfig, plot_losses, write_report
+from lorakit.training.run_config import RunConfig
 
 
 def _say(msg: str) -> None:
@@ -49,31 +51,37 @@ def run_demo(output_dir: str = "lorakit-demo", max_steps: int | None = None,
          f"{len(eval_rows)} held-out rows on other dates -> {out / 'data'}")
     _say(f"example: {examples[0].prompt[-1]['content']!r} -> {examples[0].reference!r}")
 
-    # 2. the base model, before
-    model, tokenizer = load_model()
+    # 2. the run, assembled by the same recipe as `lorakit train`: base model, adapters, data
+    data = out / "data"
+    cfg = RunConfig(
+        model=ModelConfig(), data=DataConfig(train=str(data / "train.jsonl"),
+                                             eval=str(data / "eval.jsonl")),
+        lora=LoraConfig(r=d["r"], lora_alpha=d["alpha"], lora_dropout=0.0,
+                        target_modules="all-linear"),
+        training=TrainConfig(output_dir=str(out), max_steps=max_steps, learning_rate=d["lr"],
+                             per_device_train_batch_size=d["batch_size"],
+                             max_length=d["max_length"], warmup_steps=d["warmup_steps"],
+                             lr_scheduler_type=d["lr_scheduler_type"],
+                             max_grad_norm=d["max_grad_norm"], logging_steps=5,
+                             save_steps=max(1, max_steps // 2), save_total_limit=2, seed=seed,
+                             per_device_eval_batch_size=d["eval_batch_size"]),
+        output=OutputConfig(dir=str(out), samples=0))  # the demo reports its own samples
+    recipe = SFTRecipe(cfg, echo_config=False).setup()
+    lora, tokenizer, trainer = recipe.model, recipe.tokenizer, recipe.trainer
     prompts = [e.prompt for e in examples]
     refs = [e.reference for e in examples]
 
     def score(m) -> tuple[float, list[str]]:
-        preds = generate_texts(m, tokenizer, prompts, d["max_new_tokens"], batch_size=50)
+        preds = generate_texts(m, tokenizer, prompts, d["max_new_tokens"],
+                               batch_size=d["eval_batch_size"])
         return sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(refs), preds
 
     t = time.perf_counter()
-    base_em, base_preds = score(model)
+    with lora.disable_adapters():
+        base_em, base_preds = score(lora)
     _say(f"base model exact match: {base_em:.0%} ({time.perf_counter() - t:.0f} s)")
 
     # 3. LoRA fine-tuning
-    set_seed(seed)  # the adapters' initialisation is part of the run
-    lora = get_lora_model(model, LoraConfig(r=d["r"], lora_alpha=d["alpha"], lora_dropout=0.0,
-                                            target_modules="all-linear"))
-    lora.print_trainable_parameters()
-    args = TrainConfig(output_dir=str(out), max_steps=max_steps, learning_rate=d["lr"],
-                       per_device_train_batch_size=d["batch_size"], max_length=d["max_length"],
-                       warmup_steps=max(1, max_steps // 10), logging_steps=5,
-                       save_steps=max(1, max_steps // 2), save_total_limit=2, seed=seed,
-                       per_device_eval_batch_size=50)
-    trainer = SFTTrainer(lora, args, train_data=train_rows, eval_data=eval_rows,
-                         tokenizer=tokenizer)
     _say(f"fine-tuning: {max_steps} steps of {d['batch_size']} rows, lr {d['lr']}, "
          f"r={d['r']} alpha={d['alpha']} on all linear layers")
     result = trainer.train()

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
+from lorakit.base.capabilities import check_packing_supported
 from lorakit.base.loading import bf16_is_fast, resolve_device
 from lorakit.base.quantize import enable_checkpointing
 from lorakit.data import (
@@ -38,7 +39,6 @@ from lorakit.data import (
     pack,
     prepare_dataset,
 )
-from lorakit.data.collate import check_packing_supported
 from lorakit.training.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -46,7 +46,7 @@ from lorakit.training.checkpoint import (
     save_checkpoint,
 )
 from lorakit.training.config import TrainConfig
-from lorakit.training.distributed import per_rank_batch_size, process_group
+from lorakit.training.distributed import ProcessGroup, per_rank_batch_size, process_group
 from lorakit.training.loss import causal_lm_loss
 from lorakit.training.optim import adapter_param_groups
 from lorakit.training.prefix import prefix_sharing_problem
@@ -90,11 +90,14 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class SFTTrainer:
     def __init__(self, model, args: TrainConfig | None = None, train_data: Any = None,
-                 eval_data: Any = None, tokenizer: Any = None) -> None:
+                 eval_data: Any = None, tokenizer: Any = None,
+                 group: ProcessGroup | None = None) -> None:
+        """group: the process group, when the caller (the SFT recipe) has resolved it already;
+        otherwise read from torchrun's environment (a group of one without torchrun)."""
         self.model = model
         self.args = args = args or TrainConfig()
         self.tokenizer = tokenizer
-        self.group = group = process_group(args)  # without torchrun: a group of one
+        self.group = group = group if group is not None else process_group(args)
         self.rank, self.world_size, self.is_main = group.rank, group.world_size, group.is_main
         self.device = group.local_device(resolve_device(args.device))
         self.batch_size = per_rank_batch_size(args, self.world_size)  # examples per rank
@@ -123,10 +126,9 @@ class SFTTrainer:
         if len(prepared) == 0:
             raise ValueError(f"{split} data has no usable rows: {prepared.stats.as_dict()}")
         if self.args.packing and split == "train":
-            # a KV cache would switch off transformers' packed-sequence isolation; training
-            # never needs one
-            self.model.model.config.use_cache = False
-            check_packing_supported(self.model.model)
+            # a KV cache would switch off transformers' packed-sequence isolation: the loss's
+            # forwards pass use_cache=False (the model's config is left as the user set it)
+            check_packing_supported(self.model.model, use_cache=False)
             prepared = SFTData(pack(prepared.examples, self.args.max_length), prepared.stats,
                                prepared.format)
         return prepared

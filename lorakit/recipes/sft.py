@@ -1,0 +1,175 @@
+"""The SFT recipe: one LoRA / QLoRA fine-tuning run, assembled once.
+
+`lorakit train`, `lorakit demo` and scripts run this; each step is a method, in the order it
+happens, and the loop itself is `SFTTrainer.train` (lorakit.training.trainer):
+
+    recipe = SFTRecipe(run_config(path, flags, sets))
+    recipe.setup()                       # launch, base model, adapters, data, trainer: once
+    outcome = recipe.train(resume=False)  # samples before, the loop, samples after, report
+
+Under torchrun every process runs the same recipe; the process group decides who writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.base import load_model, prepare_for_kbit_training
+from lorakit.base.loading import resolve_device, resolve_dtype
+from lorakit.data import load_records
+from lorakit.errors import UserError
+from lorakit.lora import LoraModel, get_lora_model
+from lorakit.serving.generate import completion_examples, generate_texts, render_prompt
+from lorakit.training import SFTTrainer, TrainResult
+from lorakit.training.config import set_seed
+from lorakit.training.distributed import ProcessGroup, process_group
+from lorakit.training.report import plot_losses, write_report
+from lorakit.training.run_config import RunConfig
+
+
+@dataclass
+class Outcome:
+    """What a run produced (files are written by the main process only)."""
+
+    result: TrainResult
+    output_dir: Path
+    report: Path | None = None
+    plot: Path | None = None
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+class SFTRecipe:
+    def __init__(self, cfg: RunConfig, echo_config: bool = True) -> None:
+        self.cfg = cfg
+        self.echo_config = echo_config  # print the resolved config (config.yaml) when starting
+        self.group: ProcessGroup | None = None
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+        self.model: LoraModel | None = None
+        self.tokenizer: Any = None
+        self.trainer: SFTTrainer | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.group is None or self.group.is_main
+
+    def say(self, msg: str) -> None:
+        if self.is_main:
+            print(f"lorakit: {msg}", flush=True)
+
+    # -- setup, in order ----------------------------------------------------------------------
+    def setup(self) -> SFTRecipe:
+        self._setup_launch()
+        self._setup_output()
+        self._setup_model()
+        self._setup_trainer()
+        return self
+
+    def _setup_launch(self) -> None:
+        """The process group (a group of one without torchrun), this rank's device and the base
+        dtype: resolved here once, and handed to the trainer."""
+        train = self.cfg.training
+        if not self.cfg.data.train:
+            raise UserError("no training data: pass --data FILE or set data.train in the config")
+        self.group = process_group(train)  # a broken torchrun environment fails on every rank
+        self.device = self.group.local_device(resolve_device(train.device))
+        self.dtype = resolve_dtype(self.cfg.model.dtype, self.device)
+
+    def _setup_output(self) -> None:
+        out = Path(self.cfg.output.dir)
+        if out.exists() and not out.is_dir():  # every rank: under torchrun all of them stop here
+            raise UserError(f"output directory {out} exists and is not a directory")
+        if self.is_main:
+            text = self.cfg.to_yaml()
+            if self.echo_config:
+                self.say("resolved config\n" + "\n".join("  " + ln for ln in text.splitlines()))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(text)
+
+    @property
+    def fsdp2(self) -> bool:
+        return self.group.world_size > 1 and self.group.mode == "fsdp2"
+
+    def _setup_model(self) -> None:
+        m, train = self.cfg.model, self.cfg.training
+        # fsdp2 shards from the CPU: each rank moves only its part; quantized weights are
+        # placed while loading
+        device = "cpu" if self.fsdp2 and not m.quantization else self.device
+        model, self.tokenizer = load_model(m.name_or_path, dtype=self.dtype,
+                                           quantization=m.quantization, device=device,
+                                           trust_remote_code=m.trust_remote_code)
+        if m.quantization:
+            prepare_for_kbit_training(model, gradient_checkpointing=train.gradient_checkpointing)
+        set_seed(train.seed)  # `seed` fixes the whole run (HF Trainer / TRL): adapters included
+        self.model = get_lora_model(model, self.cfg.lora)
+        if self.is_main:
+            self.model.print_trainable_parameters()
+
+    def _setup_trainer(self) -> None:
+        d = self.cfg.data
+        self.trainer = SFTTrainer(self.model, self.cfg.training, train_data=d.train,
+                                  eval_data=d.eval, tokenizer=self.tokenizer, group=self.group)
+        stats = self.trainer.train_data.stats
+        self.say(f"train data {stats.rows} rows -> {stats.examples} examples "
+                 f"({stats.truncated} truncated, {stats.dropped} dropped), "
+                 f"{self.trainer.total_steps()} steps")
+
+    # -- the run ------------------------------------------------------------------------------
+    def train(self, resume: str | bool | None = None) -> Outcome:
+        if self.trainer is None:
+            self.setup()
+        out = Path(self.cfg.output.dir)
+        picked = self._sample_prompts()
+        samples = []
+        if picked:
+            with self.model.disable_adapters():
+                before = self._generate([e.prompt for e in picked])
+            samples = [{"prompt": render_prompt(e.prompt, self.tokenizer)[0], "before": b,
+                        "reference": e.reference} for e, b in zip(picked, before)]
+        result = self.trainer.train(resume_from_checkpoint=resume)
+        outcome = Outcome(result, out, samples=samples)
+        if not self.is_main:
+            return outcome
+        if samples:
+            for s, a in zip(samples, self._generate([e.prompt for e in picked])):
+                s["after"] = a
+        outcome.plot = plot_losses(out)
+        outcome.report = write_report(out, self.trainer.run_config(self.trainer.total_steps()),
+                                      result, samples)
+        return outcome
+
+    def _sample_prompts(self) -> list:
+        """The report's before/after prompts: the first `output.samples` of the eval rows (or the
+        training rows), main process only; none when the base is sharded."""
+        n = self.cfg.output.samples
+        if not n or not self.is_main:
+            return []
+        if self.fsdp2:
+            self.say("no sample generations in fsdp2 mode (the base is sharded)")
+            return []
+        return completion_examples(load_records(self.cfg.data.eval or self.cfg.data.train))[:n]
+
+    def _generate(self, prompts: list) -> list[str]:
+        return generate_texts(self.model, self.tokenizer, prompts,
+                              self.cfg.output.sample_max_new_tokens)
+
+
+def summary_lines(outcome: Outcome) -> list[str]:
+    """What a finished (or interrupted) run reports on the console."""
+    r, out = outcome.result, outcome.output_dir
+    status = "interrupted at" if r.interrupted else "finished"
+    lines = [f"{status} step {r.global_step} in {r.seconds:.0f} s "
+             f"({r.tokens_per_second:.0f} tokens/s, peak {r.peak_memory_mb:.0f} MB)"]
+    lines += [f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}"
+              for k, v in (r.metrics or {}).items()]
+    if not r.interrupted:
+        lines.append(f"adapter  -> {out / 'adapter'}")
+    lines.append(f"checkpoint -> {r.checkpoint}")
+    if outcome.plot:
+        lines.append(f"loss plot -> {outcome.plot}")
+    lines.append(f"report -> {outcome.report}")
+    return lines
