@@ -267,18 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from lorakit.base import (
-        DefaultModelMissing,
-        ModelNotFoundError,
-        QuantizationUnsupportedError,
-    )
-    from lorakit.data import DataError
-    from lorakit.lora.files import AdapterFileError
-    return (UserError, DataError, AdapterFileError, DefaultModelMissing, ModelNotFoundError,
-            QuantizationUnsupportedError, FileNotFoundError, ValueError)
-
-
 def _rank() -> str:
     """' (rank R of N)' under torchrun, so that each rank's error reads as its own."""
     rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
@@ -300,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, TrainingDivergedError):
             print(f"lorakit: error{_rank()}: {e}", file=sys.stderr)
             return 1
-        if isinstance(e, _user_error_types()):
+        if isinstance(e, UserError):  # anything else is a bug: it keeps its traceback
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"lorakit: error{_rank()}: {msg}", file=sys.stderr)
             return 2

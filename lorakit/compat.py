@@ -129,6 +129,16 @@ def quantize_params4bit(param, device: torch.device | str):
 TORCH_CHECKED = "2.13.0"
 
 
+def torch_cpu_has(feature: str) -> bool:
+    """torch's own probe of a CPU feature ("avx512_bf16", "amx_tile"): the private
+    `torch.cpu._is_<feature>_supported()`; any failure (a renamed probe) counts as "no"."""
+    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # noqa: BLE001 - a private probe: never let it break loading
+        return False
+
+
 def own_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """A module's own parameters and persistent buffers: its `state_dict` entries without the
     children's (torch keeps non-persistent buffer names in a private set)."""

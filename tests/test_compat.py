@@ -50,3 +50,31 @@ def test_params4bit_quantize():
     p = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
     q = compat.quantize_params4bit(p, "cpu")
     assert q.dtype == torch.uint8 and q.quant_state is not None and q.bnb_quantized
+
+
+def test_torch_private_attributes():
+    from torch import nn
+    assert torch.__version__.split("+")[0] == compat.TORCH_CHECKED, \
+        f"torch {torch.__version__}: re-check lorakit.compat's torch entries"
+    m = nn.Module()
+    m.register_buffer("kept", torch.ones(1))
+    m.register_buffer("scratch", torch.ones(1), persistent=False)
+    assert dict(compat.own_state(m)).keys() == {"kept"} == m.state_dict().keys()
+    assert hasattr(torch.cpu, "_is_avx512_bf16_supported"), "torch.cpu's bf16 probe moved"
+    assert hasattr(torch.cpu, "_is_amx_tile_supported"), "torch.cpu's AMX probe moved"
+
+
+def test_transformers_private_attributes():
+    import transformers
+    from conftest import make_tiny_llama
+    assert transformers.__version__ == compat.TRANSFORMERS_CHECKED, \
+        f"transformers {transformers.__version__}: re-check lorakit.compat's entries"
+    model = make_tiny_llama()
+    assert compat.attn_implementation(model.config) in ("sdpa", "eager")
+    assert compat.no_split_modules(model) == ("LlamaDecoderLayer",)
+    config = model.config
+    config.quantization_config = {"load_in_4bit": True}
+    config._pre_quantization_dtype = torch.bfloat16
+    plain = compat.unquantized_config(config)
+    assert not hasattr(plain, "quantization_config") and not hasattr(plain,
+                                                                     "_pre_quantization_dtype")

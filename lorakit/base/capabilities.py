@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from lorakit import compat
+from lorakit.errors import ConfigError
 
 # Attention implementations whose mask builder honours packed position_ids at any batch size.
 MASKED_IMPLS = ("eager", "sdpa", "flex_attention")
@@ -74,4 +75,4 @@ def check_packing_supported(model, batch_size: int | None = None,
     """Raise ValueError, saying why, when packing would let examples attend to each other."""
     problem = packing_problem(model, batch_size, use_cache)
     if problem:
-        raise ValueError(f"cannot train with packing: {problem}")
+        raise ConfigError(f"cannot train with packing: {problem}")

@@ -69,22 +69,12 @@ def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has native bf16 matmul instructions (AVX512_BF16 or AMX-BF16).
 
     Linux: the `avx512_bf16` / `amx_bf16` flags of /proc/cpuinfo. Elsewhere (no /proc): torch's
-    own CPU probes `torch.cpu._is_avx512_bf16_supported()` / `_is_amx_tile_supported()`. Plain
+    own CPU probes (`lorakit.compat.torch_cpu_has`). Plain
     AVX2/AVX512 CPUs emulate bf16 matmuls, slower than fp32, so they do not count; neither do
     ARM CPUs, where torch's bf16 kernels are not reliably faster than fp32 yet.
     """
-    flags = _cpuinfo_flags()
-    if flags:
-        return bool(flags & {"avx512_bf16", "amx_bf16"})
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    for name in probes:
-        fn = getattr(torch.cpu, name, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # private API: treat any failure as "no"
-            pass
-    return False
+    has = cpu_features()
+    return has["avx512_bf16"] or has["amx_bf16"]
 
 
 def _cpuinfo_value(key: str) -> str | None:
@@ -113,15 +103,9 @@ def cpu_features() -> dict[str, bool]:
     if flags:
         return {name: name in flags for name in CPU_FEATURES}
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
-
-    def probe(name: str) -> bool:
-        try:
-            return bool(getattr(torch.cpu, name)())
-        except Exception:  # private API: treat any failure as "no"
-            return False
     return {"avx2": capability in ("AVX2", "AVX512"), "avx512f": capability == "AVX512",
-            "avx512_bf16": probe("_is_avx512_bf16_supported"),
-            "amx_bf16": probe("_is_amx_tile_supported")}
+            "avx512_bf16": compat.torch_cpu_has("avx512_bf16"),
+            "amx_bf16": compat.torch_cpu_has("amx_tile")}
 
 
 def machine_summary() -> str:

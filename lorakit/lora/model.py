@@ -154,8 +154,12 @@ class LoraModel(nn.Module):
         for name in targets:
             module = self.model.get_submodule(name)
             if not isinstance(module, LoraLayer):
-                if backends.is_fan_in_fan_out(module):
-                    config.fan_in_fan_out = True  # as PEFT does: Conv1D stores W transposed
+                if backends.is_fan_in_fan_out(module) and not config.fan_in_fan_out:
+                    # as PEFT does, and says: Conv1D stores W transposed; the adapter's own
+                    # config (a copy) records it, the caller's object is left as it was
+                    warnings.warn(f"fan_in_fan_out is False but {name} is a Conv1D; setting "
+                                  "fan_in_fan_out=True in this adapter's config", stacklevel=3)
+                    config.fan_in_fan_out = True
                 module = LoraLayer(module)
                 self.model.set_submodule(name, module)
             r, alpha = config.rank_and_alpha(name)

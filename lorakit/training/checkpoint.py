@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.atomic import atomic_directory
+from lorakit.errors import InputNotFoundError
 from lorakit.lora.files import adapter_dir, load_adapter_weights
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -93,7 +94,7 @@ def load_checkpoint(path: str | Path, lora_model, optimizer: torch.optim.Optimiz
     """Restore adapter weights, optimizer, scheduler and RNG; return where the run was."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a lorakit checkpoint (no trainer_state.json)")
+        raise InputNotFoundError(f"{path} is not a lorakit checkpoint (no trainer_state.json)")
     for name in lora_model.list_adapters():
         sub = adapter_dir(path, name)
         load_adapter_weights(lora_model, sub, name)

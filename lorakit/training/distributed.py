@@ -65,12 +65,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lorakit import compat
+from lorakit.errors import UserError
+from lorakit.lora import backends
 from lorakit.training.config import TrainConfig, canonical_mode
 
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """A multi-process launch that cannot work; raised alike on every rank, before collectives."""
 
 
@@ -249,7 +252,7 @@ class MultiProcessGroup(ProcessGroup):
     def check_model(self, model: nn.Module) -> None:
         if self.mode != "fsdp2":
             return
-        int8 = [n for n, p in model.named_parameters() if type(p).__name__ == "Int8Params"]
+        int8 = [n for n, m in model.named_modules() if backends.is_linear8bit(m)]
         if int8:
             raise LaunchError(
                 f"distributed_mode='fsdp2' cannot shard bitsandbytes 8-bit weights ({int8[0]}): "
@@ -308,7 +311,7 @@ class MultiProcessGroup(ProcessGroup):
 
     @staticmethod
     def _decoder_layers(hf: nn.Module) -> list[nn.Module]:
-        names = set(getattr(hf, "_no_split_modules", None) or ())
+        names = set(compat.no_split_modules(hf))
         return [m for m in hf.modules() if type(m).__name__ in names]
 
     def _shard(self, model: nn.Module, device: torch.device) -> None:
@@ -341,7 +344,7 @@ class MultiProcessGroup(ProcessGroup):
                         p.data = p.data.to(device)
                 for name, b in module.named_buffers(recurse=False):
                     if b.device != device:
-                        module._buffers[name] = b.to(device)
+                        setattr(module, name, b.to(device))  # stays a (persistent) buffer
 
     # -- collectives in the loop --------------------------------------------------------------
     def seed_step(self, seed: int, step: int) -> None:

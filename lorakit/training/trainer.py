@@ -33,12 +33,14 @@ from lorakit.base.loading import bf16_is_fast, resolve_device
 from lorakit.base.quantize import enable_checkpointing
 from lorakit.data import (
     IGNORE_INDEX,
+    DataError,
     LengthGroupedBatches,
     SFTData,
     collate,
     pack,
     prepare_dataset,
 )
+from lorakit.errors import InputNotFoundError
 from lorakit.training.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -124,7 +126,7 @@ class SFTTrainer:
                                        format=self.args.dataset_format,
                                        chat_template=self.args.chat_template)
         if len(prepared) == 0:
-            raise ValueError(f"{split} data has no usable rows: {prepared.stats.as_dict()}")
+            raise DataError(f"{split} data has no usable rows: {prepared.stats.as_dict()}")
         if self.args.packing and split == "train":
             # a KV cache would switch off transformers' packed-sequence isolation: the loss's
             # forwards pass use_cache=False (the model's config is left as the user set it)
@@ -315,7 +317,7 @@ class SFTTrainer:
         # every rank reads it: the same one, or all stop here
         self.group.check_same("the checkpoint to resume from", path and str(path))
         if path is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {out}")
+            raise InputNotFoundError(f"no checkpoint to resume from in {out}")
         state = load_checkpoint(path, self.model, optimizer, scheduler)
         self._log(f"resumed from {path} at step {state.step}")
         return state
