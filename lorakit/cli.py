@@ -30,18 +30,33 @@ __all__ = ["SINGLE_PROCESS_ALIASES", "build_parser", "main"]
 
 # ---------------------------------------------------------------------------------- sub-commands
 
-def _load_base(name: str | None, dtype: str = "auto", quantization: str | None = None,
-               trust_remote_code: bool = False, device=None):
+
+def _load_base(
+    name: str | None,
+    dtype: str = "auto",
+    quantization: str | None = None,
+    trust_remote_code: bool = False,
+    device=None,
+):
     from lorakit.base import load_model
-    return load_model(name, dtype=dtype, quantization=quantization,
-                      trust_remote_code=trust_remote_code, device=device)
+
+    return load_model(
+        name,
+        dtype=dtype,
+        quantization=quantization,
+        trust_remote_code=trust_remote_code,
+        device=device,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.recipes import SFTRecipe, summary_lines
 
-    cfg = run_config(args.config, {spelling: getattr(args, _dest(spelling))
-                                   for spelling in TRAIN_FLAGS}, args.set or [])
+    cfg = run_config(
+        args.config,
+        {spelling: getattr(args, _dest(spelling)) for spelling in TRAIN_FLAGS},
+        args.set or [],
+    )
     recipe = SFTRecipe(cfg).setup()
     outcome = recipe.train(resume=args.resume)
     for line in summary_lines(outcome) if recipe.is_main else []:
@@ -49,10 +64,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_with_adapters(model_name: str | None, adapters: list[str], dtype: str = "auto",
-                        quantization: str | None = None):
+def _load_with_adapters(
+    model_name: str | None,
+    adapters: list[str],
+    dtype: str = "auto",
+    quantization: str | None = None,
+):
     from lorakit.lora import LoraModel
     from lorakit.lora.files import read_adapter_config
+
     model, tokenizer = _load_base(model_name, dtype, quantization)
     if not adapters:
         return model, tokenizer, None
@@ -76,18 +96,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer, _ = _load_with_adapters(args.model, args.adapter or [], args.dtype)
     if not hasattr(model, "peft_config"):  # evaluate the bare base model through the same path
         from lorakit.lora.model import LoraModel
+
         model = LoraModel(model, None)
-    trainer = SFTTrainer(model, TrainConfig(output_dir=tempfile.gettempdir(),
-                                            max_length=args.max_length,
-                                            per_device_eval_batch_size=args.batch_size),
-                         tokenizer=tokenizer)
+    trainer = SFTTrainer(
+        model,
+        TrainConfig(
+            output_dir=tempfile.gettempdir(),
+            max_length=args.max_length,
+            per_device_eval_batch_size=args.batch_size,
+        ),
+        tokenizer=tokenizer,
+    )
     metrics = trainer.evaluate(args.data)
     examples = completion_examples(load_records(args.data))
     if examples and not args.no_generate:
-        rate, _ = exact_match_rate(model, tokenizer, examples[:args.limit or None],
-                                   args.max_new_tokens, args.batch_size)
+        rate, _ = exact_match_rate(
+            model, tokenizer, examples[: args.limit or None], args.max_new_tokens, args.batch_size
+        )
         metrics["exact_match"] = rate
-        metrics["exact_match_rows"] = len(examples[:args.limit or None])
+        metrics["exact_match_rows"] = len(examples[: args.limit or None])
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -98,6 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lorakit.serving.generate import generate_texts
+
     model, tokenizer, lora = _load_with_adapters(args.model, args.adapter or [], args.dtype)
     if args.merged:
         if lora is None:
@@ -105,12 +133,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model = lora.merge_and_unload(safe_merge=True)
     if args.seed is not None:
         import torch
+
         torch.manual_seed(args.seed)
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompts = [system + [{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
-    outs = generate_texts(model, tokenizer, prompts, args.max_new_tokens,
-                          do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                          top_p=args.top_p)
+    outs = generate_texts(
+        model,
+        tokenizer,
+        prompts,
+        args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or 1.0,
+        top_p=args.top_p,
+    )
     for text in outs:
         print(text.strip() if args.chat else text)
     return 0
@@ -119,6 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit.lora import LoraModel, export_merged
     from lorakit.lora.files import read_adapter_config
+
     read_adapter_config(args.adapter)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
@@ -142,6 +178,7 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
         read_adapter_weights,
         read_weights_header,
     )
+
     path = Path(path)
     config = read_adapter_config(path)
     raw = json.loads((path / CONFIG_NAME).read_text())
@@ -155,23 +192,39 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
     size = weights.stat().st_size
     n_params = sum(math.prod(shape) for shape, _ in header.values())
     dtypes = {dtype for _, dtype in header.values()}
-    modules = {key.removeprefix("base_model.model.").split(".lora_A.")[0] for key in header
-               if ".lora_A." in key}
+    modules = {
+        key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        for key in header
+        if ".lora_A." in key
+    }
     init = config.init_lora_weights
-    variant = ("DoRA" if config.use_dora else "LoRA") + (" + rsLoRA" if config.use_rslora else "") \
+    variant = (
+        ("DoRA" if config.use_dora else "LoRA")
+        + (" + rsLoRA" if config.use_rslora else "")
         + (" (PiSSA init)" if isinstance(init, str) and init.startswith("pissa") else "")
+    )
     targets = config.target_modules
     return {
-        "path": str(path), "base_model": config.base_model_name_or_path, "variant": variant,
-        "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-        "bias": config.bias, "rank_pattern": config.rank_pattern or None,
+        "path": str(path),
+        "base_model": config.base_model_name_or_path,
+        "variant": variant,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "bias": config.bias,
+        "rank_pattern": config.rank_pattern or None,
         "target_modules": sorted({t.rsplit(".", 1)[-1] for t in targets})
-        if isinstance(targets, list) else targets,
-        "adapted_layers": len(modules), "modules_to_save": config.modules_to_save,
-        "parameters": n_params, "dtypes": sorted(dtypes), "file_bytes": size,
+        if isinstance(targets, list)
+        else targets,
+        "adapted_layers": len(modules),
+        "modules_to_save": config.modules_to_save,
+        "parameters": n_params,
+        "dtypes": sorted(dtypes),
+        "file_bytes": size,
         "written_by": f"peft {raw['peft_version']}" if "peft_version" in raw else "lorakit",
-        "other_adapters": sorted(p.name for p in path.iterdir()
-                                 if (p / CONFIG_NAME).is_file()) if path.is_dir() else [],
+        "other_adapters": sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file())
+        if path.is_dir()
+        else [],
     }
 
 
@@ -192,30 +245,49 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorakit.demo.run import run_demo
+
     return run_demo(output_dir=args.output, max_steps=args.max_steps, n_eval=args.eval_rows)
 
 
 # ------------------------------------------------------------------------------------ arguments
+
 
 def _dest(spelling: str) -> str:
     return spelling.lstrip("-").replace("-", "_")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA fine-tuning of causal LMs")
+    p = argparse.ArgumentParser(
+        prog="lorakit", description="LoRA / QLoRA fine-tuning of causal LMs"
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune with LoRA (YAML config + flag overrides)")
     t.add_argument("--config", help="YAML file with model/data/lora/training/output sections")
     for spelling, flag in TRAIN_FLAGS.items():  # one per config field, from the run config
-        t.add_argument(spelling, *flag.aliases, dest=_dest(spelling), help=flag.help or None,
-                       type=field_type(flag.section, flag.key) if flag.choices is None else None,
-                       choices=flag.choices)
-    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint in --output, or from CHECKPOINT")
-    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override any config field, e.g. training.warmup_ratio=0.1")
+        t.add_argument(
+            spelling,
+            *flag.aliases,
+            dest=_dest(spelling),
+            help=flag.help or None,
+            type=field_type(flag.section, flag.key) if flag.choices is None else None,
+            choices=flag.choices,
+        )
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in --output, or from CHECKPOINT",
+    )
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override any config field, e.g. training.warmup_ratio=0.1",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="eval loss / perplexity / token accuracy / exact match")
@@ -227,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     e.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     e.add_argument("--limit", type=int, default=0, help="score exact match on the first N rows")
-    e.add_argument("--no-generate", dest="no_generate", action="store_true",
-                   help="skip exact-match generation")
+    e.add_argument(
+        "--no-generate", dest="no_generate", action="store_true", help="skip exact-match generation"
+    )
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -285,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         from lorakit.training import TrainingDivergedError
+
         if isinstance(e, TrainingDivergedError):
             print(f"lorakit: error{_rank()}: {e}", file=sys.stderr)
             return 1
@@ -296,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "torch.distributed" in sys.modules:  # under torchrun: leave the process group
             from lorakit.training.distributed import shutdown
+
             shutdown()
 
 

@@ -23,8 +23,9 @@ def hf_model(model):
     return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
 
 
-def packing_problem(model, batch_size: int | None = None,
-                    use_cache: bool | None = None) -> str | None:
+def packing_problem(
+    model, batch_size: int | None = None, use_cache: bool | None = None
+) -> str | None:
     """Why `model` would let packed examples attend to each other, or None when it would not.
 
     batch_size: rows per forward; flash attention isolates packed examples only with 1 (None:
@@ -39,15 +40,21 @@ def packing_problem(model, batch_size: int | None = None,
     impl = compat.attn_implementation(config)
     if impl in FLASH_IMPLS:
         if batch_size != 1:
-            return (f"attention implementation {impl!r} separates packed examples only in a "
-                    "batch of one row; use batch size 1, or 'sdpa'")
+            return (
+                f"attention implementation {impl!r} separates packed examples only in a "
+                "batch of one row; use batch size 1, or 'sdpa'"
+            )
     elif impl not in MASKED_IMPLS:
-        return (f"attention implementation {impl!r} does not separate packed examples; use one "
-                f"of {MASKED_IMPLS + FLASH_IMPLS}")
+        return (
+            f"attention implementation {impl!r} does not separate packed examples; use one "
+            f"of {MASKED_IMPLS + FLASH_IMPLS}"
+        )
     if use_cache or (use_cache is None and getattr(config, "use_cache", False)):
-        return ("model.config.use_cache is True: the forward then builds a KV cache, and with a "
-                "cache transformers ignores packed position_ids; set model.config.use_cache = "
-                "False for training")
+        return (
+            "model.config.use_cache is True: the forward then builds a KV cache, and with a "
+            "cache transformers ignores packed position_ids; set model.config.use_cache = "
+            "False for training"
+        )
     return None
 
 
@@ -59,19 +66,21 @@ def mask_builder_problem(model) -> str | None:
         return f"{type(model).__name__} is not a transformers model"
     module = sys.modules.get(type(base).__module__)
     if not any(hasattr(module, f) for f in _MASK_BUILDERS):
-        return (f"{type(base).__name__} does not build its attention mask with "
-                "transformers.masking_utils")
+        return (
+            f"{type(base).__name__} does not build its attention mask with "
+            "transformers.masking_utils"
+        )
     return None
 
 
-def packing_supported(model, batch_size: int | None = None,
-                      use_cache: bool | None = None) -> bool:
+def packing_supported(model, batch_size: int | None = None, use_cache: bool | None = None) -> bool:
     """Whether packed examples stay isolated in `model` (see `packing_problem` for why not)."""
     return packing_problem(model, batch_size, use_cache) is None
 
 
-def check_packing_supported(model, batch_size: int | None = None,
-                            use_cache: bool | None = None) -> None:
+def check_packing_supported(
+    model, batch_size: int | None = None, use_cache: bool | None = None
+) -> None:
     """Raise ValueError, saying why, when packing would let examples attend to each other."""
     problem = packing_problem(model, batch_size, use_cache)
     if problem:

@@ -20,8 +20,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ConfigError(f"ModelConfig.dtype={self.dtype!r} is invalid: must be one of "
-                              f"{DTYPE_CHOICES}")
+            raise ConfigError(
+                f"ModelConfig.dtype={self.dtype!r} is invalid: must be one of {DTYPE_CHOICES}"
+            )
         if self.quantization is not None and self.quantization not in QUANT_TYPES:
-            raise ConfigError(f"ModelConfig.quantization={self.quantization!r} is invalid: must "
-                              f"be None or one of {QUANT_TYPES}")
+            raise ConfigError(
+                f"ModelConfig.quantization={self.quantization!r} is invalid: must "
+                f"be None or one of {QUANT_TYPES}"
+            )

@@ -106,16 +106,23 @@ class _Progress:
 
     def stage(self, text: str) -> None:
         self.step += 1
-        print(f"lorakit: [{self.step}/{self.total}] {text} ({time.time() - self.t0:.0f} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"lorakit: [{self.step}/{self.total}] {text} ({time.time() - self.t0:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"lorakit: converting the default model {gguf.name} once into {out_dir.parent} "
-          f"(about a minute; later loads take about a second)", file=sys.stderr, flush=True)
+    print(
+        f"lorakit: converting the default model {gguf.name} once into {out_dir.parent} "
+        f"(about a minute; later loads take about a second)",
+        file=sys.stderr,
+        flush=True,
+    )
     progress = _Progress(total=4)
     kw = dict(gguf_file=gguf.name)
     progress.stage("reading the tokenizer")
@@ -138,5 +145,8 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     progress.stage(f"writing safetensors into {out_dir.parent}")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    print(f"lorakit: default model cached in {time.time() - progress.t0:.1f} s", file=sys.stderr,
-          flush=True)
+    print(
+        f"lorakit: default model cached in {time.time() - progress.t0:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )

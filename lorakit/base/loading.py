@@ -30,9 +30,12 @@ from .default_model import default_model_dir
 from .quantize import QUANT_TYPES
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
 }
 
 
@@ -45,6 +48,7 @@ class QuantizationUnsupportedError(UserError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------------- dtype / device
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """None/"auto" -> the first CUDA device if there is one, else the CPU."""
@@ -93,8 +97,12 @@ def _cpuinfo_value(key: str) -> str | None:
 # what the summary calls each /proc/cpuinfo flag; the bf16 ones decide the CPU paths (bf16
 # autocast, bitsandbytes' tiled 4-bit layout), so a result is only comparable between machines
 # that agree on them
-CPU_FEATURES: dict[str, str] = {"avx2": "AVX2", "avx512f": "AVX-512",
-                                "avx512_bf16": "AVX-512-BF16", "amx_bf16": "AMX-BF16"}
+CPU_FEATURES: dict[str, str] = {
+    "avx2": "AVX2",
+    "avx512f": "AVX-512",
+    "avx512_bf16": "AVX-512-BF16",
+    "amx_bf16": "AMX-BF16",
+}
 
 
 def cpu_features() -> dict[str, bool]:
@@ -103,23 +111,30 @@ def cpu_features() -> dict[str, bool]:
     if flags:
         return {name: name in flags for name in CPU_FEATURES}
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
-    return {"avx2": capability in ("AVX2", "AVX512"), "avx512f": capability == "AVX512",
-            "avx512_bf16": compat.torch_cpu_has("avx512_bf16"),
-            "amx_bf16": compat.torch_cpu_has("amx_tile")}
+    return {
+        "avx2": capability in ("AVX2", "AVX512"),
+        "avx512f": capability == "AVX512",
+        "avx512_bf16": compat.torch_cpu_has("avx512_bf16"),
+        "amx_bf16": compat.torch_cpu_has("amx_tile"),
+    }
 
 
 def machine_summary() -> str:
     """One line tying a test or benchmark result to its machine: CPU, vector features, whether
     training autocasts to bf16 by default, torch version and threads."""
     import platform
+
     cpu = _cpuinfo_value("model name") or platform.processor() or platform.machine()
     has = cpu_features()
-    features = ", ".join(f"{label} {'yes' if has[flag] else 'no'}"
-                         for flag, label in CPU_FEATURES.items())
+    features = ", ".join(
+        f"{label} {'yes' if has[flag] else 'no'}" for flag, label in CPU_FEATURES.items()
+    )
     device = resolve_device(None)
     autocast = "on" if bf16_is_fast(device) else "off"
-    return (f"CPU: {cpu} | {features} | bf16 autocast (training default, {device.type}): "
-            f"{autocast} | torch {torch.__version__}, {torch.get_num_threads()} threads")
+    return (
+        f"CPU: {cpu} | {features} | bf16 autocast (training default, {device.type}): "
+        f"{autocast} | torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
 
 def bf16_is_fast(device: str | torch.device | None = None) -> bool:
@@ -136,9 +151,10 @@ def bf16_is_fast(device: str | torch.device | None = None) -> bool:
     return False
 
 
-def resolve_dtype(dtype: str | torch.dtype = "auto",
-                  device: str | torch.device | None = None) -> torch.dtype:
-    """"auto" -> bf16 where `device` computes it fast (see `bf16_is_fast`), else fp32."""
+def resolve_dtype(
+    dtype: str | torch.dtype = "auto", device: str | torch.device | None = None
+) -> torch.dtype:
+    """ "auto" -> bf16 where `device` computes it fast (see `bf16_is_fast`), else fp32."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
@@ -148,11 +164,13 @@ def resolve_dtype(dtype: str | torch.dtype = "auto",
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or "
-                         f"'float16'") from None
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------ quantization
+
 
 @functools.lru_cache(maxsize=None)
 def _probe_quantization(quantization: str, device_type: str) -> str | None:
@@ -162,6 +180,7 @@ def _probe_quantization(quantization: str, device_type: str) -> str | None:
     except ImportError as e:
         return f"bitsandbytes cannot be imported ({e.__cause__ or e})"
     from .quantize import quantize_model
+
     try:
         with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays untouched
             torch.manual_seed(0)
@@ -170,41 +189,56 @@ def _probe_quantization(quantization: str, device_type: str) -> str | None:
             with torch.no_grad():
                 probe(torch.randn(2, 64, device=device_type))
     except Exception as e:
-        return f"bitsandbytes {bnb.__version__} failed on a {device_type} test layer: " \
-               f"{type(e).__name__}: {e}"
+        return (
+            f"bitsandbytes {bnb.__version__} failed on a {device_type} test layer: "
+            f"{type(e).__name__}: {e}"
+        )
     return None
 
 
 def check_quantization_supported(quantization: str, device: str | torch.device | None = None):
     """Raise `QuantizationUnsupportedError` unless bitsandbytes runs `quantization` on `device`."""
     if quantization not in QUANT_TYPES:
-        raise ValueError(f"unknown quantization {quantization!r}; use None or one of "
-                         f"{', '.join(QUANT_TYPES)}")
+        raise ValueError(
+            f"unknown quantization {quantization!r}; use None or one of {', '.join(QUANT_TYPES)}"
+        )
     device = resolve_device(device)
     reason = _probe_quantization(quantization, device.type)
     if reason is not None:
         raise QuantizationUnsupportedError(
-            f"quantization={quantization!r} is not available on {device.type}: {reason}")
+            f"quantization={quantization!r} is not available on {device.type}: {reason}"
+        )
 
 
 def bnb_config(quantization: str, compute_dtype: torch.dtype):
     """transformers `BitsAndBytesConfig` for our quantization names (NF4/FP4 with double quant;
     bitsandbytes' default 4-bit blocksize is 64 on CPU and CUDA)."""
     from transformers import BitsAndBytesConfig
+
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
-                              bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_quant_storage=torch.uint8)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
 
 
 # ------------------------------------------------------------------------------------------ source
 
+
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else can only be meant as a filesystem path.
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-            or os.sep != "/" and os.sep in name or os.path.exists(name))
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+        or os.path.exists(name)
+    )
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -243,7 +277,8 @@ def _not_found(name: str, why: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"cannot load model {name!r}: {why}. Pass a local directory holding a transformers model "
         f"(config.json + weights), a Hugging Face Hub id with the hub reachable, or no name for "
-        f"the embedded default model.")
+        f"the embedded default model."
+    )
 
 
 def resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
@@ -266,6 +301,7 @@ def resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, dict[st
 
 # -------------------------------------------------------------------------------------- load_model
 
+
 def _release_checkpoint_mapping(model) -> None:
     """Give non-quantized CPU parameters their own memory.
 
@@ -285,11 +321,18 @@ def _release_checkpoint_mapping(model) -> None:
                 p.data = p.data.clone()  # in place on the Parameter: tied weights stay tied
 
 
-
-def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto",
-               quantization: str | None = None, *, device: str | torch.device | None = None,
-               compute_dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
-               revision: str | None = None, tokenizer: bool = True, **from_pretrained_kwargs):
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "auto",
+    quantization: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    compute_dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    tokenizer: bool = True,
+    **from_pretrained_kwargs,
+):
     """Load a causal LM and its tokenizer -> (model, tokenizer); the model is in eval mode.
 
     dtype: dtype of the (frozen) base weights, "auto" = bf16 where `device` computes it fast,
@@ -322,15 +365,23 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
     kwargs.update(from_pretrained_kwargs)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tok = (AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                             **{k: v for k, v in kwargs.items()
-                                                if k in ("revision", "local_files_only")})
-               if tokenizer else None)
+        tok = (
+            AutoTokenizer.from_pretrained(
+                source,
+                trust_remote_code=trust_remote_code,
+                **{k: v for k, v in kwargs.items() if k in ("revision", "local_files_only")},
+            )
+            if tokenizer
+            else None
+        )
     except OSError as e:
         if os.path.isdir(source):
             raise
-        why = ("the hub is not reachable and it is not in the local hub cache"
-               if extra.get("local_files_only") else f"the hub could not provide it ({e})")
+        why = (
+            "the hub is not reachable and it is not in the local hub cache"
+            if extra.get("local_files_only")
+            else f"the hub could not provide it ({e})"
+        )
         raise _not_found(source, f"no such local directory, and {why}") from e
     if quantization is None and model.device != device:
         model.to(device)

@@ -19,11 +19,17 @@ from lorakit.base.modules import name_matches
 QUANT_TYPES = ("nf4", "fp4", "int8")  # the quantization names lorakit takes, everywhere
 
 
-def quantize_model(model: nn.Module, quant_type: str = "nf4",
-                   compute_dtype: torch.dtype | None = None, skip: Iterable[str] = ("lm_head",),
-                   *, double_quant: bool = True, blocksize: int = 64,
-                   quant_storage: torch.dtype = torch.uint8,
-                   int8_threshold: float = 6.0) -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype | None = None,
+    skip: Iterable[str] = ("lm_head",),
+    *,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    quant_storage: torch.dtype = torch.uint8,
+    int8_threshold: float = 6.0,
+) -> nn.Module:
     """Replace the model's `nn.Linear` layers by bitsandbytes quantized layers, in place.
 
     quant_type: "nf4" / "fp4" -> `Linear4bit` (double quantization unless `double_quant=False`),
@@ -53,21 +59,41 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4",
             continue
         device, has_bias = old.weight.device, old.bias is not None
         if quant_type == "int8":
-            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=has_bias,
-                                      has_fp16_weights=False, threshold=int8_threshold,
-                                      device="meta")
+            new = bnb.nn.Linear8bitLt(
+                old.in_features,
+                old.out_features,
+                bias=has_bias,
+                has_fp16_weights=False,
+                threshold=int8_threshold,
+                device="meta",
+            )
             # Int8Params quantizes when it moves off the CPU-resident float weight
-            new.weight = bnb.nn.Int8Params(old.weight.data.cpu(), requires_grad=False,
-                                           has_fp16_weights=False).to(device)
+            new.weight = bnb.nn.Int8Params(
+                old.weight.data.cpu(), requires_grad=False, has_fp16_weights=False
+            ).to(device)
         else:
-            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=has_bias,
-                                    compute_dtype=compute_dtype or old.weight.dtype,
-                                    compress_statistics=double_quant, quant_type=quant_type,
-                                    quant_storage=quant_storage, device="meta")
+            new = bnb.nn.Linear4bit(
+                old.in_features,
+                old.out_features,
+                bias=has_bias,
+                compute_dtype=compute_dtype or old.weight.dtype,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+                quant_storage=quant_storage,
+                device="meta",
+            )
             new.weight = compat.quantize_params4bit(
-                bnb.nn.Params4bit(old.weight.data, requires_grad=False, blocksize=blocksize,
-                                  compress_statistics=double_quant, quant_type=quant_type,
-                                  quant_storage=quant_storage, module=new), device)
+                bnb.nn.Params4bit(
+                    old.weight.data,
+                    requires_grad=False,
+                    blocksize=blocksize,
+                    compress_statistics=double_quant,
+                    quant_type=quant_type,
+                    quant_storage=quant_storage,
+                    module=new,
+                ),
+                device,
+            )
             compat.keep_regular_layout(new)
         if has_bias:
             new.bias = nn.Parameter(old.bias.data, requires_grad=False)
@@ -79,8 +105,11 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4",
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> bitsandbytes quantized linear layer (4-bit or 8-bit)."""
     bnb = compat.bitsandbytes()
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    }
 
 
 def quantized_storage_bits(model: nn.Module) -> tuple[int, int]:
@@ -114,6 +143,7 @@ def quantized_storage_bits(model: nn.Module) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------------- k-bit training
 
+
 def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None) -> None:
     """Activation (gradient) checkpointing of every decoder layer, non-reentrant by default.
     transformers >= 5.2x names it `activation_checkpointing_enable` (the old name goes in v6)."""
@@ -124,8 +154,11 @@ def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False,
-                              gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+def prepare_for_kbit_training(
+    model: nn.Module,
+    gradient_checkpointing: bool = False,
+    gradient_checkpointing_kwargs: dict | None = None,
+) -> nn.Module:
     """Ready a (quantized) base model for adapter training, in place.
 
     Freezes every base parameter; with `gradient_checkpointing`, enables it (non-reentrant

@@ -15,7 +15,18 @@ from .formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, FORMATS, detect_form
 from .sources import load_records
 
 __all__ = [
-    "load_records", "prepare_dataset", "SFTData", "SFTStats", "DataError", "ChatTemplateError",
-    "collate", "LengthGroupedBatches", "pack", "detect_format", "FORMATS", "ALPACA_PROMPT",
-    "ALPACA_PROMPT_NO_INPUT", "IGNORE_INDEX",
+    "load_records",
+    "prepare_dataset",
+    "SFTData",
+    "SFTStats",
+    "DataError",
+    "ChatTemplateError",
+    "collate",
+    "LengthGroupedBatches",
+    "pack",
+    "detect_format",
+    "FORMATS",
+    "ALPACA_PROMPT",
+    "ALPACA_PROMPT_NO_INPUT",
+    "IGNORE_INDEX",
 ]

@@ -23,8 +23,9 @@ import torch
 from .dataset import IGNORE_INDEX
 
 
-def collate(examples: Sequence[dict], pad_token_id: int | None,
-            pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    examples: Sequence[dict], pad_token_id: int | None, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """Right-pad examples into tensors: input_ids, attention_mask, labels (padding: -100).
 
     Padding is told apart by length (hence by attention_mask), never by token id: the pad token
@@ -67,6 +68,7 @@ def collate(examples: Sequence[dict], pad_token_id: int | None,
 
 # --------------------------------------------------------------------------------------- sampler
 
+
 class LengthGroupedBatches:
     """Batches of indices of similar length, to waste little compute on padding.
 
@@ -79,8 +81,15 @@ class LengthGroupedBatches:
     Use as a DataLoader `batch_sampler` (call `set_epoch` each epoch), or iterate `iter_from`.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False, mega_batches: int = 50):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        mega_batches: int = 50,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -111,9 +120,9 @@ class LengthGroupedBatches:
         chunk = b * self.mega_batches
         batches: list[list[int]] = []
         for lo in range(0, n, chunk):
-            part = order[lo: lo + chunk]
+            part = order[lo : lo + chunk]
             part = part[np.argsort(-self.lengths[part], kind="stable")]
-            batches += [part[i: i + b].tolist() for i in range(0, len(part), b)]
+            batches += [part[i : i + b].tolist() for i in range(0, len(part), b)]
         # Chunks hold whole batches, so only the very last batch can be short.
         if self.drop_last and batches and len(batches[-1]) < b:
             batches.pop()
@@ -123,6 +132,7 @@ class LengthGroupedBatches:
 
 
 # --------------------------------------------------------------------------------------- packing
+
 
 def pack(examples: Sequence[dict], max_length: int) -> list[dict[str, list[int]]]:
     """Pack examples into rows of at most `max_length` tokens, with position_ids per example.
@@ -136,8 +146,10 @@ def pack(examples: Sequence[dict], max_length: int) -> list[dict[str, list[int]]
     lengths = [len(e["input_ids"]) for e in examples]
     for i, n in enumerate(lengths):
         if n > max_length:
-            raise ValueError(f"example {i} has {n} tokens, more than max_length={max_length}; "
-                             "truncate first (prepare_dataset does)")
+            raise ValueError(
+                f"example {i} has {n} tokens, more than max_length={max_length}; "
+                "truncate first (prepare_dataset does)"
+            )
         if n == 0:
             raise ValueError(f"example {i} is empty")
     rows: list[list[int]] = []

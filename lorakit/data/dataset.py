@@ -59,8 +59,13 @@ class SFTData:
         return [len(e["input_ids"]) for e in self.examples]
 
 
-def prepare_dataset(source: Source, tokenizer, max_length: int, format: str | None = None,
-                    chat_template: str | None = None) -> SFTData:
+def prepare_dataset(
+    source: Source,
+    tokenizer,
+    max_length: int,
+    format: str | None = None,
+    chat_template: str | None = None,
+) -> SFTData:
     """Read, check, render and tokenize `source` into examples of at most `max_length` tokens.
 
     format: "text", "messages", "prompt_completion" or "alpaca"; detected from the fields if None.
@@ -69,8 +74,10 @@ def prepare_dataset(source: Source, tokenizer, max_length: int, format: str | No
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError("prepare_dataset needs a fast (Rust `tokenizers`) tokenizer: it maps "
-                        "characters to tokens with the tokenizer's offset mapping")
+        raise TypeError(
+            "prepare_dataset needs a fast (Rust `tokenizers`) tokenizer: it maps "
+            "characters to tokens with the tokenizer's offset mapping"
+        )
     records, origin, fmt = read_records(source, format)
 
     markers = end_of_turn_markers(tokenizer)
@@ -105,7 +112,7 @@ def _tokenize(rendered: list[Rendered], tokenizer):
     """(input_ids, labels) per rendered row, in order."""
     eos = tokenizer.eos_token_id
     for lo in range(0, len(rendered), _TOKENIZE_CHUNK):
-        chunk = rendered[lo: lo + _TOKENIZE_CHUNK]
+        chunk = rendered[lo : lo + _TOKENIZE_CHUNK]
         encoded: list = [None] * len(chunk)
         # Chat templates write their own special tokens (BOS included), so the tokenizer adds
         # none, as apply_chat_template does; plain text gets the tokenizer's usual ones.
@@ -113,9 +120,13 @@ def _tokenize(rendered: list[Rendered], tokenizer):
             idx = [j for j, r in enumerate(chunk) if r.chat == chat]
             if not idx:
                 continue
-            enc = tokenizer([chunk[j].text for j in idx], add_special_tokens=not chat,
-                            return_offsets_mapping=True, return_attention_mask=False,
-                            truncation=False)
+            enc = tokenizer(
+                [chunk[j].text for j in idx],
+                add_special_tokens=not chat,
+                return_offsets_mapping=True,
+                return_attention_mask=False,
+                truncation=False,
+            )
             for k, j in enumerate(idx):
                 encoded[j] = (enc["input_ids"][k], enc["offset_mapping"][k])
         for r, (ids, offsets) in zip(chunk, encoded):
@@ -132,8 +143,9 @@ def _tokenize(rendered: list[Rendered], tokenizer):
             yield ids, labels
 
 
-def token_labels(ids: list[int], offsets: list[tuple[int, int]],
-                 spans: list[tuple[int, int]]) -> list[int]:
+def token_labels(
+    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
     """Labels: the token id where the token's characters overlap a span, else -100.
 
     Tokens without characters (special tokens the tokenizer adds, e.g. BOS) are never trained.

@@ -85,6 +85,7 @@ def detect_format(fields: Mapping[str, Any] | Iterable[str]) -> str:
 
 # ---------------------------------------------------------------------------------------- checks
 
+
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -96,14 +97,18 @@ def _messages_problem(field: str, value: Any, need_assistant: bool) -> str | Non
         return f"field '{field}' is an empty list"
     for j, m in enumerate(value):
         if not isinstance(m, dict):
-            return (f"field '{field}' must be a list of {{role, content}} dicts; "
-                    f"item {j} is {_type_name(m)}")
+            return (
+                f"field '{field}' must be a list of {{role, content}} dicts; "
+                f"item {j} is {_type_name(m)}"
+            )
         for key in ("role", "content"):
             if key not in m:
                 return f"field '{field}': message {j} has no '{key}'"
             if not isinstance(m[key], str):
-                return (f"field '{field}': message {j} '{key}' must be a string, "
-                        f"got {_type_name(m[key])}")
+                return (
+                    f"field '{field}': message {j} '{key}' must be a string, "
+                    f"got {_type_name(m[key])}"
+                )
     if need_assistant and not any(m["role"] == "assistant" for m in value):
         return f"field '{field}' has no assistant message, so nothing to train on"
     return None
@@ -129,8 +134,11 @@ def record_problem(record: Any, fmt: str) -> str | None:
             return "missing field 'messages'"
         return _messages_problem("messages", record["messages"], need_assistant=True)
     if fmt == "alpaca":
-        return (_string_problem(record, "instruction") or _string_problem(record, "output")
-                or _string_problem(record, "input", optional=True))
+        return (
+            _string_problem(record, "instruction")
+            or _string_problem(record, "output")
+            or _string_problem(record, "input", optional=True)
+        )
     if fmt == "prompt_completion":
         for field in ("prompt", "completion"):
             if field not in record:
@@ -139,14 +147,18 @@ def record_problem(record: Any, fmt: str) -> str | None:
         if isinstance(prompt, str) and isinstance(completion, str):
             return None
         if isinstance(prompt, list) and isinstance(completion, list):
-            return (_messages_problem("prompt", prompt, need_assistant=False)
-                    or _messages_problem("completion", completion, need_assistant=True))
-        return ("fields 'prompt' and 'completion' must both be strings or both lists of "
-                f"{{role, content}} dicts, got {_type_name(prompt)} and {_type_name(completion)}")
+            return _messages_problem("prompt", prompt, need_assistant=False) or _messages_problem(
+                "completion", completion, need_assistant=True
+            )
+        return (
+            "fields 'prompt' and 'completion' must both be strings or both lists of "
+            f"{{role, content}} dicts, got {_type_name(prompt)} and {_type_name(completion)}"
+        )
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
 # ------------------------------------------------------------------------------------- rendering
+
 
 @dataclass
 class Rendered:
@@ -167,8 +179,13 @@ def end_of_turn_markers(tokenizer) -> tuple[str, ...]:
     return tuple(m for m in marks if m)
 
 
-def render(record: dict, fmt: str, tokenizer, chat_template: str | None = None,
-           markers: tuple[str, ...] = ()) -> Rendered:
+def render(
+    record: dict,
+    fmt: str,
+    tokenizer,
+    chat_template: str | None = None,
+    markers: tuple[str, ...] = (),
+) -> Rendered:
     """Render a validated row. `markers`: `end_of_turn_markers(tokenizer)`, computed once."""
     if fmt == "text":
         text = record["text"]
@@ -182,8 +199,9 @@ def render(record: dict, fmt: str, tokenizer, chat_template: str | None = None,
         return Rendered(text, [(len(prompt), len(text))], chat=False, add_eos=True)
     if fmt == "prompt_completion":
         messages = record["prompt"] + record["completion"]
-        text, spans = render_chat(messages, tokenizer, chat_template, markers,
-                                  train_from=len(record["prompt"]))
+        text, spans = render_chat(
+            messages, tokenizer, chat_template, markers, train_from=len(record["prompt"])
+        )
         return Rendered(text, spans, chat=True, add_eos=False)
     if fmt == "messages":
         text, spans = render_chat(record["messages"], tokenizer, chat_template, markers)
@@ -191,18 +209,24 @@ def render(record: dict, fmt: str, tokenizer, chat_template: str | None = None,
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
-def render_chat(messages: list[dict], tokenizer, chat_template: str | None = None,
-                markers: tuple[str, ...] = (), train_from: int = 0
-                ) -> tuple[str, list[tuple[int, int]]]:
+def render_chat(
+    messages: list[dict],
+    tokenizer,
+    chat_template: str | None = None,
+    markers: tuple[str, ...] = (),
+    train_from: int = 0,
+) -> tuple[str, list[tuple[int, int]]]:
     """Rendered conversation and the char spans of its assistant turns at index >= train_from."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
-            "the tokenizer has no chat template; pass chat_template= (a Jinja string)")
+            "the tokenizer has no chat template; pass chat_template= (a Jinja string)"
+        )
 
     def apply(msgs: list[dict], gen_prompt: bool) -> str:
         try:
-            return tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=False,
-                                                 add_generation_prompt=gen_prompt)
+            return tokenizer.apply_chat_template(
+                msgs, chat_template=chat_template, tokenize=False, add_generation_prompt=gen_prompt
+            )
         except jinja2.TemplateError as e:  # includes the template's raise_exception()
             raise ChatTemplateError(f"the chat template refused the conversation: {e}") from None
 
@@ -224,7 +248,8 @@ def render_chat(messages: list[dict], tokenizer, chat_template: str | None = Non
             raise ChatTemplateError(
                 f"the chat template is not prefix-stable: rendering messages 0..{i} is not a "
                 "prefix of rendering the whole conversation (templates that rewrite earlier "
-                "turns, e.g. drop their reasoning, cannot be masked from their rendering)")
+                "turns, e.g. drop their reasoning, cannot be masked from their rendering)"
+            )
         # Where the answer starts: after the generation prompt when the template has one;
         # otherwise after the previous messages, skipping the role header to the content.
         if i == 0:  # transformers refuses to render an empty conversation
@@ -238,7 +263,8 @@ def render_chat(messages: list[dict], tokenizer, chat_template: str | None = Non
             else:
                 raise ChatTemplateError(
                     f"the chat template is not prefix-stable: rendering messages 0..{i - 1} is "
-                    f"not a prefix of rendering messages 0..{i}")
+                    f"not a prefix of rendering messages 0..{i}"
+                )
         start, end = len(before), len(upto)
         if not header_done:
             start = _content_start(apply, messages, i, before, full, start)

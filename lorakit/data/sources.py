@@ -83,8 +83,10 @@ def _read(source: Source) -> tuple[list, Origin]:
     module = type(source).__module__ or ""
     if module.startswith("datasets"):
         return _from_datasets(source, "<Dataset>")
-    raise TypeError(f"cannot read SFT data from a {type(source).__name__}; pass a path, a "
-                    "datasets.Dataset or a list of dicts")
+    raise TypeError(
+        f"cannot read SFT data from a {type(source).__name__}; pass a path, a "
+        "datasets.Dataset or a list of dicts"
+    )
 
 
 def _read_path(path: Path) -> tuple[list, Origin]:
@@ -105,8 +107,10 @@ def _read_path(path: Path) -> tuple[list, Origin]:
     if suffix == ".parquet":
         return _read_parquet(path)
     if suffix not in (".jsonl", ".ndjson", ".json", ".csv"):
-        raise DataError(f"{name}: unsupported file type '{suffix}'; expected .jsonl, .json, "
-                        ".csv, .parquet or a save_to_disk directory")
+        raise DataError(
+            f"{name}: unsupported file type '{suffix}'; expected .jsonl, .json, "
+            ".csv, .parquet or a save_to_disk directory"
+        )
     try:
         # bytes, not read_text(): universal-newline mode would rewrite "\r" inside CSV cells;
         # -sig tolerates a byte-order mark
@@ -122,15 +126,16 @@ def _read_path(path: Path) -> tuple[list, Origin]:
 
 def _from_datasets(data: Any, name: str) -> tuple[list, Origin]:
     if isinstance(data, dict):  # a DatasetDict: train on "train", or on its only split
-
         splits = list(data.keys())
         if "train" in splits:
             split = "train"
         elif len(splits) == 1:
             split = splits[0]
         else:
-            raise DataError(f"{name}: a dataset with splits {splits} and none named 'train'; "
-                            "pass the split to use")
+            raise DataError(
+                f"{name}: a dataset with splits {splits} and none named 'train'; "
+                "pass the split to use"
+            )
         data, name = data[split], f"{name}[{split}]"
     if not hasattr(data, "to_list"):
         raise TypeError(f"cannot read SFT data from a {type(data).__name__}")
@@ -160,8 +165,9 @@ def _parse_json_lines(text: str, name: str) -> tuple[list, Origin]:
             hint = ""
             if n == 1 and text.lstrip().startswith("{"):
                 hint = " (expected one JSON object per line, or a .json list of objects)"
-            raise DataError(f"{name} line {n}: malformed JSON: {e.msg} "
-                            f"(column {e.colno}){hint}") from None
+            raise DataError(
+                f"{name} line {n}: malformed JSON: {e.msg} (column {e.colno}){hint}"
+            ) from None
         lines.append(n)
     return records, Origin(name, "line", lines)
 
@@ -189,8 +195,9 @@ def _parse_json_array(text: str, name: str) -> tuple[list, Origin]:
             try:
                 obj, i = decoder.raw_decode(text, i)
             except json.JSONDecodeError as e:
-                raise DataError(f"{name} line {e.lineno}: malformed JSON: {e.msg} "
-                                f"(column {e.colno})") from None
+                raise DataError(
+                    f"{name} line {e.lineno}: malformed JSON: {e.msg} (column {e.colno})"
+                ) from None
             records.append(obj)
             lines.append(line)
             i = _JSON_WS.match(text, i).end()
@@ -222,8 +229,9 @@ def _parse_csv(text: str, name: str) -> tuple[list, Origin]:
             if not row:  # blank line
                 continue
             if len(row) != len(header):
-                raise DataError(f"{name} line {start}: {len(row)} fields, but the header has "
-                                f"{len(header)}")
+                raise DataError(
+                    f"{name} line {start}: {len(row)} fields, but the header has {len(header)}"
+                )
             records.append(dict(zip(header, row)))
             lines.append(start)
     except csv.Error as e:

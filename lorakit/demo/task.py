@@ -59,8 +59,20 @@ FIRST_DATE = _dt.date(1950, 1, 1)
 LAST_DATE = _dt.date(2049, 12, 31)
 YY_PIVOT = 50  # two-digit years below this are 20yy, the rest 19yy (matches the date range)
 
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 MONTHS_ABBR = tuple(m[:3] for m in MONTHS)
 
 # What the demo runs, from the feasibility runs above. The extra keys (after max_new_tokens)
@@ -97,22 +109,29 @@ def _yy(d: _dt.date) -> str:
 
 # Surface styles: name -> renderer. Names are stable (tests parse each style back).
 STYLES: dict[str, Callable[[_dt.date], str]] = {
-    "month_d_yyyy": lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",          # March 5, 2021
-    "d_month_yyyy": lambda d: f"{d.day} {MONTHS[d.month - 1]} {d.year}",           # 5 March 2021
-    "ord_of_month_yy": lambda d: f"{ordinal(d.day)} of {MONTHS[d.month - 1]} '{_yy(d)}",  # 5th of March '21
-    "mon_ord_yyyy": lambda d: f"{MONTHS_ABBR[d.month - 1]} {ordinal(d.day)}, {d.year}",   # Mar 5th, 2021
-    "us_slash": lambda d: f"{d.month:02d}/{d.day:02d}/{d.year} (US)",               # 03/05/2021 (US)
-    "eu_slash": lambda d: f"{d.day:02d}/{d.month:02d}/{d.year} (EU)",               # 05/03/2021 (EU)
-    "dot_dmy": lambda d: f"{d.day}.{d.month}.{d.year}",                             # 5.3.2021
-    "d_mon_yy": lambda d: f"{d.day}-{MONTHS_ABBR[d.month - 1]}-{_yy(d)}",           # 5-Mar-21
-    "compact": lambda d: f"{d.year}{d.month:02d}{d.day:02d}",                       # 20210305
-    "month_yyyy_ord": lambda d: f"{MONTHS[d.month - 1].lower()} {ordinal(d.day)} {d.year}",  # march 5th 2021
+    "month_d_yyyy": lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",  # March 5, 2021
+    "d_month_yyyy": lambda d: f"{d.day} {MONTHS[d.month - 1]} {d.year}",  # 5 March 2021
+    "ord_of_month_yy": lambda d: (
+        f"{ordinal(d.day)} of {MONTHS[d.month - 1]} '{_yy(d)}"
+    ),  # 5th of March '21
+    "mon_ord_yyyy": lambda d: (
+        f"{MONTHS_ABBR[d.month - 1]} {ordinal(d.day)}, {d.year}"
+    ),  # Mar 5th, 2021
+    "us_slash": lambda d: f"{d.month:02d}/{d.day:02d}/{d.year} (US)",  # 03/05/2021 (US)
+    "eu_slash": lambda d: f"{d.day:02d}/{d.month:02d}/{d.year} (EU)",  # 05/03/2021 (EU)
+    "dot_dmy": lambda d: f"{d.day}.{d.month}.{d.year}",  # 5.3.2021
+    "d_mon_yy": lambda d: f"{d.day}-{MONTHS_ABBR[d.month - 1]}-{_yy(d)}",  # 5-Mar-21
+    "compact": lambda d: f"{d.year}{d.month:02d}{d.day:02d}",  # 20210305
+    "month_yyyy_ord": lambda d: (
+        f"{MONTHS[d.month - 1].lower()} {ordinal(d.day)} {d.year}"
+    ),  # march 5th 2021
 }
 
 
 @dataclass(frozen=True)
 class DateExample:
     """One row before formatting: the underlying date and how it is written."""
+
     date: _dt.date
     style: str
     text: str
@@ -136,9 +155,9 @@ def _example(d: _dt.date, seed: int, styles: Sequence[str]) -> DateExample:
     return DateExample(d, style, STYLES[style](d))
 
 
-def make_examples(n_train: int, n_eval: int, seed: int = 0,
-                  styles: Sequence[str] | None = None
-                  ) -> tuple[list[DateExample], list[DateExample]]:
+def make_examples(
+    n_train: int, n_eval: int, seed: int = 0, styles: Sequence[str] | None = None
+) -> tuple[list[DateExample], list[DateExample]]:
     """(train, eval) examples over disjoint dates; eval comes first in the permutation."""
     styles = list(styles) if styles is not None else list(STYLES)
     unknown = [s for s in styles if s not in STYLES]
@@ -146,23 +165,31 @@ def make_examples(n_train: int, n_eval: int, seed: int = 0,
         raise ValueError(f"unknown styles {unknown}; choose from {list(STYLES)}")
     dates = all_dates()
     if n_train < 0 or n_eval < 0 or n_train + n_eval > len(dates):
-        raise ValueError(f"need 0 <= n_train + n_eval <= {len(dates)}, "
-                         f"got n_train={n_train}, n_eval={n_eval}")
+        raise ValueError(
+            f"need 0 <= n_train + n_eval <= {len(dates)}, got n_train={n_train}, n_eval={n_eval}"
+        )
     random.Random(f"lorakit-demo-split:{seed}").shuffle(dates)
-    eval_dates, train_dates = dates[:n_eval], dates[n_eval:n_eval + n_train]
-    return ([_example(d, seed, styles) for d in train_dates],
-            [_example(d, seed, styles) for d in eval_dates])
+    eval_dates, train_dates = dates[:n_eval], dates[n_eval : n_eval + n_train]
+    return (
+        [_example(d, seed, styles) for d in train_dates],
+        [_example(d, seed, styles) for d in eval_dates],
+    )
 
 
 def to_row(ex: DateExample) -> dict[str, list[dict[str, str]]]:
     """A conversational prompt/completion row."""
-    return {"prompt": [{"role": "system", "content": INSTRUCTION},
-                       {"role": "user", "content": ex.text}],
-            "completion": [{"role": "assistant", "content": ex.answer}]}
+    return {
+        "prompt": [
+            {"role": "system", "content": INSTRUCTION},
+            {"role": "user", "content": ex.text},
+        ],
+        "completion": [{"role": "assistant", "content": ex.answer}],
+    }
 
 
-def make_task(n_train: int, n_eval: int, seed: int = 0, styles: Sequence[str] | None = None
-              ) -> tuple[list[dict], list[dict]]:
+def make_task(
+    n_train: int, n_eval: int, seed: int = 0, styles: Sequence[str] | None = None
+) -> tuple[list[dict], list[dict]]:
     """(train_rows, eval_rows) of the date task; see the module docstring for the row shape."""
     train, held_out = make_examples(n_train, n_eval, seed, styles)
     return [to_row(ex) for ex in train], [to_row(ex) for ex in held_out]

@@ -11,6 +11,17 @@ from lorakit.lora.layer import LoraAdapter, LoraLayer, ModulesToSave
 from lorakit.lora.model import BASE_ADAPTER, LoraModel, get_lora_model
 from lorakit.lora.variants import DoraVariant, LoraVariant, variant_for
 
-__all__ = ["BASE_ADAPTER", "DoraVariant", "LoraAdapter", "LoraConfig", "LoraLayer", "LoraModel",
-           "LoraVariant", "ModulesToSave", "dequantize_model", "export_merged", "get_lora_model",
-           "variant_for"]
+__all__ = [
+    "BASE_ADAPTER",
+    "DoraVariant",
+    "LoraAdapter",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModel",
+    "LoraVariant",
+    "ModulesToSave",
+    "dequantize_model",
+    "export_merged",
+    "get_lora_model",
+    "variant_for",
+]

@@ -42,7 +42,8 @@ def _refuse_int8(module: nn.Module) -> None:
     if is_linear8bit(module):
         raise NotImplementedError(
             "merging into an 8-bit (bitsandbytes Linear8bitLt) base is not supported; write a "
-            "merged bf16/fp32 model with lorakit.lora.export_merged(...) instead")
+            "merged bf16/fp32 model with lorakit.lora.export_merged(...) instead"
+        )
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -99,8 +100,10 @@ def _dequantize_linear4bit(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     if getattr(module.weight, "quant_state", None) is None:
-        raise ValueError(f"{type(module).__name__} holds no quantized weight yet (its weight is "
-                         "quantized when the layer is moved to a device)")
+        raise ValueError(
+            f"{type(module).__name__} holds no quantized weight yet (its weight is "
+            "quantized when the layer is moved to a device)"
+        )
     compat.keep_regular_layout(module)  # the regular dequantize kernel misreads the CPU tiling
     w = module.weight
     # dequantize_4bit allocates a fresh (out, in) tensor in the quant state's dtype
@@ -112,6 +115,7 @@ def _dequantize_linear8bit(module: nn.Module) -> torch.Tensor:
     if w.dtype != torch.int8:  # has_fp16_weights=True: a float weight, not quantized
         return w.detach().to(torch.float32, copy=True)
     import bitsandbytes.functional as bnbf
+
     # the row scales move from the weight to the layer's state at its first forward
     scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
     return bnbf.int8_vectorwise_dequant(w.data, scb).to(torch.float32)
@@ -128,13 +132,17 @@ def _requantize_linear4bit(module: nn.Module, weight: torch.Tensor) -> None:
     old = module.weight
     qs = old.quant_state
     if tuple(weight.shape) != tuple(qs.shape):
-        raise ValueError(f"weight shape {tuple(weight.shape)} does not match the layer's "
-                         f"{tuple(qs.shape)}")
+        raise ValueError(
+            f"weight shape {tuple(weight.shape)} does not match the layer's {tuple(qs.shape)}"
+        )
     # Quantize from the dtype the layer was quantized from, so dequantization keeps its dtype.
-    new = bnb.nn.Params4bit(weight.detach().to(device=old.device, dtype=qs.dtype),
-                            requires_grad=False, blocksize=qs.blocksize,
-                            compress_statistics=compat.double_quant(qs),
-                            quant_type=qs.quant_type,
-                            quant_storage=getattr(old, "quant_storage", torch.uint8),
-                            module=module)
+    new = bnb.nn.Params4bit(
+        weight.detach().to(device=old.device, dtype=qs.dtype),
+        requires_grad=False,
+        blocksize=qs.blocksize,
+        compress_statistics=compat.double_quant(qs),
+        quant_type=qs.quant_type,
+        quant_storage=getattr(old, "quant_storage", torch.uint8),
+        module=module,
+    )
     module.weight = compat.quantize_params4bit(new, old.device)  # also sets module.quant_state

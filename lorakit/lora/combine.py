@@ -28,13 +28,19 @@ def _max_rank(config) -> int:
     return max([config.r, *config.rank_pattern.values()])
 
 
-def add_weighted_adapter(model: "LoraModel", adapters: Sequence[str], weights: Sequence[float],
-                         adapter_name: str, combination_type: str = "svd",
-                         svd_rank: int | None = None) -> None:
+def add_weighted_adapter(
+    model: "LoraModel",
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+) -> None:
     adapters, weights = list(adapters), [float(w) for w in weights]
     if not adapters or len(adapters) != len(weights):
-        raise ValueError(f"give one weight per adapter (got {len(adapters)} adapters and "
-                         f"{len(weights)} weights)")
+        raise ValueError(
+            f"give one weight per adapter (got {len(adapters)} adapters and {len(weights)} weights)"
+        )
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"weights must be finite numbers, got {weights}")
     unknown = [a for a in adapters if a not in model.peft_config]
@@ -47,18 +53,24 @@ def add_weighted_adapter(model: "LoraModel", adapters: Sequence[str], weights: S
     configs = [model.peft_config[a] for a in adapters]
     for name, config in zip(adapters, configs):
         if config.use_dora:
-            raise ValueError(f"adapter '{name}' is a DoRA adapter; its change to the weight is not "
-                             "a low-rank product, so it cannot be combined linearly")
+            raise ValueError(
+                f"adapter '{name}' is a DoRA adapter; its change to the weight is not "
+                "a low-rank product, so it cannot be combined linearly"
+            )
         if config.modules_to_save:
-            raise ValueError(f"adapter '{name}' trains full modules ({config.modules_to_save}), "
-                             "which a weighted LoRA combination cannot express")
+            raise ValueError(
+                f"adapter '{name}' trains full modules ({config.modules_to_save}), "
+                "which a weighted LoRA combination cannot express"
+            )
     if len(adapters) == 1:
         combination_type = "linear"  # as PEFT: every method reduces to scaling one adapter
     ranks = [_max_rank(c) for c in configs]
     if combination_type == "linear":
         if len(set(ranks)) != 1:
-            raise ValueError(f"combination_type='linear' needs adapters of equal rank, got "
-                             f"{dict(zip(adapters, ranks))}; use 'cat' or 'svd'")
+            raise ValueError(
+                f"combination_type='linear' needs adapters of equal rank, got "
+                f"{dict(zip(adapters, ranks))}; use 'cat' or 'svd'"
+            )
         new_rank = ranks[0]
     elif combination_type == "cat":
         new_rank = sum(ranks)
@@ -67,8 +79,11 @@ def add_weighted_adapter(model: "LoraModel", adapters: Sequence[str], weights: S
             raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
         new_rank = svd_rank or max(ranks)
 
-    layers = [(name, layer) for name, layer in lora_layers(model.model)
-              if any(a in layer.adapters for a in adapters)]
+    layers = [
+        (name, layer)
+        for name, layer in lora_layers(model.model)
+        if any(a in layer.adapters for a in adapters)
+    ]
     config = copy.deepcopy(configs[0])
     # scaling 1 (alpha = r without rsLoRA), every layer that holds any of the adapters named
     # explicitly, and a zero-B start whatever the sources used (a PiSSA init would rewrite the base)
@@ -83,18 +98,20 @@ def add_weighted_adapter(model: "LoraModel", adapters: Sequence[str], weights: S
 
     with torch.no_grad():
         for _, layer in layers:
-            parts = [(layer.adapters[a], w) for a, w in zip(adapters, weights)
-                     if a in layer.adapters]
+            parts = [
+                (layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters
+            ]
             target = layer.adapters[adapter_name]
             a_new, b_new = _combine(parts, combination_type, new_rank)
             target.lora_A.zero_()
             target.lora_B.zero_()
-            target.lora_A[:a_new.shape[0]] = a_new.to(target.lora_A.dtype)
-            target.lora_B[:, :b_new.shape[1]] = b_new.to(target.lora_B.dtype)
+            target.lora_A[: a_new.shape[0]] = a_new.to(target.lora_A.dtype)
+            target.lora_B[:, : b_new.shape[1]] = b_new.to(target.lora_B.dtype)
 
 
-def _combine(parts: list[tuple[LoraAdapter, float]], kind: str,
-             rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine(
+    parts: list[tuple[LoraAdapter, float]], kind: str, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of the combination on one layer, computed in float64; rank ≤ `rank`."""
     if kind == "cat":
         a = torch.cat([ad.lora_A.double() * (w * ad.scaling) for ad, w in parts], dim=0)
@@ -102,10 +119,14 @@ def _combine(parts: list[tuple[LoraAdapter, float]], kind: str,
         return a, b
     if kind == "linear":
         if len({ad.r for ad, _ in parts}) > 1:
-            raise ValueError("combination_type='linear' needs equal ranks in every layer (a "
-                             "rank_pattern differs); use 'cat' or 'svd'")
-        a = sum(math.copysign(math.sqrt(abs(w * ad.scaling)), w * ad.scaling) * ad.lora_A.double()
-                for ad, w in parts)
+            raise ValueError(
+                "combination_type='linear' needs equal ranks in every layer (a "
+                "rank_pattern differs); use 'cat' or 'svd'"
+            )
+        a = sum(
+            math.copysign(math.sqrt(abs(w * ad.scaling)), w * ad.scaling) * ad.lora_A.double()
+            for ad, w in parts
+        )
         b = sum(math.sqrt(abs(w * ad.scaling)) * ad.lora_B.double() for ad, w in parts)
         return a, b
     delta = sum(w * ad.scaling * (ad.lora_B.double() @ ad.lora_A.double()) for ad, w in parts)

@@ -25,13 +25,31 @@ ALL_LINEAR = "all-linear"
 # PEFT config keys that carry no information for LoRA as lorakit computes it (metadata, or
 # features that are off at their default value). If one of the feature keys is *on*, the
 # adapter computes something lorakit does not implement, and loading refuses.
-_PEFT_METADATA_KEYS = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
-                       "ensure_weight_tying"}
-_PEFT_FEATURE_KEYS = {"lora_bias", "use_qalora", "layer_replication", "loftq_config",
-                      "trainable_token_indices", "target_parameters", "megatron_config",
-                      "eva_config", "corda_config", "alora_invocation_tokens", "arrow_config",
-                      "use_bdlora", "kasa_config", "lora_ga_config", "monteclora_config",
-                      "velora_config"}
+_PEFT_METADATA_KEYS = {
+    "auto_mapping",
+    "peft_version",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+}
+_PEFT_FEATURE_KEYS = {
+    "lora_bias",
+    "use_qalora",
+    "layer_replication",
+    "loftq_config",
+    "trainable_token_indices",
+    "target_parameters",
+    "megatron_config",
+    "eva_config",
+    "corda_config",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "use_bdlora",
+    "kasa_config",
+    "lora_ga_config",
+    "monteclora_config",
+    "velora_config",
+}
 
 TargetSpec = Union[list[str], str, None]
 
@@ -76,6 +94,7 @@ class LoraConfig:
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise one ValueError naming the bad field and what it accepts."""
+
         def bad(name: str, allowed: str) -> ConfigError:
             return ConfigError(f"LoraConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
 
@@ -98,31 +117,38 @@ class LoraConfig:
             if not isinstance(spec, list) or not all(isinstance(s, str) and s for s in spec):
                 raise bad(name, "must be a list of module names, a regex string or 'all-linear'")
         if self.target_modules is None or self.target_modules == []:
-            raise bad("target_modules", "name the layers to adapt, e.g. 'all-linear' or "
-                      "['q_proj', 'v_proj']")
+            raise bad(
+                "target_modules",
+                "name the layers to adapt, e.g. 'all-linear' or ['q_proj', 'v_proj']",
+            )
         if self.modules_to_save is not None and (
-                not isinstance(self.modules_to_save, list)
-                or not all(isinstance(s, str) and s for s in self.modules_to_save)):
+            not isinstance(self.modules_to_save, list)
+            or not all(isinstance(s, str) and s for s in self.modules_to_save)
+        ):
             raise bad("modules_to_save", "must be a list of module names")
         ok_init = self.init_lora_weights in INIT_CHOICES or (
             isinstance(self.init_lora_weights, str)
-            and re.fullmatch(r"pissa_niter_\d+", self.init_lora_weights))
+            and re.fullmatch(r"pissa_niter_\d+", self.init_lora_weights)
+        )
         if not ok_init:
-            raise bad("init_lora_weights",
-                      "must be True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>'")
+            raise bad(
+                "init_lora_weights", "must be True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>'"
+            )
         for name in ("fan_in_fan_out", "use_rslora", "use_dora", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         for name, check in (("rank_pattern", _is_int), ("alpha_pattern", _is_number)):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict) or not all(
-                    isinstance(k, str) and check(v) and v > 0 for k, v in pattern.items()):
+                isinstance(k, str) and check(v) and v > 0 for k, v in pattern.items()
+            ):
                 raise bad(name, "must map module-name patterns to positive numbers")
             for key in pattern:
                 _check_regex(name, key)
         ltt = self.layers_to_transform
-        if ltt is not None and not (_is_int(ltt) or (
-                isinstance(ltt, list) and all(_is_int(i) for i in ltt))):
+        if ltt is not None and not (
+            _is_int(ltt) or (isinstance(ltt, list) and all(_is_int(i) for i in ltt))
+        ):
             raise bad("layers_to_transform", "must be a layer index or a list of indices")
         if self.layers_pattern is not None and ltt is None:
             raise bad("layers_pattern", "only has a meaning together with layers_to_transform")
@@ -154,13 +180,17 @@ class LoraConfig:
                 kwargs[key] = value
             elif key in _PEFT_FEATURE_KEYS:
                 if value not in (None, False, {}, [], ""):
-                    raise ConfigError(f"adapter config sets {key}={value!r}, a PEFT feature that "
-                                     "lorakit does not implement; refusing to load it as plain LoRA")
+                    raise ConfigError(
+                        f"adapter config sets {key}={value!r}, a PEFT feature that "
+                        "lorakit does not implement; refusing to load it as plain LoRA"
+                    )
             elif key not in _PEFT_METADATA_KEYS:
                 unknown.append(key)
         if unknown:
-            warnings.warn(f"adapter config: ignoring keys lorakit does not know: {sorted(unknown)}",
-                          stacklevel=2)
+            warnings.warn(
+                f"adapter config: ignoring keys lorakit does not know: {sorted(unknown)}",
+                stacklevel=2,
+            )
         return cls(**kwargs)
 
     @classmethod
@@ -189,4 +219,6 @@ def _check_regex(field_name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise ConfigError(f"LoraConfig.{field_name}: {pattern!r} is not a valid regex ({e})") from None
+        raise ConfigError(
+            f"LoraConfig.{field_name}: {pattern!r} is not a valid regex ({e})"
+        ) from None

@@ -27,8 +27,13 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
 
     This recovers the quantized values exactly (not the original pre-quantization weights)."""
     for name, layer in list(quantized_layers(model).items()):
-        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                        device="meta", dtype=dtype)
+        lin = nn.Linear(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            device="meta",
+            dtype=dtype,
+        )
         lin.weight = nn.Parameter(backends.dense_weight(layer).to(dtype), requires_grad=False)
         if layer.bias is not None:
             lin.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
@@ -50,8 +55,11 @@ def _merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.
     def visit(module: nn.Module, prefix: str) -> None:
         if isinstance(module, LoraLayer):
             base = module.base_layer
-            pending = [] if module.disabled else [
-                n for n in module.active_adapters if n not in module.merged_adapters]
+            pending = (
+                []
+                if module.disabled
+                else [n for n in module.active_adapters if n not in module.merged_adapters]
+            )
             w = module.merged_weight(pending)
             put(prefix + "weight", w.t() if backends.is_fan_in_fan_out(base) else w)
             if getattr(base, "bias", None) is not None:
@@ -74,8 +82,12 @@ def _merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.
     return state
 
 
-def export_merged(lora_model: nn.Module, out_dir: str | os.PathLike,
-                  dtype: str | torch.dtype = "bfloat16", tokenizer=None) -> Path:
+def export_merged(
+    lora_model: nn.Module,
+    out_dir: str | os.PathLike,
+    dtype: str | torch.dtype = "bfloat16",
+    tokenizer=None,
+) -> Path:
     """Write the LoRA model as a plain, unquantized transformers checkpoint (the recommended way
     to merge a QLoRA adapter): every 4/8-bit layer is dequantized, the active adapters are added
     in fp32, the result is cast to `dtype` ("bfloat16", "float16" or "float32") and saved with

@@ -53,7 +53,7 @@ def adapter_dir(root: str | Path, adapter_name: str) -> Path:
 def _reason(error: BaseException, limit: int = 160) -> str:
     """The first line of a library's error message, short enough for a one-line report."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def peft_parameters(lora_model: "LoraModel", adapter_name: str) -> dict[str, torch.nn.Parameter]:
@@ -74,24 +74,31 @@ def peft_parameters(lora_model: "LoraModel", adapter_name: str) -> dict[str, tor
                 params[f"{PREFIX}{name}.{pname}"] = p
     if config.bias == "all":
         for pname, p in model.named_parameters():
-            inside_adapter = ".adapters." in pname or ".original_module." in pname \
-                or ".copies." in pname
+            inside_adapter = (
+                ".adapters." in pname or ".original_module." in pname or ".copies." in pname
+            )
             if pname.endswith("bias") and not inside_adapter:
                 params[f"{PREFIX}{pname}"] = p
     return params
 
 
-def save_adapter(lora_model: "LoraModel", directory: str | Path, adapter_name: str,
-                 initial_weights: dict[str, torch.Tensor] | None = None,
-                 convert_to_lora: bool = False) -> None:
+def save_adapter(
+    lora_model: "LoraModel",
+    directory: str | Path,
+    adapter_name: str,
+    initial_weights: dict[str, torch.Tensor] | None = None,
+    convert_to_lora: bool = False,
+) -> None:
     """Write one adapter as a PEFT adapter directory (weights first, then config; both atomic).
 
     convert_to_lora / initial_weights: write a PiSSA-style adapter (trained on a residual base)
     as a plain LoRA for the original base, relative to its initial A₀/B₀ — those kept from the
     PiSSA initialisation, or `initial_weights` (an adapter saved before training)."""
     directory = Path(directory)
-    tensors = {k: p.detach().to("cpu").contiguous().clone()
-               for k, p in peft_parameters(lora_model, adapter_name).items()}
+    tensors = {
+        k: p.detach().to("cpu").contiguous().clone()
+        for k, p in peft_parameters(lora_model, adapter_name).items()
+    }
     config = copy.deepcopy(lora_model.peft_config[adapter_name])
     config.inference_mode = True
     if convert_to_lora or initial_weights is not None:
@@ -100,17 +107,25 @@ def save_adapter(lora_model: "LoraModel", directory: str | Path, adapter_name: s
     atomic_write_bytes(directory / CONFIG_NAME, (config.to_json() + "\n").encode())
 
 
-def _convert_to_plain_lora(lora_model: "LoraModel", adapter_name: str,
-                           tensors: dict[str, torch.Tensor], config: LoraConfig,
-                           initial: dict[str, torch.Tensor] | None) -> LoraConfig:
+def _convert_to_plain_lora(
+    lora_model: "LoraModel",
+    adapter_name: str,
+    tensors: dict[str, torch.Tensor],
+    config: LoraConfig,
+    initial: dict[str, torch.Tensor] | None,
+) -> LoraConfig:
     """Rewrite `tensors` in place as the rank-2r LoRA B A − B₀ A₀; return the matching config
     (r and alpha doubled so the scaling is unchanged, as PEFT writes it)."""
     if config.use_dora:
-        raise ValueError(f"adapter '{adapter_name}' uses DoRA, whose magnitude is relative to the "
-                         "residual base; it cannot be converted to a plain LoRA")
+        raise ValueError(
+            f"adapter '{adapter_name}' uses DoRA, whose magnitude is relative to the "
+            "residual base; it cannot be converted to a plain LoRA"
+        )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ValueError("converting an rsLoRA adapter with rank_pattern/alpha_pattern is not "
-                         "supported (no single alpha keeps every module's scaling)")
+        raise ValueError(
+            "converting an rsLoRA adapter with rank_pattern/alpha_pattern is not "
+            "supported (no single alpha keeps every module's scaling)"
+        )
     for name, layer in lora_layers(lora_model.model):
         if adapter_name not in layer.adapters:
             continue
@@ -119,19 +134,24 @@ def _convert_to_plain_lora(lora_model: "LoraModel", adapter_name: str,
             adapter = layer.adapters[adapter_name]
             a0, b0 = getattr(adapter, "pissa_A0", None), getattr(adapter, "pissa_B0", None)
             if a0 is None:
-                raise ValueError(f"adapter '{adapter_name}' was not PiSSA-initialised in this "
-                                 "process, so its initial A/B are unknown; pass "
-                                 "path_initial_model_for_weight_conversion instead")
+                raise ValueError(
+                    f"adapter '{adapter_name}' was not PiSSA-initialised in this "
+                    "process, so its initial A/B are unknown; pass "
+                    "path_initial_model_for_weight_conversion instead"
+                )
         else:
             if key_a not in initial or key_b not in initial:
                 raise ValueError(f"the initial adapter has no weights for module '{name}'")
             a0, b0 = initial[key_a], initial[key_b]
         if a0.shape != tensors[key_a].shape or b0.shape != tensors[key_b].shape:
-            raise ValueError(f"initial weights of module '{name}' have shapes "
-                             f"{tuple(a0.shape)}/{tuple(b0.shape)}, the adapter "
-                             f"{tuple(tensors[key_a].shape)}/{tuple(tensors[key_b].shape)}")
-        tensors[key_a], tensors[key_b] = to_lora_tensors(tensors[key_a], tensors[key_b],
-                                                         a0.cpu(), b0.cpu())
+            raise ValueError(
+                f"initial weights of module '{name}' have shapes "
+                f"{tuple(a0.shape)}/{tuple(b0.shape)}, the adapter "
+                f"{tuple(tensors[key_a].shape)}/{tuple(tensors[key_b].shape)}"
+            )
+        tensors[key_a], tensors[key_b] = to_lora_tensors(
+            tensors[key_a], tensors[key_b], a0.cpu(), b0.cpu()
+        )
     config = copy.deepcopy(config)
     config.r *= 2
     config.lora_alpha *= math.sqrt(2) if config.use_rslora else 2
@@ -158,8 +178,10 @@ def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path / WEIGHTS_NAME))
         except SafetensorError as e:  # truncated, or a header that is not safetensors JSON
-            raise AdapterFileError(f"{path / WEIGHTS_NAME}: not a readable safetensors file "
-                                   f"(truncated or corrupt: {_reason(e)})") from e
+            raise AdapterFileError(
+                f"{path / WEIGHTS_NAME}: not a readable safetensors file "
+                f"(truncated or corrupt: {_reason(e)})"
+            ) from e
     if (path / LEGACY_WEIGHTS_NAME).is_file():
         return _read_legacy_weights(path / LEGACY_WEIGHTS_NAME)
     raise InputNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path}")
@@ -170,15 +192,20 @@ def _read_legacy_weights(file: Path) -> dict[str, torch.Tensor]:
         # old PEFT pickles: weights_only refuses anything but tensors, so no code can run
         weights = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # not a pickle, or one holding more than tensors
-        raise AdapterFileError(f"{file}: not a PyTorch checkpoint of tensors (torch.load with "
-                               "weights_only=True refused it)") from e
+        raise AdapterFileError(
+            f"{file}: not a PyTorch checkpoint of tensors (torch.load with "
+            "weights_only=True refused it)"
+        ) from e
     except (RuntimeError, EOFError, ValueError) as e:  # truncated zip, empty file, ...
-        raise AdapterFileError(f"{file}: not a valid PyTorch checkpoint (truncated or corrupt: "
-                               f"{_reason(e)})") from e
+        raise AdapterFileError(
+            f"{file}: not a valid PyTorch checkpoint (truncated or corrupt: {_reason(e)})"
+        ) from e
     if not isinstance(weights, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
-        raise AdapterFileError(f"{file}: holds a {type(weights).__name__}, not a mapping of "
-                               "tensor names to tensors")
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise AdapterFileError(
+            f"{file}: holds a {type(weights).__name__}, not a mapping of tensor names to tensors"
+        )
     return weights
 
 
@@ -192,12 +219,14 @@ def read_weights_header(file: str | Path) -> dict[str, tuple[tuple[int, ...], st
                 header[key] = (tuple(tensor.get_shape()), str(tensor.get_dtype()))
             return header
     except SafetensorError as e:
-        raise AdapterFileError(f"{file}: not a readable safetensors file (truncated or corrupt: "
-                               f"{_reason(e)})") from e
+        raise AdapterFileError(
+            f"{file}: not a readable safetensors file (truncated or corrupt: {_reason(e)})"
+        ) from e
 
 
-def load_adapter(lora_model: "LoraModel", path: str | Path, adapter_name: str,
-                 is_trainable: bool = False) -> None:
+def load_adapter(
+    lora_model: "LoraModel", path: str | Path, adapter_name: str, is_trainable: bool = False
+) -> None:
     """Inject the adapter stored at `path` under `adapter_name` and copy its weights in."""
     config = read_adapter_config(path)
     config.inference_mode = not is_trainable
@@ -216,23 +245,28 @@ def load_adapter_weights(lora_model: "LoraModel", path: str | Path, adapter_name
 
 
 @torch.no_grad()
-def _copy_weights(lora_model: "LoraModel", adapter_name: str, weights: dict[str, torch.Tensor],
-                  path: str | Path) -> None:
+def _copy_weights(
+    lora_model: "LoraModel", adapter_name: str, weights: dict[str, torch.Tensor], path: str | Path
+) -> None:
     params = peft_parameters(lora_model, adapter_name)
     unexpected = sorted(set(weights) - set(params))
     if unexpected:
-        raise AdapterMismatchError(f"{path}: {len(unexpected)} tensors match nothing in the model "
-                         f"(e.g. {unexpected[:3]}); is this adapter for another base model?")
+        raise AdapterMismatchError(
+            f"{path}: {len(unexpected)} tensors match nothing in the model "
+            f"(e.g. {unexpected[:3]}); is this adapter for another base model?"
+        )
     missing = sorted(k for k in set(params) - set(weights) if ".lora_" in k)
     if missing:
-        raise AdapterMismatchError(f"{path}: adapter weights are missing {len(missing)} tensors "
-                         f"(e.g. {missing[:3]})")
+        raise AdapterMismatchError(
+            f"{path}: adapter weights are missing {len(missing)} tensors (e.g. {missing[:3]})"
+        )
     for key, tensor in weights.items():
         target = params[key]
         if target.shape != tensor.shape:
-            module = key[len(PREFIX):].rsplit(".", 2 if key.endswith(".weight") else 1)[0]
+            module = key[len(PREFIX) :].rsplit(".", 2 if key.endswith(".weight") else 1)[0]
             raise AdapterMismatchError(
                 f"{path}: tensor for module '{module}' ({key.rsplit('.', 2)[-2]}) has shape "
                 f"{tuple(tensor.shape)} but the base model needs {tuple(target.shape)}; "
-                "was this adapter trained on another base model?")
+                "was this adapter trained on another base model?"
+            )
         target.copy_(tensor.to(device=target.device, dtype=target.dtype))

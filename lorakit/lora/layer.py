@@ -25,9 +25,18 @@ class LoraAdapter(nn.Module):
     """One adapter on one layer: A (r×in), B (out×r), dropout, scaling, and its variant (which may
     add tensors of its own, e.g. DoRA's magnitude)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, scaling: float,
-                 dropout: float, variant: LoraVariant, dtype: torch.dtype,
-                 device: torch.device | str | None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float,
+        variant: LoraVariant,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
         super().__init__()
         self.r, self.alpha, self.scaling = r, alpha, scaling
         self.variant = variant
@@ -62,15 +71,20 @@ class LoraAdapter(nn.Module):
 
     def peft_tensors(self) -> dict[str, nn.Parameter]:
         """This adapter's parameters under PEFT's key suffixes."""
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B,
-                **self.variant.peft_tensors(self)}
+        return {
+            "lora_A.weight": self.lora_A,
+            "lora_B.weight": self.lora_B,
+            **self.variant.peft_tensors(self),
+        }
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """What merging this adapter alone adds to the dense fp32 (out, in) `base_weight`."""
         return self.variant.delta_weight(self, base_weight)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, variant={self.variant.name}"
+        return (
+            f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, variant={self.variant.name}"
+        )
 
 
 class AdapterGroups:
@@ -100,15 +114,16 @@ class AdapterGroups:
             g = torch.ones(slots, layer.out_features, dtype=dtype, device=device)
         with torch.no_grad():
             for i, (ad, scale) in enumerate(zip(adapters, scales)):
-                a[i, :ad.r] = ad.lora_A
+                a[i, : ad.r] = ad.lora_A
                 col = ad.scaling if scale is None else ad.scaling * scale.unsqueeze(1)
-                b[i, :, :ad.r] = ad.lora_B * col
+                b[i, :, : ad.r] = ad.lora_B * col
                 if scale is not None:
                     g[i] = scale
         # global adapter index (len(names) = "__base__") -> this layer's slot
         local = {n: i for i, n in enumerate(present)}
-        to_slot = torch.tensor([local.get(n, slots - 1) for n in names] + [slots - 1],
-                               device=device)
+        to_slot = torch.tensor(
+            [local.get(n, slots - 1) for n in names] + [slots - 1], device=device
+        )
         rows = to_slot[row_ids.to(device)]
         self.n_rows = len(rows)
         if self.n_rows <= slots:
@@ -124,14 +139,18 @@ class AdapterGroups:
             return self.a, self.b, self.g
         if n % self.n_rows:
             raise ValueError(f"a mixed-adapter batch of {self.n_rows} rows met a batch of {n}")
-        index = self.index if self.index is not None else torch.arange(self.n_rows,
-                                                                       device=self.a.device)
+        index = (
+            self.index
+            if self.index is not None
+            else torch.arange(self.n_rows, device=self.a.device)
+        )
         if n != self.n_rows:  # generate repeats each row for beams / return sequences
             index = index.repeat_interleave(n // self.n_rows)
         return self.a[index], self.b[index], None if self.g is None else self.g[index]
 
-    def __call__(self, x: torch.Tensor, result: torch.Tensor,
-                 base_layer: nn.Module) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
         if self.empty:
             return result
         n = x.shape[0]
@@ -165,11 +184,21 @@ class LoraLayer(nn.Module):
         self.in_features, self.out_features = backends.in_out_features(base_layer)
 
     # -- adapters -----------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
-                    init: bool | str, variant: LoraVariant, dtype: torch.dtype) -> LoraAdapter:
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float,
+        init: bool | str,
+        variant: LoraVariant,
+        dtype: torch.dtype,
+    ) -> LoraAdapter:
         device = self.base_layer.weight.device
-        adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, scaling, dropout,
-                              variant, dtype, device)
+        adapter = LoraAdapter(
+            self.in_features, self.out_features, r, alpha, scaling, dropout, variant, dtype, device
+        )
         adapter.reset_parameters(init, self.base_layer)
         self.adapters[name] = adapter
         return adapter
@@ -205,8 +234,10 @@ class LoraLayer(nn.Module):
             return
         weight = self.merged_weight(names)
         if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(f"merging adapters {names} would write NaN/inf into the base weight; "
-                             "the layer is left unchanged")
+            raise ValueError(
+                f"merging adapters {names} would write NaN/inf into the base weight; "
+                "the layer is left unchanged"
+            )
         backends.write_dense_weight(self.base_layer, weight)
         self.merged_adapters.extend(names)
 
@@ -261,8 +292,11 @@ class ModulesToSave(nn.Module):
         self.active_adapter = present[0] if present else None
 
     def set_groups(self, names: list[str], row_ids: torch.Tensor) -> None:
-        self.groups = [(self.copies[n], (row_ids == i).nonzero().flatten())
-                       for i, n in enumerate(names) if n in self.copies]
+        self.groups = [
+            (self.copies[n], (row_ids == i).nonzero().flatten())
+            for i, n in enumerate(names)
+            if n in self.copies
+        ]
         self.group_rows = len(row_ids)
 
     @property

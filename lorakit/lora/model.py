@@ -37,18 +37,28 @@ _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
 def validate_adapter_name(name: str) -> None:
     """Adapter names become module and directory names: keep them plain."""
-    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name.startswith("lora_") \
-            or name in (BASE_ADAPTER, "base_layer", "original_module", "copies", "adapters"):
+    if (
+        not isinstance(name, str)
+        or not _ADAPTER_NAME.fullmatch(name)
+        or name.startswith("lora_")
+        or name in (BASE_ADAPTER, "base_layer", "original_module", "copies", "adapters")
+    ):
         raise ValueError(
             f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (no path separators, "
-            "no '.', not starting with 'lora_', not a reserved name)")
+            "no '.', not starting with 'lora_', not a reserved name)"
+        )
 
 
 class LoraModel(nn.Module):
     """A transformers model with LoRA adapters. `self.model` is the (modified in place) model."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig | None, adapter_name: str = "default",
-                 adapter_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoraConfig | None,
+        adapter_name: str = "default",
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
@@ -71,8 +81,9 @@ class LoraModel(nn.Module):
         with self.mixed_adapter_batch(adapter_names, _batch_size(args, kwargs)):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None,
-                 **kwargs: Any) -> Any:
+    def generate(
+        self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> Any:
         """`generate` of the wrapped model; with `adapter_names`, each row keeps its adapter for
         every decoding step."""
         if adapter_names is None:
@@ -81,8 +92,9 @@ class LoraModel(nn.Module):
             return self.model.generate(*args, **kwargs)
 
     @contextmanager
-    def mixed_adapter_batch(self, adapter_names: Sequence[str],
-                            batch_size: int | None = None) -> Iterator[None]:
+    def mixed_adapter_batch(
+        self, adapter_names: Sequence[str], batch_size: int | None = None
+    ) -> Iterator[None]:
         """Within the block, row i of every batch uses adapter `adapter_names[i]` ("__base__":
         the base model). Each LoRA layer gets its adapters stacked once and the row→adapter
         index; generate's row repetition (beams, num_return_sequences) is followed."""
@@ -111,18 +123,25 @@ class LoraModel(nn.Module):
         if not names:
             raise ValueError("adapter_names is empty")
         if batch_size is not None and batch_size != len(names):
-            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch_size} "
-                             "rows; give one adapter name per row")
+            raise ValueError(
+                f"adapter_names has {len(names)} entries for a batch of {batch_size} "
+                "rows; give one adapter name per row"
+            )
         unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; have "
-                             f"{self.list_adapters()} (or '{BASE_ADAPTER}' for the base model)")
+            raise ValueError(
+                f"unknown adapter(s) {unknown} in adapter_names; have "
+                f"{self.list_adapters()} (or '{BASE_ADAPTER}' for the base model)"
+            )
         if self.model.training:
-            raise ValueError("adapter_names (mixed-adapter batches) is for inference; call "
-                             "model.eval() first")
+            raise ValueError(
+                "adapter_names (mixed-adapter batches) is for inference; call model.eval() first"
+            )
         if any(layer.merged_adapters for _, layer in lora_layers(self.model)):
-            raise ValueError("cannot mix adapters per row while adapters are merged into the "
-                             "base weights; call unmerge_adapter() first")
+            raise ValueError(
+                "cannot mix adapters per row while adapters are merged into the "
+                "base weights; call unmerge_adapter() first"
+            )
         if any(layer.groups is not None for _, layer in lora_layers(self.model)):
             raise RuntimeError("a mixed-adapter batch is already running on this model")
         return names
@@ -157,15 +176,25 @@ class LoraModel(nn.Module):
                 if backends.is_fan_in_fan_out(module) and not config.fan_in_fan_out:
                     # as PEFT does, and says: Conv1D stores W transposed; the adapter's own
                     # config (a copy) records it, the caller's object is left as it was
-                    warnings.warn(f"fan_in_fan_out is False but {name} is a Conv1D; setting "
-                                  "fan_in_fan_out=True in this adapter's config", stacklevel=3)
+                    warnings.warn(
+                        f"fan_in_fan_out is False but {name} is a Conv1D; setting "
+                        "fan_in_fan_out=True in this adapter's config",
+                        stacklevel=3,
+                    )
                     config.fan_in_fan_out = True
                 module = LoraLayer(module)
                 self.model.set_submodule(name, module)
             r, alpha = config.rank_and_alpha(name)
-            module.add_adapter(adapter_name, r, alpha, config.scaling(r, alpha),
-                               config.lora_dropout, config.init_lora_weights, variant,
-                               self.adapter_dtype)
+            module.add_adapter(
+                adapter_name,
+                r,
+                alpha,
+                config.scaling(r, alpha),
+                config.lora_dropout,
+                config.init_lora_weights,
+                variant,
+                self.adapter_dtype,
+            )
         for name in self._modules_to_save_names(config):
             module = self.model.get_submodule(name)
             if not isinstance(module, ModulesToSave):
@@ -181,12 +210,17 @@ class LoraModel(nn.Module):
         if not config.modules_to_save:
             return []
         from lorakit.lora.targeting import candidate_modules
-        names = [n for n, m in candidate_modules(self.model)
-                 if n and name_matches(n, config.modules_to_save)]
+
+        names = [
+            n
+            for n, m in candidate_modules(self.model)
+            if n and name_matches(n, config.modules_to_save)
+        ]
         missing = [s for s in config.modules_to_save if not any(name_matches(n, s) for n in names)]
         if missing:
-            raise ConfigError(f"modules_to_save: no module named {missing} in "
-                             f"{type(self.model).__name__}")
+            raise ConfigError(
+                f"modules_to_save: no module named {missing} in {type(self.model).__name__}"
+            )
         return names
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -238,7 +272,10 @@ class LoraModel(nn.Module):
             for _, layer in lora_layers(self.model):
                 if name in layer.adapters:
                     layer.adapters[name].requires_grad_(True)
-                    if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                    if (
+                        config.bias == "lora_only"
+                        and getattr(layer.base_layer, "bias", None) is not None
+                    ):
                         layer.base_layer.bias.requires_grad_(True)
             for _, module in saved_modules(self.model):
                 if name in module.copies:
@@ -260,11 +297,15 @@ class LoraModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,} || all params: {total:,} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
 
     # -- merge / disable ----------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False
+    ) -> None:
         """Fold the (active) adapters into the base weights; forward then costs nothing extra."""
         self._warn_if_lossy_merge()
         for _, layer in lora_layers(self.model):
@@ -274,8 +315,9 @@ class LoraModel(nn.Module):
         for _, layer in lora_layers(self.model):
             layer.unmerge()
 
-    def merge_and_unload(self, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """Merge, then return the plain transformers model (same class as the base)."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self.unload(_merged=True)
@@ -288,8 +330,11 @@ class LoraModel(nn.Module):
             self.model.set_submodule(name, layer.base_layer)
         for name, module in list(saved_modules(self.model)):
             # a merged model keeps the trained copy; a plain unload restores the original
-            keep = module.copies[module.active_adapter] if _merged and module.active_adapter \
+            keep = (
+                module.copies[module.active_adapter]
+                if _merged and module.active_adapter
                 else module.original_module
+            )
             self.model.set_submodule(name, keep)
         model = self.model
         self.peft_config.clear()
@@ -303,14 +348,20 @@ class LoraModel(nn.Module):
 
     def _warn_if_lossy_merge(self) -> None:
         if any(backends.is_linear4bit(layer.base_layer) for _, layer in lora_layers(self.model)):
-            warnings.warn("merging into a 4-bit base re-quantizes the weights, which is lossy; "
-                          "prefer exporting a merged bf16/fp32 model", stacklevel=3)
+            warnings.warn(
+                "merging into a 4-bit base re-quantizes the weights, which is lossy; "
+                "prefer exporting a merged bf16/fp32 model",
+                stacklevel=3,
+            )
 
     # -- files --------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path,
-                        selected_adapters: list[str] | None = None,
-                        path_initial_model_for_weight_conversion: str | Path | None = None,
-                        convert_pissa_to_lora: bool = False) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        selected_adapters: list[str] | None = None,
+        path_initial_model_for_weight_conversion: str | Path | None = None,
+        convert_pissa_to_lora: bool = False,
+    ) -> None:
         """PEFT layout: 'default' at the root, every other adapter in <dir>/<name>/.
 
         A PiSSA adapter needs the residual base it was trained on. To use it on the original base
@@ -320,6 +371,7 @@ class LoraModel(nn.Module):
         saved before training (one adapter at a time)."""
         from lorakit.lora.files import adapter_dir, read_adapter_weights, save_adapter
         from lorakit.lora.pissa import is_pissa
+
         names = selected_adapters or self.list_adapters()
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -327,31 +379,45 @@ class LoraModel(nn.Module):
         initial = None
         if path_initial_model_for_weight_conversion is not None:
             if len(names) != 1:
-                raise ValueError("path_initial_model_for_weight_conversion holds one adapter's "
-                                 f"initial weights; select one adapter (have {names})")
+                raise ValueError(
+                    "path_initial_model_for_weight_conversion holds one adapter's "
+                    f"initial weights; select one adapter (have {names})"
+                )
             initial = read_adapter_weights(path_initial_model_for_weight_conversion)
         for name in names:
             sub = adapter_dir(save_directory, name)
             convert = convert_pissa_to_lora and is_pissa(self.peft_config[name].init_lora_weights)
             save_adapter(self, sub, name, initial_weights=initial, convert_to_lora=convert)
 
-    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float],
-                             adapter_name: str, combination_type: str = "svd",
-                             svd_rank: int | None = None) -> None:
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+    ) -> None:
         """A new (inactive) adapter combining `adapters` with `weights`: "cat" (exact Σ wᵢΔWᵢ),
         "svd" (its best rank-`svd_rank` approximation) or "linear" (PEFT's A/B mix; equal
         ranks). See `lorakit.lora.combine`."""
         from lorakit.lora.combine import add_weighted_adapter
+
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         from lorakit.lora.files import load_adapter
+
         load_adapter(self, path, adapter_name, is_trainable=is_trainable)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | Path, adapter_name: str = "default",
-                        is_trainable: bool = False,
-                        adapter_dtype: torch.dtype = torch.float32) -> "LoraModel":
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> "LoraModel":
         """Load an adapter directory written by lorakit or PEFT onto `model`."""
         lora = cls(model, None, adapter_dtype=adapter_dtype)
         lora.load_adapter(path, adapter_name, is_trainable=is_trainable)
@@ -360,15 +426,23 @@ class LoraModel(nn.Module):
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("inputs"),
-              args[0] if args else None):
+    for x in (
+        kwargs.get("input_ids"),
+        kwargs.get("inputs_embeds"),
+        kwargs.get("inputs"),
+        args[0] if args else None,
+    ):
         if isinstance(x, torch.Tensor):
             return x.shape[0]
     return None
 
 
-def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-                   adapter_dtype: torch.dtype = torch.float32) -> LoraModel:
+def get_lora_model(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    adapter_dtype: torch.dtype = torch.float32,
+) -> LoraModel:
     """Freeze `model`, inject the adapters `config` describes, and return the LoraModel.
 
     Adapter weights are kept in `adapter_dtype` (fp32 by default) whatever the base dtype.

@@ -30,9 +30,11 @@ def is_pissa(init: bool | str) -> bool:
 def pissa_init(adapter: "LoraAdapter", base_layer: nn.Module, init: str) -> None:
     """Set A, B from the SVD of the base weight and write the residual into the base layer."""
     if backends.is_linear4bit(base_layer):
-        warnings.warn("PiSSA on a 4-bit base re-quantizes the residual weight, which is lossy; "
-                      "initialise PiSSA on a bf16/fp32 base and quantize the residual instead",
-                      stacklevel=4)
+        warnings.warn(
+            "PiSSA on a 4-bit base re-quantizes the residual weight, which is lossy; "
+            "initialise PiSSA on a bf16/fp32 base and quantize the residual instead",
+            stacklevel=4,
+        )
     weight = backends.dense_weight(base_layer)  # fp32 (out, in), as PEFT computes it
     r = adapter.r
     if init == "pissa":
@@ -55,7 +57,8 @@ def pissa_init(adapter: "LoraAdapter", base_layer: nn.Module, init: str) -> None
     adapter.register_buffer("pissa_B0", adapter.lora_B.detach().clone(), persistent=False)
 
 
-def to_lora_tensors(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor,
-                    b0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def to_lora_tensors(
+    a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A', B') of rank 2r with B'A' = B A − B₀ A₀."""
     return torch.cat([a, a0.to(a.dtype)], dim=0), torch.cat([b, -b0.to(b.dtype)], dim=1)

@@ -51,6 +51,7 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def _is_linear_like(module: nn.Module) -> bool:
     from lorakit.lora.layer import LoraLayer
+
     return isinstance(module, LoraLayer) or backends.is_supported(module)
 
 
@@ -107,12 +108,14 @@ def find_targets(model: nn.Module, config: LoraConfig, targets: TargetSpec) -> l
         if not _is_linear_like(module):
             raise ConfigError(
                 f"target module '{name}' is a {type(module).__name__}; lorakit adapts nn.Linear "
-                "and Conv1D layers only (train other modules fully with modules_to_save)")
+                "and Conv1D layers only (train other modules fully with modules_to_save)"
+            )
         found.append(name)
     if not found:
         available = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
         raise ConfigError(
             f"target_modules={config.target_modules!r} matches no module of "
             f"{type(model).__name__}; its linear layers are named: {available} "
-            "(or use target_modules='all-linear')")
+            "(or use target_modules='all-linear')"
+        )
     return found

@@ -29,14 +29,19 @@ class LoraVariant:
     def init(self, adapter: "LoraAdapter", base_layer: nn.Module) -> None:
         """Called once A and B hold their initial values (plain LoRA needs nothing more)."""
 
-    def forward(self, adapter: "LoraAdapter", x: torch.Tensor, result: torch.Tensor,
-                base_layer: nn.Module) -> torch.Tensor:
+    def forward(
+        self, adapter: "LoraAdapter", x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
         a, b = adapter.lora_A, adapter.lora_B
         h = F.linear(adapter.dropout(x.to(a.dtype)), a)
         if h.dtype == result.dtype:
             # result + s·h·Bᵀ as one fused kernel instead of matmul, scale and add
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
-                              b.t(), alpha=adapter.scaling)
+            out = torch.addmm(
+                result.reshape(-1, result.shape[-1]),
+                h.reshape(-1, h.shape[-1]),
+                b.t(),
+                alpha=adapter.scaling,
+            )
             return out.view(result.shape)
         # adapters kept in fp32 on a bf16/fp16 base outside autocast: compute the delta in the
         # adapter dtype, then cast it to the base output's dtype (the base is never upcast)
@@ -51,8 +56,9 @@ class LoraVariant:
         """What merging this adapter alone adds to the dense (out, in) fp32 base weight."""
         return self.lora_delta(adapter)
 
-    def merge(self, adapter: "LoraAdapter", weight: torch.Tensor,
-              base_weight: torch.Tensor) -> torch.Tensor:
+    def merge(
+        self, adapter: "LoraAdapter", weight: torch.Tensor, base_weight: torch.Tensor
+    ) -> torch.Tensor:
         """The dense weight with this adapter merged into `weight` (which may already hold other
         merged adapters; `base_weight` is the weight with none merged). Returns a new tensor."""
         return weight + self.lora_delta(adapter)
@@ -92,8 +98,9 @@ class DoraVariant(LoraVariant):
     def _norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return torch.linalg.norm(weight + delta, dim=1)
 
-    def _factor(self, adapter: "LoraAdapter", base_layer: nn.Module,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factor(
+        self, adapter: "LoraAdapter", base_layer: nn.Module, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(f = m / ‖W + s·B A‖ with the norm detached, W in `dtype`)."""
         w = backends.weight_matrix(base_layer).to(dtype)
         with torch.no_grad():
@@ -101,8 +108,9 @@ class DoraVariant(LoraVariant):
             norm = torch.linalg.norm(w + adapter.scaling * (b @ a), dim=1)
         return adapter.magnitude / norm, w
 
-    def forward(self, adapter: "LoraAdapter", x: torch.Tensor, result: torch.Tensor,
-                base_layer: nn.Module) -> torch.Tensor:
+    def forward(
+        self, adapter: "LoraAdapter", x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
         a, b = adapter.lora_A, adapter.lora_B
         x = x.to(a.dtype)
         f, w = self._factor(adapter, base_layer, a.dtype)
@@ -121,8 +129,9 @@ class DoraVariant(LoraVariant):
     def delta_weight(self, adapter: "LoraAdapter", base_weight: torch.Tensor) -> torch.Tensor:
         return self.merge(adapter, base_weight, base_weight) - base_weight
 
-    def merge(self, adapter: "LoraAdapter", weight: torch.Tensor,
-              base_weight: torch.Tensor) -> torch.Tensor:
+    def merge(
+        self, adapter: "LoraAdapter", weight: torch.Tensor, base_weight: torch.Tensor
+    ) -> torch.Tensor:
         delta = self.lora_delta(adapter)
         # the norm is the one forward uses (of the unmerged weight); keep it, since after merging
         # it can no longer be recomputed from the layer

@@ -99,9 +99,13 @@ class SFTRecipe:
         # fsdp2 shards from the CPU: each rank moves only its part; quantized weights are
         # placed while loading
         device = "cpu" if self.fsdp2 and not m.quantization else self.device
-        model, self.tokenizer = load_model(m.name_or_path, dtype=self.dtype,
-                                           quantization=m.quantization, device=device,
-                                           trust_remote_code=m.trust_remote_code)
+        model, self.tokenizer = load_model(
+            m.name_or_path,
+            dtype=self.dtype,
+            quantization=m.quantization,
+            device=device,
+            trust_remote_code=m.trust_remote_code,
+        )
         if m.quantization:
             prepare_for_kbit_training(model, gradient_checkpointing=train.gradient_checkpointing)
         set_seed(train.seed)  # `seed` fixes the whole run (HF Trainer / TRL): adapters included
@@ -111,12 +115,20 @@ class SFTRecipe:
 
     def _setup_trainer(self) -> None:
         d = self.cfg.data
-        self.trainer = SFTTrainer(self.model, self.cfg.training, train_data=d.train,
-                                  eval_data=d.eval, tokenizer=self.tokenizer, group=self.group)
+        self.trainer = SFTTrainer(
+            self.model,
+            self.cfg.training,
+            train_data=d.train,
+            eval_data=d.eval,
+            tokenizer=self.tokenizer,
+            group=self.group,
+        )
         stats = self.trainer.train_data.stats
-        self.say(f"train data {stats.rows} rows -> {stats.examples} examples "
-                 f"({stats.truncated} truncated, {stats.dropped} dropped), "
-                 f"{self.trainer.total_steps()} steps")
+        self.say(
+            f"train data {stats.rows} rows -> {stats.examples} examples "
+            f"({stats.truncated} truncated, {stats.dropped} dropped), "
+            f"{self.trainer.total_steps()} steps"
+        )
 
     # -- the run ------------------------------------------------------------------------------
     def train(self, resume: str | bool | None = None) -> Outcome:
@@ -128,8 +140,14 @@ class SFTRecipe:
         if picked:
             with self.model.disable_adapters():
                 before = self._generate([e.prompt for e in picked])
-            samples = [{"prompt": render_prompt(e.prompt, self.tokenizer)[0], "before": b,
-                        "reference": e.reference} for e, b in zip(picked, before)]
+            samples = [
+                {
+                    "prompt": render_prompt(e.prompt, self.tokenizer)[0],
+                    "before": b,
+                    "reference": e.reference,
+                }
+                for e, b in zip(picked, before)
+            ]
         result = self.trainer.train(resume_from_checkpoint=resume)
         outcome = Outcome(result, out, samples=samples)
         if not self.is_main:
@@ -138,8 +156,9 @@ class SFTRecipe:
             for s, a in zip(samples, self._generate([e.prompt for e in picked])):
                 s["after"] = a
         outcome.plot = plot_losses(out)
-        outcome.report = write_report(out, self.trainer.run_config(self.trainer.total_steps()),
-                                      result, samples)
+        outcome.report = write_report(
+            out, self.trainer.run_config(self.trainer.total_steps()), result, samples
+        )
         return outcome
 
     def _sample_prompts(self) -> list:
@@ -154,18 +173,23 @@ class SFTRecipe:
         return completion_examples(load_records(self.cfg.data.eval or self.cfg.data.train))[:n]
 
     def _generate(self, prompts: list) -> list[str]:
-        return generate_texts(self.model, self.tokenizer, prompts,
-                              self.cfg.output.sample_max_new_tokens)
+        return generate_texts(
+            self.model, self.tokenizer, prompts, self.cfg.output.sample_max_new_tokens
+        )
 
 
 def summary_lines(outcome: Outcome) -> list[str]:
     """What a finished (or interrupted) run reports on the console."""
     r, out = outcome.result, outcome.output_dir
     status = "interrupted at" if r.interrupted else "finished"
-    lines = [f"{status} step {r.global_step} in {r.seconds:.0f} s "
-             f"({r.tokens_per_second:.0f} tokens/s, peak {r.peak_memory_mb:.0f} MB)"]
-    lines += [f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}"
-              for k, v in (r.metrics or {}).items()]
+    lines = [
+        f"{status} step {r.global_step} in {r.seconds:.0f} s "
+        f"({r.tokens_per_second:.0f} tokens/s, peak {r.peak_memory_mb:.0f} MB)"
+    ]
+    lines += [
+        f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}"
+        for k, v in (r.metrics or {}).items()
+    ]
     if not r.interrupted:
         lines.append(f"adapter  -> {out / 'adapter'}")
     lines.append(f"checkpoint -> {r.checkpoint}")

@@ -9,5 +9,13 @@ from lorakit.training.config import TrainConfig
 from lorakit.training.optim import create_loraplus_optimizer
 from lorakit.training.trainer import SFTTrainer, TrainingDivergedError, TrainResult
 
-__all__ = ["SFTTrainer", "TrainConfig", "TrainResult", "TrainState", "TrainingDivergedError",
-           "create_loraplus_optimizer", "latest_checkpoint", "list_checkpoints"]
+__all__ = [
+    "SFTTrainer",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "TrainingDivergedError",
+    "create_loraplus_optimizer",
+    "latest_checkpoint",
+    "list_checkpoints",
+]

@@ -41,9 +41,15 @@ class TrainState:
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def save_checkpoint(output_dir: str | Path, lora_model, optimizer: torch.optim.Optimizer,
-                    scheduler, state: TrainState, run_config: dict[str, Any],
-                    save_total_limit: int | None = None) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    lora_model,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: TrainState,
+    run_config: dict[str, Any],
+    save_total_limit: int | None = None,
+) -> Path:
     """Write checkpoint-<step> atomically and prune older ones down to `save_total_limit`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -64,8 +70,12 @@ def save_checkpoint(output_dir: str | Path, lora_model, optimizer: torch.optim.O
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda.{i}"] = s
         save_file(rng, tmp / "rng.safetensors")
-        trainer_state = {"state": asdict(state), "optimizer_param_groups": opt["param_groups"],
-                         "optimizer_scalars": scalars, "scheduler": scheduler.state_dict()}
+        trainer_state = {
+            "state": asdict(state),
+            "optimizer_param_groups": opt["param_groups"],
+            "optimizer_scalars": scalars,
+            "scheduler": scheduler.state_dict(),
+        }
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
     if save_total_limit:
@@ -79,8 +89,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
-             if (m := CHECKPOINT_RE.fullmatch(p.name)) and (p / "trainer_state.json").is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := CHECKPOINT_RE.fullmatch(p.name)) and (p / "trainer_state.json").is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -89,8 +102,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, lora_model, optimizer: torch.optim.Optimizer,
-                    scheduler) -> TrainState:
+def load_checkpoint(
+    path: str | Path, lora_model, optimizer: torch.optim.Optimizer, scheduler
+) -> TrainState:
     """Restore adapter weights, optimizer, scheduler and RNG; return where the run was."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():

@@ -90,8 +90,13 @@ class TrainConfig:
         def bad(name: str, allowed: str) -> ConfigError:
             return ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
 
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "max_length", "logging_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+            "logging_steps",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be an integer >= 1")
         if self.max_length < 2:
@@ -118,8 +123,9 @@ class TrainConfig:
             self.distributed_mode = canonical_mode(self.distributed_mode)
         except ValueError as e:
             raise bad("distributed_mode", str(e)) from None
-        if self.global_batch_size is not None and (not isinstance(self.global_batch_size, int)
-                                                   or self.global_batch_size < 1):
+        if self.global_batch_size is not None and (
+            not isinstance(self.global_batch_size, int) or self.global_batch_size < 1
+        ):
             raise bad("global_batch_size", "must be an integer >= 1, or None")
         if not isinstance(self.ddp_timeout, int) or self.ddp_timeout < 1:
             raise bad("ddp_timeout", "must be an integer >= 1 (seconds)")

@@ -105,7 +105,8 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
         raise LaunchError(
             f"RANK/WORLD_SIZE are set but {', '.join(missing)} {are} not: launch with torchrun "
             "(it sets all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or set "
-            "them all (MASTER_ADDR:MASTER_PORT = rank 0's address and a free port)")
+            "them all (MASTER_ADDR:MASTER_PORT = rank 0's address and a free port)"
+        )
     values = {}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         try:
@@ -114,8 +115,13 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
             raise LaunchError(f"{key}={env[key]!r} is not an integer") from None
     if values["WORLD_SIZE"] < 1 or not 0 <= values["RANK"] < values["WORLD_SIZE"]:
         raise LaunchError(f"RANK={values['RANK']} is not in [0, WORLD_SIZE={values['WORLD_SIZE']})")
-    return LaunchEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"],
-                     env["MASTER_ADDR"], values["MASTER_PORT"])
+    return LaunchEnv(
+        values["RANK"],
+        values["WORLD_SIZE"],
+        values["LOCAL_RANK"],
+        env["MASTER_ADDR"],
+        values["MASTER_PORT"],
+    )
 
 
 def per_rank_batch_size(args, world_size: int) -> int:
@@ -128,7 +134,8 @@ def per_rank_batch_size(args, world_size: int) -> int:
         raise LaunchError(
             f"global_batch_size={args.global_batch_size} is not divisible by {world_size} "
             f"rank(s) x {args.gradient_accumulation_steps} accumulation step(s) = {parts}; use a "
-            f"multiple of {parts}, or another number of processes")
+            f"multiple of {parts}, or another number of processes"
+        )
     return args.global_batch_size // parts
 
 
@@ -198,8 +205,9 @@ class ProcessGroup:
     def sum_floats(self, *values: float) -> list[float]:
         return [float(v) for v in values]
 
-    def reduce_step(self, params: Sequence[torch.Tensor], loss: float,
-                    stop: bool) -> tuple[float, bool]:
+    def reduce_step(
+        self, params: Sequence[torch.Tensor], loss: float, stop: bool
+    ) -> tuple[float, bool]:
         """The step's gradients (left in `params`), loss and stop request, summed over ranks."""
         return loss, stop
 
@@ -233,21 +241,30 @@ class MultiProcessGroup(ProcessGroup):
         return local_device(device, self.env)
 
     def describe(self, per_rank: int, accumulation: int) -> str:
-        return (f"{self.world_size} ranks ({self.mode}, {self._backend(self.device)}): global "
-                f"batch {per_rank * self.world_size * accumulation} = {per_rank} per rank x "
-                f"{self.world_size} ranks x {accumulation} accumulation step(s)")
+        return (
+            f"{self.world_size} ranks ({self.mode}, {self._backend(self.device)}): global "
+            f"batch {per_rank * self.world_size * accumulation} = {per_rank} per rank x "
+            f"{self.world_size} ranks x {accumulation} accumulation step(s)"
+        )
 
     def run_config(self, per_rank: int, accumulation: int) -> dict[str, Any]:
-        return {"distributed": {
-            "mode": self.mode, "world_size": self.world_size, "per_rank_batch_size": per_rank,
-            "global_batch_size": per_rank * self.world_size * accumulation}}
+        return {
+            "distributed": {
+                "mode": self.mode,
+                "world_size": self.world_size,
+                "per_rank_batch_size": per_rank,
+                "global_batch_size": per_rank * self.world_size * accumulation,
+            }
+        }
 
     # -- checks before any collective: same inputs, same outcome on every rank -----------------
     def check_data(self, n_examples: int) -> None:
         if n_examples < self.world_size:
-            raise LaunchError(f"{n_examples} training example(s) for {self.world_size} ranks: "
-                              f"every rank needs at least one; launch at most {n_examples} "
-                              "processes")
+            raise LaunchError(
+                f"{n_examples} training example(s) for {self.world_size} ranks: "
+                f"every rank needs at least one; launch at most {n_examples} "
+                "processes"
+            )
 
     def check_model(self, model: nn.Module) -> None:
         if self.mode != "fsdp2":
@@ -258,10 +275,13 @@ class MultiProcessGroup(ProcessGroup):
                 f"distributed_mode='fsdp2' cannot shard bitsandbytes 8-bit weights ({int8[0]}): "
                 "their quantization state (CB/SCB) lives on the parameter object, which FSDP2 "
                 "replaces when it gathers the shards; use distributed_mode='replicate', or a 4-bit "
-                "(nf4/fp4) or unquantized base")
+                "(nf4/fp4) or unquantized base"
+            )
         if self._decoder_layers(model.model) == []:
-            raise LaunchError(f"distributed_mode='fsdp2' found no decoder layers to shard in "
-                              f"{type(model.model).__name__} (it lists no _no_split_modules)")
+            raise LaunchError(
+                f"distributed_mode='fsdp2' found no decoder layers to shard in "
+                f"{type(model.model).__name__} (it lists no _no_split_modules)"
+            )
 
     # -- process group and model --------------------------------------------------------------
     @staticmethod
@@ -273,23 +293,29 @@ class MultiProcessGroup(ProcessGroup):
         self.device = device
         if dist.is_initialized():
             if dist.get_world_size() != self.world_size:
-                raise LaunchError(f"the process group has {dist.get_world_size()} ranks but "
-                                  f"WORLD_SIZE={self.world_size}")
+                raise LaunchError(
+                    f"the process group has {dist.get_world_size()} ranks but "
+                    f"WORLD_SIZE={self.world_size}"
+                )
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
         try:
-            dist.init_process_group(self._backend(device),
-                                    timeout=timedelta(seconds=self.timeout_s),
-                                    device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                self._backend(device),
+                timeout=timedelta(seconds=self.timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
         except (RuntimeError, TimeoutError, OSError) as e:
-            first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() \
-                else type(e).__name__
+            first = (
+                str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+            )
             raise LaunchError(
                 f"rank {self.rank} could not join the other {self.world_size - 1} rank(s) at "
                 f"{self.env.master_addr}:{self.env.master_port} within {self.timeout_s} s "
                 f"(ddp_timeout): {first}. Were all ranks started, and can they reach that "
-                "address?") from None
+                "address?"
+            ) from None
 
     def prepare_model(self, model: nn.Module, device: torch.device) -> None:
         """Join the group; place the model (replicate: whole on `device`; fsdp2: base sharded),
@@ -362,15 +388,21 @@ class MultiProcessGroup(ProcessGroup):
         dist.all_reduce(t)
         return t.tolist()
 
-    def reduce_step(self, params: Sequence[torch.Tensor], loss: float,
-                    stop: bool) -> tuple[float, bool]:
+    def reduce_step(
+        self, params: Sequence[torch.Tensor], loss: float, stop: bool
+    ) -> tuple[float, bool]:
         """Sum the adapters' gradients, the step loss and the stop requests over the ranks, in
         one all-reduce. A parameter keeps grad None only if it got none on every rank (AdamW
         then skips it, as on one process)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
-        flat = torch.cat([self._flat(grads), has.to(self.device),
-                          torch.tensor([loss, float(stop)], device=self.device)])
+        flat = torch.cat(
+            [
+                self._flat(grads),
+                has.to(self.device),
+                torch.tensor([loss, float(stop)], device=self.device),
+            ]
+        )
         dist.all_reduce(flat)
         n = flat.numel() - len(params) - 2
         for p, g, present in zip(params, self._split(flat[:n], params), flat[n:-2].tolist()):
@@ -398,8 +430,10 @@ class MultiProcessGroup(ProcessGroup):
         dist.all_gather_object(values, value)
         if any(v != values[0] for v in values):
             shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-            raise LaunchError(f"the ranks do not agree on {what} ({shown}); is the output "
-                              "directory on a file system that every machine shares?")
+            raise LaunchError(
+                f"the ranks do not agree on {what} ({shown}); is the output "
+                "directory on a file system that every machine shares?"
+            )
 
     def _flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         if not tensors:
@@ -410,6 +444,6 @@ class MultiProcessGroup(ProcessGroup):
     def _split(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out, offset = [], 0
         for p in like:
-            out.append(flat[offset: offset + p.numel()].view(p.shape).to(p.device))
+            out.append(flat[offset : offset + p.numel()].view(p.shape).to(p.device))
             offset += p.numel()
         return out

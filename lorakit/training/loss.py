@@ -21,8 +21,12 @@ from lorakit.data.dataset import IGNORE_INDEX
 from lorakit.training.prefix import pack_on_shared_prefix, shared_prefix_length
 
 # Configs whose models post-process logits (soft-capping, scaling): use their own forward.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling",
-                         "output_multiplier_scale")
+_LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
 # fp32 logits held at once by the chunked head: 2**24 elements = 64 MiB (341 rows of a 49k vocab)
 CHUNK_ELEMENTS = 2**24
 
@@ -65,7 +69,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
         for lo in range(0, hidden.shape[0], rows):
-            h, y = hidden[lo:lo + rows], targets[lo:lo + rows]
+            h, y = hidden[lo : lo + rows], targets[lo : lo + rows]
             raw = F.linear(h, weight, bias)  # the head's dtype, or autocast's
             logits = raw.to(torch.promote_types(raw.dtype, torch.float32))  # fp32 at least
             lse = torch.logsumexp(logits, dim=-1)
@@ -77,7 +81,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g[torch.arange(len(y), device=g.device), y] -= 1
                 g = g.to(raw.dtype)  # the precision the plain path's backward uses
                 if need_h:
-                    grad_h[lo:lo + rows] = g @ weight.to(g.dtype)
+                    grad_h[lo : lo + rows] = g @ weight.to(g.dtype)
                 if need_w:
                     grad_w += (g.t() @ h.to(g.dtype)).to(acc)
                 if need_b:
@@ -92,13 +96,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
         saved = iter(ctx.saved_tensors)
-        grads = [(next(saved) * grad_loss).to(dtype) if has else None
-                 for has, dtype in zip(ctx.has, ctx.dtypes)]
+        grads = [
+            (next(saved) * grad_loss).to(dtype) if has else None
+            for has, dtype in zip(ctx.has, ctx.dtypes)
+        ]
         return grads[0], grads[1], grads[2], None, None, None
 
 
-def _logits_loss(logits: torch.Tensor, targets: torch.Tensor,
-                 count_correct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits_loss(
+    logits: torch.Tensor, targets: torch.Tensor, count_correct: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ cross-entropy, correct argmaxes or 0) of materialised logits, in fp32."""
     logits = logits.float()
     loss = F.cross_entropy(logits, targets, reduction="sum")
@@ -106,22 +113,32 @@ def _logits_loss(logits: torch.Tensor, targets: torch.Tensor,
     return loss, correct
 
 
-def head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-              chunk_rows: int | None = None,
-              count_correct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def head_loss(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+    count_correct: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ token cross-entropy, count of correct argmaxes; 0 without `count_correct`) of `head`
     on hidden rows [n, d]."""
-    plain_linear = (type(head) is nn.Linear and not head._forward_hooks
-                    and not head._forward_pre_hooks)
+    plain_linear = (
+        type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+    )
     if not plain_linear:  # a LoRA-wrapped or sharded head: its own forward, full logits
         return _logits_loss(head(hidden), targets, count_correct)
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // head.out_features)
-    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, rows,
-                                            count_correct)
+    return _ChunkedLinearCrossEntropy.apply(
+        hidden, head.weight, head.bias, targets, rows, count_correct
+    )
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
-                   count_correct: bool = False, share_prefix: bool = False) -> LossParts:
+def causal_lm_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    count_correct: bool = False,
+    share_prefix: bool = False,
+) -> LossParts:
     """Sum of next-token cross-entropy over labelled positions (labels unshifted, -100 = skip).
 
     share_prefix: compute a prompt prefix common to all rows once (the caller checks the model
@@ -145,6 +162,5 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
         hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    loss_sum, n_correct = head_loss(hidden[keep], head, targets[keep],
-                                    count_correct=count_correct)
+    loss_sum, n_correct = head_loss(hidden[keep], head, targets[keep], count_correct=count_correct)
     return LossParts(loss_sum, int(keep.sum()), int(n_correct))

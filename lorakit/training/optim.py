@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 
-def adapter_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                         loraplus_lr_ratio: float | None = None) -> list[dict[str, Any]]:
+def adapter_param_groups(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, loraplus_lr_ratio: float | None = None
+) -> list[dict[str, Any]]:
     """Trainable parameters in groups: LoRA B matrices get `lr × ratio` under LoRA+ (Hayou et
     al., 2024); biases and 1-d tensors get no weight decay; everything else `lr`."""
     ratio = loraplus_lr_ratio or 1.0
@@ -29,14 +30,21 @@ def adapter_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
             groups["A"]["params"].append(p)
     found = [g for g in groups.values() if g["params"]]
     if not found:
-        raise ValueError("the model has no trainable parameters: were adapters injected and is "
-                         "the adapter loaded with is_trainable=True?")
+        raise ValueError(
+            "the model has no trainable parameters: were adapters injected and is "
+            "the adapter loaded with is_trainable=True?"
+        )
     return found
 
 
-def create_loraplus_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer],
-                              lr: float, loraplus_lr_ratio: float = 16.0,
-                              weight_decay: float = 0.0, **kwargs: Any) -> torch.optim.Optimizer:
+def create_loraplus_optimizer(
+    model: nn.Module,
+    optimizer_cls: type[torch.optim.Optimizer],
+    lr: float,
+    loraplus_lr_ratio: float = 16.0,
+    weight_decay: float = 0.0,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
     """An optimizer whose LoRA B matrices learn `loraplus_lr_ratio` times faster than A."""
     groups = adapter_param_groups(model, lr, weight_decay, loraplus_lr_ratio)
     return optimizer_cls(groups, lr=lr, **kwargs)

@@ -92,8 +92,9 @@ def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
     return p if p >= MIN_SHARED_TOKENS else 0  # stays outside the prefix
 
 
-def pack_on_shared_prefix(batch: dict[str, torch.Tensor], prefix: int,
-                          backbone: nn.Module) -> PackedRows | None:
+def pack_on_shared_prefix(
+    batch: dict[str, torch.Tensor], prefix: int, backbone: nn.Module
+) -> PackedRows | None:
     """`batch` (right-padded rows whose first `prefix` tokens are shared) as one packed row for
     `backbone`, or None where the extra attention would cost more than the rows' copies of the
     prefix (long rows with a short prefix)."""
@@ -131,7 +132,8 @@ def _as_mask(seen: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
     dtype = backbone.get_input_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
     return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(
-        ~seen, torch.finfo(dtype).min)
+        ~seen, torch.finfo(dtype).min
+    )
 
 
 def _packing_pays(backbone: nn.Module, rows: int, width: int, tokens: int) -> bool:
@@ -140,8 +142,9 @@ def _packing_pays(backbone: nn.Module, rows: int, width: int, tokens: int) -> bo
     half of each padded row. Forward FLOPs; the backward scales both alike."""
     config = backbone.config.get_text_config()
     embeddings = {id(m.weight) for m in backbone.modules() if isinstance(m, nn.Embedding)}
-    weights_per_token = sum(p.numel() for p in backbone.parameters()
-                            if p.dim() == 2 and id(p) not in embeddings)
+    weights_per_token = sum(
+        p.numel() for p in backbone.parameters() if p.dim() == 2 and id(p) not in embeddings
+    )
     saved = (rows * width - tokens) * 2 * weights_per_token
     extra_pairs = tokens**2 - rows * width**2 // 2
     cost = extra_pairs * 4 * config.hidden_size * config.num_hidden_layers  # QKᵀ and PV

@@ -30,6 +30,7 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
 def plot_losses(output_dir: str | Path) -> Path | None:
     """loss.png: train loss per logged step (line) and eval loss (marked points)."""
     import matplotlib
+
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
@@ -42,8 +43,14 @@ def plot_losses(output_dir: str | Path) -> Path | None:
     if train:
         ax.plot(*zip(*train), color="tab:blue", linewidth=1.5, label="train loss")
     if evals:
-        ax.plot(*zip(*evals), color="tab:orange", marker="o", markersize=6, linestyle="--",
-                label="eval loss")
+        ax.plot(
+            *zip(*evals),
+            color="tab:orange",
+            marker="o",
+            markersize=6,
+            linestyle="--",
+            label="eval loss",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean token cross-entropy)")
     ax.set_title("lorakit training loss")
@@ -56,21 +63,29 @@ def plot_losses(output_dir: str | Path) -> Path | None:
     return path
 
 
-def write_report(output_dir: str | Path, run_config: dict[str, Any], result: TrainResult,
-                 samples: Sequence[dict[str, str]] = (), extra: dict[str, Any] | None = None) -> Path:
+def write_report(
+    output_dir: str | Path,
+    run_config: dict[str, Any],
+    result: TrainResult,
+    samples: Sequence[dict[str, str]] = (),
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """report.md: config, data counts, time, speed, memory, metrics, samples before/after."""
     out = Path(output_dir)
     train, adapters = run_config.get("train", {}), run_config.get("adapters", {})
     lines = ["# lorakit training report", ""]
-    lines += ["## Run", "",
-              f"- base model: `{run_config.get('base_model')}`",
-              f"- device: {run_config.get('device')}, bf16 autocast: {run_config.get('bf16')}",
-              f"- steps: {result.global_step} of {run_config.get('total_steps')}"
-              + (" (interrupted)" if result.interrupted else ""),
-              f"- time: {result.seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s (non-pad)",
-              f"- peak memory: {result.peak_memory_mb:.0f} MB",
-              f"- trainable parameters: {run_config.get('trainable_parameters'):,}",
-              f"- final train loss: {result.train_loss:.4f}"]
+    lines += [
+        "## Run",
+        "",
+        f"- base model: `{run_config.get('base_model')}`",
+        f"- device: {run_config.get('device')}, bf16 autocast: {run_config.get('bf16')}",
+        f"- steps: {result.global_step} of {run_config.get('total_steps')}"
+        + (" (interrupted)" if result.interrupted else ""),
+        f"- time: {result.seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s (non-pad)",
+        f"- peak memory: {result.peak_memory_mb:.0f} MB",
+        f"- trainable parameters: {run_config.get('trainable_parameters'):,}",
+        f"- final train loss: {result.train_loss:.4f}",
+    ]
     for k, v in (result.metrics or {}).items():
         lines.append(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}")
     for k, v in (extra or {}).items():
@@ -85,14 +100,33 @@ def write_report(output_dir: str | Path, run_config: dict[str, Any], result: Tra
     if samples:
         lines += ["", "## Sample generations", ""]
         for i, s in enumerate(samples, 1):
-            lines += [f"### Sample {i}", "", "Prompt:", "", _quote(s["prompt"]), "",
-                      "Before training:", "", _quote(s["before"]), "",
-                      "After training:", "", _quote(s["after"])]
+            lines += [
+                f"### Sample {i}",
+                "",
+                "Prompt:",
+                "",
+                _quote(s["prompt"]),
+                "",
+                "Before training:",
+                "",
+                _quote(s["before"]),
+                "",
+                "After training:",
+                "",
+                _quote(s["after"]),
+            ]
             if s.get("reference") is not None:
                 lines += ["", "Reference:", "", _quote(s["reference"])]
             lines.append("")
-    lines += ["", "## Configuration", "", "```json",
-              json.dumps({"train": train, "adapters": adapters}, indent=2, default=str), "```", ""]
+    lines += [
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps({"train": train, "adapters": adapters}, indent=2, default=str),
+        "```",
+        "",
+    ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -30,13 +30,19 @@ from lorakit.lora.config import LoraConfig
 from lorakit.training.config import TrainConfig
 from lorakit.training.report import OutputConfig
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig,
-                             "training": TrainConfig, "output": OutputConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraConfig,
+    "training": TrainConfig,
+    "output": OutputConfig,
+}
 # fields that belong to the run, not to the section: the adapter files record them themselves,
 # and the training output directory is output.dir
-_HIDDEN = {"lora": {"peft_type", "base_model_name_or_path", "revision", "inference_mode",
-                    "task_type"},
-           "training": {"output_dir"}}
+_HIDDEN = {
+    "lora": {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "task_type"},
+    "training": {"output_dir"},
+}
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,11 @@ class Flag:
 
 
 TRAIN_FLAGS: dict[str, Flag] = {
-    "--model": Flag("model", "name_or_path", "base model: local directory or hub id "
-                    "(default: the embedded SmolLM2-135M)"),
+    "--model": Flag(
+        "model",
+        "name_or_path",
+        "base model: local directory or hub id (default: the embedded SmolLM2-135M)",
+    ),
     "--dtype": Flag("model", "dtype", choices=DTYPE_CHOICES),
     "--quantization": Flag("model", "quantization", choices=QUANT_TYPES),
     "--data": Flag("data", "train", "training data (.jsonl/.json/.csv/.parquet or datasets dir)"),
@@ -68,13 +77,15 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "--lr": Flag("training", "learning_rate"),
     "--max-length": Flag("training", "max_length"),
     "--lora-r": Flag("lora", "r", "LoRA rank", aliases=("--r",)),
-    "--lora-alpha": Flag("lora", "lora_alpha", "LoRA scaling numerator (scale = alpha / r)",
-                         aliases=("--alpha",)),
+    "--lora-alpha": Flag(
+        "lora", "lora_alpha", "LoRA scaling numerator (scale = alpha / r)", aliases=("--alpha",)
+    ),
     "--lora-dropout": Flag("lora", "lora_dropout", aliases=("--dropout",)),
     "--target-modules": Flag("lora", "target_modules", "all-linear | q_proj,v_proj | a regex"),
 }
-SINGLE_PROCESS_ALIASES: dict[str, str] = {a: name for name, f in TRAIN_FLAGS.items()
-                                          for a in f.aliases}
+SINGLE_PROCESS_ALIASES: dict[str, str] = {
+    a: name for name, f in TRAIN_FLAGS.items() for a in f.aliases
+}
 
 
 @dataclass
@@ -147,8 +158,9 @@ class RunConfigBuilder:
     def set(self, section: str, key: str, value: Any, where: str) -> None:
         fields = section_fields(section)
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}' in section '{section}'"
-                              f"{_did_you_mean(key, fields)}")
+            raise ConfigError(
+                f"{where}: unknown key '{key}' in section '{section}'{_did_you_mean(key, fields)}"
+            )
         self.values[section][key] = _coerce(value, fields[key], where)
 
     def read_yaml(self, path: str | Path) -> None:
@@ -163,27 +175,32 @@ class RunConfigBuilder:
             raise ConfigError(f"{path}: expected sections {list(SECTIONS)} at the top level")
         for section, values in data.items():
             if section not in SECTIONS:
-                raise ConfigError(f"{path}: unknown section '{section}'"
-                                  f"{_did_you_mean(section, SECTIONS)}; sections are "
-                                  f"{list(SECTIONS)}")
+                raise ConfigError(
+                    f"{path}: unknown section '{section}'"
+                    f"{_did_you_mean(section, SECTIONS)}; sections are "
+                    f"{list(SECTIONS)}"
+                )
             if values is None:
                 continue
             if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section '{section}' must be a mapping of keys to "
-                                  "values")
+                raise ConfigError(
+                    f"{path}: section '{section}' must be a mapping of keys to values"
+                )
             for key, value in values.items():
                 self.set(section, key, value, where=f"{path}: {section}.{key}")
 
     def set_dotted(self, item: str) -> None:
         """One `--set section.key=value` (the value read as YAML: numbers, null, lists...)."""
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. "
-                              "training.warmup_ratio=0.1")
+            raise ConfigError(
+                f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.warmup_ratio=0.1"
+            )
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
         if section not in SECTIONS:
-            raise ConfigError(f"--set {item!r}: unknown section '{section}'"
-                              f"{_did_you_mean(section, SECTIONS)}")
+            raise ConfigError(
+                f"--set {item!r}: unknown section '{section}'{_did_you_mean(section, SECTIONS)}"
+            )
         self.set(section, key, yaml.safe_load(raw), where=f"--set {dotted}")
 
     def build(self) -> RunConfig:
@@ -200,8 +217,9 @@ class RunConfigBuilder:
         return RunConfig(**built)
 
 
-def run_config(path: str | Path | None = None, flags: dict[str, Any] | None = None,
-               sets: Iterable[str] = ()) -> RunConfig:
+def run_config(
+    path: str | Path | None = None, flags: dict[str, Any] | None = None, sets: Iterable[str] = ()
+) -> RunConfig:
     """The run config from a YAML file, then `lorakit train` flag values (spelling -> value;
     None means not given), then `--set` items, later ones winning."""
     builder = RunConfigBuilder()

@@ -72,6 +72,7 @@ class TrainResult:
 
 def lr_lambda(schedule: str, warmup: int, total: int):
     """Multiplier of the base learning rate at a step: linear warmup, then the schedule."""
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
@@ -81,6 +82,7 @@ def lr_lambda(schedule: str, warmup: int, total: int):
         if schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
     return f
 
 
@@ -91,9 +93,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class SFTTrainer:
-    def __init__(self, model, args: TrainConfig | None = None, train_data: Any = None,
-                 eval_data: Any = None, tokenizer: Any = None,
-                 group: ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        args: TrainConfig | None = None,
+        train_data: Any = None,
+        eval_data: Any = None,
+        tokenizer: Any = None,
+        group: ProcessGroup | None = None,
+    ) -> None:
         """group: the process group, when the caller (the SFT recipe) has resolved it already;
         otherwise read from torchrun's environment (a group of one without torchrun)."""
         self.model = model
@@ -122,17 +130,22 @@ class SFTTrainer:
         elif self.tokenizer is None:
             raise ValueError(f"{split} data is not tokenized yet: pass tokenizer=")
         else:
-            prepared = prepare_dataset(data, self.tokenizer, self.args.max_length,
-                                       format=self.args.dataset_format,
-                                       chat_template=self.args.chat_template)
+            prepared = prepare_dataset(
+                data,
+                self.tokenizer,
+                self.args.max_length,
+                format=self.args.dataset_format,
+                chat_template=self.args.chat_template,
+            )
         if len(prepared) == 0:
             raise DataError(f"{split} data has no usable rows: {prepared.stats.as_dict()}")
         if self.args.packing and split == "train":
             # a KV cache would switch off transformers' packed-sequence isolation: the loss's
             # forwards pass use_cache=False (the model's config is left as the user set it)
             check_packing_supported(self.model.model, use_cache=False)
-            prepared = SFTData(pack(prepared.examples, self.args.max_length), prepared.stats,
-                               prepared.format)
+            prepared = SFTData(
+                pack(prepared.examples, self.args.max_length), prepared.stats, prepared.format
+            )
         return prepared
 
     def _prefix_sharing_problem(self, mode: str) -> str | None:
@@ -154,31 +167,41 @@ class SFTTrainer:
     def _batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches from the run's data position onwards, epoch after epoch: this rank's
         share (examples rank, rank + ranks, ...) of each global micro-batch."""
-        sampler = LengthGroupedBatches(self.train_data.lengths, self.batch_size * self.world_size,
-                                       seed=self.args.seed, shuffle=True,
-                                       mega_batches=50 if self.args.group_by_length else 1)
+        sampler = LengthGroupedBatches(
+            self.train_data.lengths,
+            self.batch_size * self.world_size,
+            seed=self.args.seed,
+            shuffle=True,
+            mega_batches=50 if self.args.group_by_length else 1,
+        )
         while True:
             batches = sampler.batches(state.epoch)
             while state.batch_index < len(batches):
                 idx = batches[state.batch_index]
                 state.batch_index += 1
-                yield self._collate(self.train_data, idx[self.rank::self.world_size])
+                yield self._collate(self.train_data, idx[self.rank :: self.world_size])
             state.epoch, state.batch_index = state.epoch + 1, 0
 
     def _collate(self, data: SFTData, idx: list[int]) -> dict[str, torch.Tensor]:
         if not idx:  # a short last batch left this rank nothing: a 2-token forward that trains
             # and scores nothing keeps the ranks' collectives in step (FSDP2 gathers per forward)
             ids = data[0]["input_ids"][:2]
-            return collate([{k: v[:2] for k, v in data[0].items()}
-                            | {"labels": [IGNORE_INDEX] * len(ids)}], self.pad_id)
+            return collate(
+                [{k: v[:2] for k, v in data[0].items()} | {"labels": [IGNORE_INDEX] * len(ids)}],
+                self.pad_id,
+            )
         return collate([data[i] for i in idx], self.pad_id)
 
     def total_steps(self) -> int:
         if self.args.max_steps > 0:
             return self.args.max_steps
         per_epoch = self._batches_per_epoch()
-        return max(1, math.ceil(per_epoch * self.args.num_train_epochs
-                                / self.args.gradient_accumulation_steps))
+        return max(
+            1,
+            math.ceil(
+                per_epoch * self.args.num_train_epochs / self.args.gradient_accumulation_steps
+            ),
+        )
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainResult:
@@ -224,8 +247,9 @@ class SFTTrainer:
                 for batch in micro:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with autocast:
-                        parts = causal_lm_loss(model.model, batch,
-                                               share_prefix=self.prefix_off["train"] is None)
+                        parts = causal_lm_loss(
+                            model.model, batch, share_prefix=self.prefix_off["train"] is None
+                        )
                     loss = parts.loss_sum / max(n_label, 1)
                     loss.backward()
                     step_loss += loss.item()
@@ -233,7 +257,8 @@ class SFTTrainer:
                 # every rank: the 1-process gradient and loss, and one decision about stopping
                 # (a signal may reach the ranks at other steps)
                 step_loss, stop_agreed = group.reduce_step(
-                    trainable, step_loss, self._stop_signal is not None)
+                    trainable, step_loss, self._stop_signal is not None
+                )
                 if stop_agreed and self._stop_signal is None:
                     self._stop_signal = 0  # another rank was signalled
                 if not math.isfinite(step_loss):
@@ -241,9 +266,11 @@ class SFTTrainer:
                     raise TrainingDivergedError(
                         f"loss is {step_loss} at step {state.step + 1}; stopped before updating "
                         f"the weights. Last good checkpoint: {latest_checkpoint(out)}. Try a lower "
-                        "learning rate or max_grad_norm.")
+                        "learning rate or max_grad_norm."
+                    )
                 grad_norm = torch.nn.utils.clip_grad_norm_(
-                    trainable, args.max_grad_norm if args.max_grad_norm else float("inf"))
+                    trainable, args.max_grad_norm if args.max_grad_norm else float("inf")
+                )
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -253,16 +280,23 @@ class SFTTrainer:
                 if state.step % args.logging_steps == 0 or state.step == total:
                     now = time.perf_counter()
                     state.tokens_seen += window_tokens
-                    record = {"step": state.step, "epoch": round(state.epoch + state.batch_index
-                              / max(1, self._batches_per_epoch()), 4),
-                              "loss": round(window_loss / window_steps, 6),
-                              "lr": scheduler.get_last_lr()[0],
-                              "grad_norm": round(float(grad_norm), 4),
-                              "tokens_per_s": round(window_tokens / (now - t_window), 1)}
+                    record = {
+                        "step": state.step,
+                        "epoch": round(
+                            state.epoch + state.batch_index / max(1, self._batches_per_epoch()), 4
+                        ),
+                        "loss": round(window_loss / window_steps, 6),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": round(float(grad_norm), 4),
+                        "tokens_per_s": round(window_tokens / (now - t_window), 1),
+                    }
                     self._record(record, state, metrics_file, bar)
                     window_loss, window_steps, window_tokens, t_window = 0.0, 0, 0, now
-                if (self.eval_data is not None and args.eval_steps
-                        and state.step % args.eval_steps == 0):
+                if (
+                    self.eval_data is not None
+                    and args.eval_steps
+                    and state.step % args.eval_steps == 0
+                ):
                     last_eval = self._evaluate_and_record(state, metrics_file, bar)
                 stopping = group.should_stop(stop_agreed, self._stop_signal is not None)
                 if (args.save_steps and state.step % args.save_steps == 0) or stopping:
@@ -270,8 +304,10 @@ class SFTTrainer:
                 if bar is not None:
                     bar.update(1)
                 if stopping:
-                    self._log(f"stopped by signal {self._stop_signal} at step {state.step}; "
-                              f"checkpoint saved to {last_ckpt}")
+                    self._log(
+                        f"stopped by signal {self._stop_signal} at step {state.step}; "
+                        f"checkpoint saved to {last_ckpt}"
+                    )
                     break
         if bar is not None:
             bar.close()
@@ -286,34 +322,49 @@ class SFTTrainer:
         seconds = time.perf_counter() - t_start
         train_losses = [r["loss"] for r in state.log_history if "loss" in r]
         return TrainResult(
-            global_step=state.step, train_loss=train_losses[-1] if train_losses else float("nan"),
-            metrics=last_eval, seconds=seconds,
+            global_step=state.step,
+            train_loss=train_losses[-1] if train_losses else float("nan"),
+            metrics=last_eval,
+            seconds=seconds,
             tokens_per_second=(state.tokens_seen - tokens_start) / max(seconds, 1e-9),
-            peak_memory_mb=peak_memory_mb(device), checkpoint=str(last_ckpt) if last_ckpt else None,
-            interrupted=interrupted)
+            peak_memory_mb=peak_memory_mb(device),
+            checkpoint=str(last_ckpt) if last_ckpt else None,
+            interrupted=interrupted,
+        )
 
     def _optimizer(self, total: int) -> tuple[torch.optim.Optimizer, Any, list[torch.Tensor]]:
         """AdamW over the adapters' parameter groups, its schedule, and the trained tensors."""
         args = self.args
-        groups = adapter_param_groups(self.model, args.learning_rate, args.weight_decay,
-                                      args.loraplus_lr_ratio)
+        groups = adapter_param_groups(
+            self.model, args.learning_rate, args.weight_decay, args.loraplus_lr_ratio
+        )
         # fused: one kernel for all adapter tensors instead of ~10 ops per tensor (420 tensors
         # for all-linear SmolLM2: 31 -> 6 ms a step on CPU); sharded (DTensor) params stay unfused
         fused = self.device.type in ("cpu", "cuda") and self.group.mode != "fsdp2"
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon,
-                                      betas=(args.adam_beta1, args.adam_beta2), fused=fused)
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=args.learning_rate,
+            eps=args.adam_epsilon,
+            betas=(args.adam_beta1, args.adam_beta2),
+            fused=fused,
+        )
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(args.lr_scheduler_type, warmup, total))
+            optimizer, lr_lambda(args.lr_scheduler_type, warmup, total)
+        )
         return optimizer, scheduler, [p for g in groups for p in g["params"]]
 
-    def _resume(self, resume_from_checkpoint: str | bool | None, out: Path, optimizer,
-                scheduler) -> TrainState:
+    def _resume(
+        self, resume_from_checkpoint: str | bool | None, out: Path, optimizer, scheduler
+    ) -> TrainState:
         """A fresh state, or the checkpoint's (weights, optimizer, schedule and data position)."""
         if not resume_from_checkpoint:
             return TrainState()
-        path = latest_checkpoint(out) if resume_from_checkpoint is True \
+        path = (
+            latest_checkpoint(out)
+            if resume_from_checkpoint is True
             else Path(resume_from_checkpoint)
+        )
         # every rank reads it: the same one, or all stop here
         self.group.check_same("the checkpoint to resume from", path and str(path))
         if path is None:
@@ -334,17 +385,21 @@ class SFTTrainer:
         model.eval()
         order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
         bs = self.args.per_device_eval_batch_size
-        chunks = [order[lo:lo + bs] for lo in range(0, len(order), bs)]
+        chunks = [order[lo : lo + bs] for lo in range(0, len(order), bs)]
         # under torchrun: chunks rank, rank + ranks, ...; the same number of forwards everywhere
-        mine = chunks[self.rank::self.world_size]
+        mine = chunks[self.rank :: self.world_size]
         mine += [[]] * (-(-len(chunks) // self.world_size) - len(mine))
         loss_sum, n_tok, n_ok = 0.0, 0, 0
         for idx in mine:
             batch = self._collate(data, idx)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                parts = causal_lm_loss(model.model, batch, count_correct=True,
-                                       share_prefix=self.prefix_off["eval"] is None)
+                parts = causal_lm_loss(
+                    model.model,
+                    batch,
+                    count_correct=True,
+                    share_prefix=self.prefix_off["eval"] is None,
+                )
             loss_sum += float(parts.loss_sum)
             n_tok += parts.n_tokens
             n_ok += parts.n_correct
@@ -352,13 +407,18 @@ class SFTTrainer:
         n_tok, n_ok = int(n_tok), int(n_ok)
         model.train(was_training)
         loss = loss_sum / max(n_tok, 1)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-                "eval_token_accuracy": n_ok / max(n_tok, 1), "eval_tokens": n_tok}
+        return {
+            "eval_loss": loss,
+            "eval_perplexity": math.exp(min(loss, 50.0)),
+            "eval_token_accuracy": n_ok / max(n_tok, 1),
+            "eval_tokens": n_tok,
+        }
 
     def _evaluate_and_record(self, state: TrainState, metrics_file: Path, bar) -> dict[str, float]:
         metrics = self.evaluate()
-        record = {"step": state.step} | {k: round(v, 6) if isinstance(v, float) else v
-                                         for k, v in metrics.items()}
+        record = {"step": state.step} | {
+            k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()
+        }
         self._record(record, state, metrics_file, bar)
         return metrics
 
@@ -369,8 +429,10 @@ class SFTTrainer:
     def _count_tokens(self, micro: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
         """Trained (next-token label) and non-pad tokens of a step's micro-batches, all ranks'."""
         n_label = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        n_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
-                       else b["input_ids"].numel() for b in micro)
+        n_tokens = sum(
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            for b in micro
+        )
         n_label, n_tokens = self.group.sum_ints(n_label, n_tokens)
         return n_label, n_tokens
 
@@ -380,10 +442,14 @@ class SFTTrainer:
         self.group.barrier()
         return result
 
-    def _save_checkpoint(self, out: Path, optimizer, scheduler, state: TrainState,
-                         run_config: dict[str, Any]) -> Path:
-        path = self._on_main_then_wait(lambda: save_checkpoint(
-            out, self.model, optimizer, scheduler, state, run_config, self.args.save_total_limit))
+    def _save_checkpoint(
+        self, out: Path, optimizer, scheduler, state: TrainState, run_config: dict[str, Any]
+    ) -> Path:
+        path = self._on_main_then_wait(
+            lambda: save_checkpoint(
+                out, self.model, optimizer, scheduler, state, run_config, self.args.save_total_limit
+            )
+        )
         return path or out / f"checkpoint-{state.step}"
 
     # the adapters' configs and trainable count, as last seen while the model had adapters
@@ -398,12 +464,15 @@ class SFTTrainer:
         if self.model.peft_config or self._adapters_seen is None:
             self._adapters_seen = {
                 "adapters": {n: c.to_dict() for n, c in self.model.peft_config.items()},
-                "trainable_parameters": self.model.get_nb_trainable_parameters()[0]}
+                "trainable_parameters": self.model.get_nb_trainable_parameters()[0],
+            }
         return {
             "train": self.args.to_dict(),
             "adapters": self._adapters_seen["adapters"],
             "base_model": getattr(self.model.model, "name_or_path", None),
-            "total_steps": total_steps, "bf16": self.bf16, "device": str(self.device),
+            "total_steps": total_steps,
+            "bf16": self.bf16,
+            "device": str(self.device),
             "shared_prefix_off": self.prefix_off,
             "train_data": self.train_data.stats.as_dict() if self.train_data else None,
             "eval_data": self.eval_data.stats.as_dict() if self.eval_data else None,
@@ -418,8 +487,14 @@ class SFTTrainer:
             f.write(json.dumps(record) + "\n")
         # metrics.jsonl above keeps every digit; people read 4 significant ones
         if bar is not None:
-            bar.set_postfix({k: self._short(v) for k, v in record.items() if k in
-                             ("loss", "tokens_per_s", "eval_loss")}, refresh=False)
+            bar.set_postfix(
+                {
+                    k: self._short(v)
+                    for k, v in record.items()
+                    if k in ("loss", "tokens_per_s", "eval_loss")
+                },
+                refresh=False,
+            )
         else:
             self._log(" ".join(f"{k}={self._short(v)}" for k, v in record.items()))
 
@@ -437,6 +512,7 @@ class SFTTrainer:
         if not show or not self.is_main:
             return None
         from tqdm.auto import tqdm
+
         return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
     def _log(self, msg: str) -> None:
@@ -455,8 +531,11 @@ class SFTTrainer:
             if self._stop_signal is not None:
                 raise KeyboardInterrupt
             self._stop_signal = signum
-            self._log(f"signal {signum}: saving a checkpoint after this step "
-                      "(send it again to stop at once)")
+            self._log(
+                f"signal {signum}: saving a checkpoint after this step "
+                "(send it again to stop at once)"
+            )
+
         self._stop_signal = None
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
