@@ -158,8 +158,8 @@ def test_concurrent_conversion_keeps_the_winner(tmp_path, monkeypatch, fake_gguf
 
 def test_stale_temp_dirs_are_swept(tmp_path, monkeypatch, fake_gguf):
     models = tmp_path / "models"
-    stale = models / f"{dm._TMP_PREFIX}{dm.DEFAULT_MODEL_NAME}.killed"
-    fresh = models / f"{dm._TMP_PREFIX}{dm.DEFAULT_MODEL_NAME}.running"
+    stale = models / f"{dm.TMP_PREFIX}{dm.DEFAULT_MODEL_NAME}.killed"
+    fresh = models / f"{dm.TMP_PREFIX}{dm.DEFAULT_MODEL_NAME}.running"
     for d in (stale, fresh):
         d.mkdir(parents=True)
     old = time.time() - 2 * dm._STALE_TMP_S
