@@ -139,6 +139,12 @@ def torch_cpu_has(feature: str) -> bool:
         return False
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether forward (pre-)hooks are registered on the module itself (FSDP2 and others add
+    them); torch keeps them in private dicts and offers no public query."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def own_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """A module's own parameters and persistent buffers: its `state_dict` entries without the
     children's (torch keeps non-persistent buffer names in a private set)."""

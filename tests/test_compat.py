@@ -60,6 +60,10 @@ def test_torch_private_attributes():
     m.register_buffer("kept", torch.ones(1))
     m.register_buffer("scratch", torch.ones(1), persistent=False)
     assert dict(compat.own_state(m)).keys() == {"kept"} == m.state_dict().keys()
+    assert not compat.has_forward_hooks(m)
+    handle = m.register_forward_pre_hook(lambda mod, args: None)
+    assert compat.has_forward_hooks(m)
+    handle.remove()
     assert hasattr(torch.cpu, "_is_avx512_bf16_supported"), "torch.cpu's bf16 probe moved"
     assert hasattr(torch.cpu, "_is_amx_tile_supported"), "torch.cpu's AMX probe moved"
 

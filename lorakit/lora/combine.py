@@ -36,6 +36,9 @@ def add_weighted_adapter(
     combination_type: str = "svd",
     svd_rank: int | None = None,
 ) -> None:
+    """A new (inactive) adapter combining `adapters` with `weights`: "cat" (exact Σ wᵢΔWᵢ),
+    "svd" (its best rank-`svd_rank` approximation) or "linear" (PEFT's A/B mix; equal ranks).
+    Also `LoraModel.add_weighted_adapter`, with the model as `self`."""
     adapters, weights = list(adapters), [float(w) for w in weights]
     if not adapters or len(adapters) != len(weights):
         raise ValueError(

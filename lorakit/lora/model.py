@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit.base.modules import name_matches
 from lorakit.errors import ConfigError
-from lorakit.lora import backends
+from lorakit.lora import backends, combine
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import (
     AdapterGroups,
@@ -389,20 +389,9 @@ class LoraModel(nn.Module):
             convert = convert_pissa_to_lora and is_pissa(self.peft_config[name].init_lora_weights)
             save_adapter(self, sub, name, initial_weights=initial, convert_to_lora=convert)
 
-    def add_weighted_adapter(
-        self,
-        adapters: Sequence[str],
-        weights: Sequence[float],
-        adapter_name: str,
-        combination_type: str = "svd",
-        svd_rank: int | None = None,
-    ) -> None:
-        """A new (inactive) adapter combining `adapters` with `weights`: "cat" (exact Σ wᵢΔWᵢ),
-        "svd" (its best rank-`svd_rank` approximation) or "linear" (PEFT's A/B mix; equal
-        ranks). See `lorakit.lora.combine`."""
-        from lorakit.lora.combine import add_weighted_adapter
-
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+    # A new (inactive) adapter combining adapters with weights: "cat" (exact), "svd" (its best
+    # rank-svd_rank approximation) or "linear" (PEFT's A/B mix); see lorakit.lora.combine
+    add_weighted_adapter = combine.add_weighted_adapter
 
     def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         from lorakit.lora.files import load_adapter

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit import compat
 from lorakit.data.dataset import IGNORE_INDEX
 from lorakit.training.prefix import pack_on_shared_prefix, shared_prefix_length
 
@@ -122,9 +123,7 @@ def head_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ token cross-entropy, count of correct argmaxes; 0 without `count_correct`) of `head`
     on hidden rows [n, d]."""
-    plain_linear = (
-        type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
-    )
+    plain_linear = type(head) is nn.Linear and not compat.has_forward_hooks(head)
     if not plain_linear:  # a LoRA-wrapped or sharded head: its own forward, full logits
         return _logits_loss(head(hidden), targets, count_correct)
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // head.out_features)
