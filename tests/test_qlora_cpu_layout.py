@@ -148,12 +148,17 @@ def test_dense_weight_of_tiled_layer_is_exact():
     assert torch.allclose(x.grad.double(), want.sum(0).expand(3, -1), atol=1e-5, rtol=1e-5)
 
 
-def test_merge_into_tiled_layer_keeps_its_settings():
-    regular = one_layer()
+def lora_on_tiled_copy(regular: nn.Module, **lora) -> object:
+    """A LoRA model on a tiled copy of `regular` (one layer, named "0")."""
     tiled = copy.deepcopy(regular)
     tile(tiled)
-    lm = get_lora_model(nn.Sequential(tiled), LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
-                                                       init_lora_weights=False))
+    return get_lora_model(nn.Sequential(tiled),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["0"], **lora))
+
+
+def test_merge_into_tiled_layer_keeps_its_settings():
+    regular = one_layer()
+    lm = lora_on_tiled_copy(regular, init_lora_weights=False)
     layer = lm.model[0]
     delta = layer.adapters["default"].delta_weight(torch.zeros(96, 64)).double()
     want = nf4_values(regular) + delta
@@ -169,10 +174,7 @@ def test_merge_into_tiled_layer_keeps_its_settings():
 
 def test_dora_norm_on_tiled_layer_is_exact():
     regular = one_layer()
-    tiled = copy.deepcopy(regular)
-    tile(tiled)
-    lm = get_lora_model(nn.Sequential(tiled), LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
-                                                       use_dora=True))
+    lm = lora_on_tiled_copy(regular, use_dora=True)
     magnitude = lm.model[0].adapters["default"].magnitude.detach().double()
     want = torch.linalg.norm(nf4_values(regular), dim=1)  # B = 0: ‖W‖ per output row
     assert torch.allclose(magnitude, want, rtol=1e-6, atol=0)
