@@ -1,8 +1,13 @@
-"""lorakit: LoRA and QLoRA fine-tuning of causal language models, PEFT-format adapters."""
+"""lorakit: LoRA and QLoRA fine-tuning of causal language models, PEFT-format adapters.
 
-from lorakit.base import load_model
+PEFT's names are aliases of lorakit's (the same objects, not copies), so a PEFT script runs with
+its `from peft import ...` changed to `from lorakit import ...`.
+"""
+
+from lorakit.base import load_model, prepare_for_kbit_training
+from lorakit.base.quantize import prepare_model_for_kbit_training
 from lorakit.lora import LoraLayer, LoraModel, get_lora_model
-from lorakit.lora.config import LoraConfig
+from lorakit.lora.config import LoraConfig, TaskType
 from lorakit.training import (
     SFTTrainer,
     TrainConfig,
@@ -11,18 +16,27 @@ from lorakit.training import (
     create_loraplus_optimizer,
 )
 
+# PEFT's names for the same things
+PeftModel = LoraModel
+get_peft_model = get_lora_model
+
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig",
     "LoraLayer",
     "LoraModel",
+    "PeftModel",
     "SFTTrainer",
+    "TaskType",
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
     "create_loraplus_optimizer",
     "get_lora_model",
+    "get_peft_model",
     "load_model",
+    "prepare_for_kbit_training",
+    "prepare_model_for_kbit_training",
     "__version__",
 ]

@@ -185,3 +185,15 @@ def prepare_for_kbit_training(
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
     return model
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict | None = None,
+) -> nn.Module:
+    """PEFT's signature and defaults (gradient checkpointing on) for `prepare_for_kbit_training`,
+    so a PEFT script runs with only its import changed."""
+    return prepare_for_kbit_training(
+        model, use_gradient_checkpointing, gradient_checkpointing_kwargs
+    )

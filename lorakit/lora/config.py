@@ -9,6 +9,7 @@ rather than silently computing something else.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import re
@@ -17,6 +18,19 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from lorakit.errors import ConfigError
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types, so that `LoraConfig(task_type=TaskType.CAUSAL_LM)` reads the same;
+    the config stores the plain string. lorakit trains causal LMs (CAUSAL_LM)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = (True, False, "gaussian", "pissa")  # plus "pissa_niter_<n>" (randomized SVD)
@@ -85,6 +99,8 @@ class LoraConfig:
     peft_type: str = "LORA"
 
     def __post_init__(self) -> None:
+        if isinstance(self.task_type, enum.Enum):  # stored and written as PEFT writes it
+            self.task_type = self.task_type.value
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):

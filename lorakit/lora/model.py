@@ -158,6 +158,10 @@ class LoraModel(nn.Module):
     def base_model(self) -> nn.Module:
         return self.model
 
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (PEFT's name), adapters still injected."""
+        return self.model
+
     # -- adapters -----------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Inject a new adapter (inactive until `set_adapter`; the first one is made active)."""
@@ -345,6 +349,8 @@ class LoraModel(nn.Module):
         """`with model.disable_adapters():` runs the base model (merged adapters unmerged)."""
         with adapters_disabled(self.model):
             yield
+
+    disable_adapter = disable_adapters  # PEFT's name for the same context manager
 
     def _warn_if_lossy_merge(self) -> None:
         if any(backends.is_linear4bit(layer.base_layer) for _, layer in lora_layers(self.model)):
