@@ -1,7 +1,8 @@
 """lorakit: LoRA and QLoRA fine-tuning of causal language models, PEFT-format adapters.
 
 PEFT's names are aliases of lorakit's (the same objects, not copies), so a PEFT script runs with
-its `from peft import ...` changed to `from lorakit import ...`.
+its `from peft import ...` changed to `from lorakit import ...`; `SFTTrainer` also takes TRL's
+call (`args=SFTConfig(...)`, `train_dataset`, `processing_class`, `peft_config`).
 """
 
 from lorakit.base import load_model, prepare_for_kbit_training
@@ -9,6 +10,7 @@ from lorakit.base.quantize import prepare_model_for_kbit_training
 from lorakit.lora import LoraLayer, LoraModel, get_lora_model
 from lorakit.lora.config import LoraConfig, TaskType
 from lorakit.training import (
+    SFTConfig,
     SFTTrainer,
     TrainConfig,
     TrainingDivergedError,
@@ -27,6 +29,7 @@ __all__ = [
     "LoraLayer",
     "LoraModel",
     "PeftModel",
+    "SFTConfig",
     "SFTTrainer",
     "TaskType",
     "TrainConfig",

@@ -8,6 +8,7 @@ and what it saves must load in PEFT with the logits lorakit computes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -112,3 +113,66 @@ def test_prepare_model_for_kbit_training_has_peft_defaults():
     off = prepare_model_for_kbit_training(make_tiny_llama(), use_gradient_checkpointing=False)
     assert on.is_gradient_checkpointing and not off.is_gradient_checkpointing
     assert not any(p.requires_grad for p in on.parameters())
+
+
+# TRL's SFT quickstart with a PEFT config: a model path, SFTConfig, a datasets.Dataset of
+# prompt/completion rows, processing_class, peft_config; train, save_model, state.log_history.
+TRL_PROMPT_COMPLETION = textwrap.dedent("""
+    import json, sys
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from {peft_lib} import LoraConfig
+    from {trl_lib} import SFTConfig, SFTTrainer
+
+    model_dir, out = sys.argv[2], sys.argv[1]
+    rows = [{{"prompt": [{{"role": "user", "content": f"{{a}} plus {{b}}?"}}],
+              "completion": [{{"role": "assistant", "content": str(a + b)}}]}}
+            for a in range(6) for b in range(6)]
+    dataset = Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args = SFTConfig(output_dir=out, max_steps=4, per_device_train_batch_size=4,
+                     learning_rate=1e-3, logging_steps=1, save_steps=2, seed=0,
+                     max_length=64, report_to="none", bf16=False)
+    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                             target_modules=["q_proj", "v_proj"])
+    trainer = SFTTrainer(model=model_dir, args=args, train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=peft_config)
+    trainer.train()
+    trainer.save_model(out + "/final")
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    print(json.dumps({{"losses": losses}}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer
+@pytest.mark.parametrize("libs", [("peft", "trl"), ("lorakit", "lorakit")])
+def test_trl_sft_script_runs_on_both(libs, tmp_path, tiny_chat_dir):
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    peft_lib, trl_lib = libs
+    out = tmp_path / trl_lib
+    out.mkdir()
+    script = out / "script.py"
+    script.write_text(TRL_PROMPT_COMPLETION.format(peft_lib=peft_lib, trl_lib=trl_lib))
+    res = subprocess.run([sys.executable, str(script), str(out), str(tiny_chat_dir)],
+                         capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    losses = json.loads(res.stdout.strip().splitlines()[-1])["losses"]
+    assert len(losses) == 4 and all(map(lambda x: x == x, losses))  # one per step, no NaN
+    # the saved adapter loads in PEFT, and PEFT computes what the adapter holds
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
+    model = peft.PeftModel.from_pretrained(base, out / "final").eval()
+    assert model.peft_config["default"].r == 8
+    ids = AutoTokenizer.from_pretrained(tiny_chat_dir)("2 plus 3?", return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(**ids).logits
+        assert torch.isfinite(theirs).all()
+        if trl_lib == "lorakit":  # the same logits in lorakit as in PEFT
+            from lorakit import PeftModel as LorakitPeftModel
+            ours = LorakitPeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(tiny_chat_dir), out / "final").eval()
+            assert torch.allclose(ours(**ids).logits, theirs, atol=1e-5)

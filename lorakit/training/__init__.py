@@ -5,11 +5,12 @@ Owns: turning a LoRA model and data into trained adapters. May import every laye
 """
 
 from lorakit.training.checkpoint import TrainState, latest_checkpoint, list_checkpoints
-from lorakit.training.config import TrainConfig
+from lorakit.training.config import SFTConfig, TrainConfig
 from lorakit.training.optim import create_loraplus_optimizer
 from lorakit.training.trainer import SFTTrainer, TrainingDivergedError, TrainResult
 
 __all__ = [
+    "SFTConfig",
     "SFTTrainer",
     "TrainConfig",
     "TrainResult",

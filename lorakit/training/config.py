@@ -132,3 +132,43 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """TRL's `SFTConfig` for scripts written against TRL: TrainConfig's fields (the names are
+    TRL's already) plus TRL fields with a lorakit meaning. Unknown fields fail by name, as
+    TypeError from the constructor.
+
+    dataset_text_field: the column holding plain text rows (TRL's default "text").
+    completion_only_loss: None or True: prompt/completion rows train on the completion, as in
+        lorakit; False (loss on the prompt too) is not supported.
+    assistant_only_loss: lorakit trains chat rows on their assistant turns whatever this says;
+        False (TRL's default: every token) is reported once as a difference.
+    eval_strategy: "no" (evaluate at the end, if there is eval data) or "steps" (every
+        `eval_steps`, default `logging_steps`); "epoch" is not supported.
+    report_to: accepted; lorakit writes metrics.jsonl and loss.png, and reports nothing else.
+    """
+
+    dataset_text_field: str = "text"
+    completion_only_loss: bool | None = None
+    assistant_only_loss: bool = False
+    eval_strategy: str = "no"
+    report_to: str | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.completion_only_loss is False:
+            raise ConfigError(
+                "SFTConfig.completion_only_loss=False is not supported: lorakit "
+                "trains prompt/completion rows on the completion"
+            )
+        if self.eval_strategy not in ("no", "steps"):
+            raise ConfigError(
+                f"SFTConfig.eval_strategy={self.eval_strategy!r} is not supported:"
+                " use 'no' or 'steps'"
+            )
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            self.eval_steps = self.logging_steps
+        if self.eval_strategy == "no":
+            self.eval_steps = None
+        super().__post_init__()

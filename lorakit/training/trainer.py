@@ -40,7 +40,8 @@ from lorakit.data import (
     pack,
     prepare_dataset,
 )
-from lorakit.errors import InputNotFoundError
+from lorakit.errors import ConfigError, InputNotFoundError
+from lorakit.training import trl_call
 from lorakit.training.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -101,12 +102,32 @@ class SFTTrainer:
         eval_data: Any = None,
         tokenizer: Any = None,
         group: ProcessGroup | None = None,
+        *,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        formatting_func: Any = None,
     ) -> None:
         """group: the process group, when the caller (the SFT recipe) has resolved it already;
-        otherwise read from torchrun's environment (a group of one without torchrun)."""
+        otherwise read from torchrun's environment (a group of one without torchrun).
+
+        TRL's call works too (lorakit.training.trl_call): `model` as an id or path,
+        `args=SFTConfig(...)`, `train_dataset`, `eval_dataset`, `processing_class`,
+        `peft_config` (adapters injected here, after seeding) and `formatting_func`."""
+        args = args or TrainConfig()
+        if train_data is not None and train_dataset is not None:
+            raise ConfigError("pass train_data or train_dataset (TRL's name), not both")
+        tokenizer = tokenizer if tokenizer is not None else processing_class
+        model, tokenizer = trl_call.lora_model_for(model, args, peft_config, tokenizer)
+        if train_dataset is not None or eval_dataset is not None:
+            trl_call.report_differences(args, train_dataset)
+            train_data = trl_call.rows_for(train_dataset, args, formatting_func)
+            eval_data = trl_call.rows_for(eval_dataset, args, formatting_func)
         self.model = model
-        self.args = args = args or TrainConfig()
+        self.args = args
         self.tokenizer = tokenizer
+        self.state = TrainState()  # where the last train() got to (log_history, as in TRL)
         self.group = group = group if group is not None else process_group(args)
         self.rank, self.world_size, self.is_main = group.rank, group.world_size, group.is_main
         self.device = group.local_device(resolve_device(args.device))
@@ -221,7 +242,7 @@ class SFTTrainer:
 
         total = self.total_steps()
         optimizer, scheduler, trainable = self._optimizer(total)
-        state = self._resume(resume_from_checkpoint, out, optimizer, scheduler)
+        state = self.state = self._resume(resume_from_checkpoint, out, optimizer, scheduler)
         run_config = self.run_config(total)
         metrics_file = out / "metrics.jsonl"
         if self.is_main:
@@ -372,6 +393,13 @@ class SFTTrainer:
         state = load_checkpoint(path, self.model, optimizer, scheduler)
         self._log(f"resumed from {path} at step {state.step}")
         return state
+
+    def save_model(self, output_dir: str | Path | None = None) -> None:
+        """The adapter(s), PEFT format, into `output_dir` (default: args.output_dir); written
+        by the main process (TRL's name)."""
+        self._on_main_then_wait(
+            lambda: self.model.save_pretrained(output_dir or self.args.output_dir)
+        )
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
