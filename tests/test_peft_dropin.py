@@ -163,6 +163,11 @@ def test_trl_sft_script_runs_on_both(libs, tmp_path, tiny_chat_dir):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     losses = json.loads(res.stdout.strip().splitlines()[-1])["losses"]
     assert len(losses) == 4 and all(map(lambda x: x == x, losses))  # one per step, no NaN
+    # checkpoints as HF tools read them: the adapter at the root, trainer_state.json's keys
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and [r["loss"] for r in state["log_history"]
+                                          if "loss" in r] == pytest.approx(losses)
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").is_file()
     # the saved adapter loads in PEFT, and PEFT computes what the adapter holds
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
     model = peft.PeftModel.from_pretrained(base, out / "final").eval()

@@ -4,7 +4,8 @@ A checkpoint directory `checkpoint-<step>/` holds
 - the adapter(s) in PEFT format (`adapter_config.json`, `adapter_model.safetensors`): PEFT and
   `lorakit generate` load it as is;
 - `optimizer.safetensors`: optimizer state tensors, flattened to "state.<param>.<name>" keys;
-- `trainer_state.json`: step, data position, scheduler and optimizer scalars, metrics;
+- `trainer_state.json`: HF Trainer's `global_step` and `log_history`, plus step, data position,
+  scheduler and optimizer scalars (what resume reads);
 - `rng.safetensors`: torch RNG states (dropout), so a resumed run draws the same numbers;
 - `run_config.json`: the full configuration of the run.
 It is written into a temporary sibling directory and renamed into place: a crash (even kill -9)
@@ -71,6 +72,12 @@ def save_checkpoint(
                 rng[f"cuda.{i}"] = s
         save_file(rng, tmp / "rng.safetensors")
         trainer_state = {
+            # the keys HF Trainer writes, for scripts and tools that read them
+            "global_step": state.step,
+            "log_history": state.log_history,
+            "best_metric": None,
+            "best_model_checkpoint": None,
+            # lorakit's own: everything resume needs
             "state": asdict(state),
             "optimizer_param_groups": opt["param_groups"],
             "optimizer_scalars": scalars,
