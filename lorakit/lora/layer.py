@@ -88,13 +88,14 @@ class LoraAdapter(nn.Module):
 
 
 class AdapterGroups:
-    """One layer's adapters for a mixed-adapter batch (built once per call, e.g. per `generate`).
+    """One layer's adapters for a mixed-adapter batch (built once per batch composition).
 
-    The adapters are stacked, zero-padded to the largest r, with the scaling (and DoRA's output
-    factor) folded into B; one extra all-zero slot serves "__base__" rows and adapters this layer
-    lacks. A forward is then two batched matmuls over per-row A/B, whatever the adapter mix. With
-    no more rows than slots the per-row A/B are gathered once and kept instead of the stack (so
-    memory stays at most one stack); otherwise rows are gathered from the stack in each forward.
+    The adapters present are concatenated along r: A_cat is [Σr, in], B_cat is [Σr, out] with
+    the scaling (and DoRA's output factor) folded in, and a row mask keeps each row's own block
+    of r columns. A forward is then two plain GEMMs shared by all rows, whatever the adapter
+    mix, instead of a per-row gather of A and B (which costs more memory traffic than the GEMMs
+    themselves when decoding one token per row). "__base__" rows and adapters this layer lacks
+    get an all-zero mask row.
     """
 
     def __init__(self, layer: "LoraLayer", names: list[str], row_ids: torch.Tensor) -> None:
@@ -105,48 +106,35 @@ class AdapterGroups:
         adapters = [layer.adapters[n] for n in present]
         first = adapters[0].lora_A
         dtype, device = first.dtype, first.device
-        slots, r_max = len(present) + 1, max(ad.r for ad in adapters)
-        a = torch.zeros(slots, r_max, layer.in_features, dtype=dtype, device=device)
-        b = torch.zeros(slots, layer.out_features, r_max, dtype=dtype, device=device)
         scales = [ad.variant.output_scale(ad, layer.base_layer) for ad in adapters]
+        blocks = torch.zeros(len(names) + 1, sum(ad.r for ad in adapters), dtype=dtype)
         g = None
         if any(s is not None for s in scales):
-            g = torch.ones(slots, layer.out_features, dtype=dtype, device=device)
+            g = torch.ones(len(names) + 1, layer.out_features, dtype=dtype, device=device)
+        b_cols, offset = [], 0
         with torch.no_grad():
-            for i, (ad, scale) in enumerate(zip(adapters, scales)):
-                a[i, : ad.r] = ad.lora_A
+            for name, ad, scale in zip(present, adapters, scales):
                 col = ad.scaling if scale is None else ad.scaling * scale.unsqueeze(1)
-                b[i, :, : ad.r] = ad.lora_B * col
+                b_cols.append(ad.lora_B * col)
+                blocks[names.index(name), offset : offset + ad.r] = 1
+                offset += ad.r
                 if scale is not None:
-                    g[i] = scale
-        # global adapter index (len(names) = "__base__") -> this layer's slot
-        local = {n: i for i, n in enumerate(present)}
-        to_slot = torch.tensor(
-            [local.get(n, slots - 1) for n in names] + [slots - 1], device=device
-        )
-        rows = to_slot[row_ids.to(device)]
-        self.n_rows = len(rows)
-        if self.n_rows <= slots:
-            # no more rows than slots: keep the per-row tensors themselves, not the stack
-            self.a, self.b = a[rows], b[rows]
-            self.g = None if g is None else g[rows]
-            self.index: torch.Tensor | None = None
-        else:
-            self.a, self.b, self.g, self.index = a, b, g, rows
+                    g[names.index(name)] = scale
+            self.a = torch.cat([ad.lora_A for ad in adapters]).detach()  # [Σr, in]
+            self.b_t = torch.cat(b_cols, dim=1).t().contiguous()  # [Σr, out]
+        row_ids = row_ids.to(device)
+        self.mask = blocks.to(device)[row_ids]  # [rows, Σr]
+        self.g = None if g is None else g[row_ids]
+        self.n_rows = len(row_ids)
 
-    def _gather(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if n == self.n_rows and self.index is None:
-            return self.a, self.b, self.g
+    def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if n == self.n_rows:
+            return self.mask, self.g
         if n % self.n_rows:
             raise ValueError(f"a mixed-adapter batch of {self.n_rows} rows met a batch of {n}")
-        index = (
-            self.index
-            if self.index is not None
-            else torch.arange(self.n_rows, device=self.a.device)
-        )
-        if n != self.n_rows:  # generate repeats each row for beams / return sequences
-            index = index.repeat_interleave(n // self.n_rows)
-        return self.a[index], self.b[index], None if self.g is None else self.g[index]
+        k = n // self.n_rows  # generate repeats each row for beams / return sequences
+        g = None if self.g is None else self.g.repeat_interleave(k, 0)
+        return self.mask.repeat_interleave(k, 0), g
 
     def __call__(
         self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module
@@ -154,13 +142,12 @@ class AdapterGroups:
         if self.empty:
             return result
         n = x.shape[0]
-        a, b, g = self._gather(n)
-        xs = x.reshape(n, -1, x.shape[-1]).to(a.dtype)
+        mask, g = self._rows(n)
+        xs = x.reshape(n, -1, x.shape[-1]).to(self.a.dtype)
+        h = torch.nn.functional.linear(xs, self.a)
+        h.mul_(mask.unsqueeze(1))
+        delta = torch.matmul(h, self.b_t)
         res = result.reshape(n, -1, result.shape[-1])
-        h = torch.bmm(xs, a.transpose(1, 2))
-        if g is None and res.dtype == h.dtype:
-            return torch.baddbmm(res, h, b.transpose(1, 2)).view(result.shape)
-        delta = torch.bmm(h, b.transpose(1, 2))
         if g is not None:
             bias = getattr(base_layer, "bias", None)
             base_out = res if bias is None else res - bias
