@@ -182,6 +182,39 @@ def unquantized_config(config):
     return config
 
 
+class KVLayer:
+    """One decoder layer's key/value tensors, [batch, kv_heads, length, head_dim] each."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def new_kv_cache():
+    """An empty cache that the model fills on its first forward (transformers' DynamicCache)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def cache_argument(model) -> str:
+    """The forward keyword that takes a KV cache: `cache` since transformers 5.2x (which warns
+    about `past_key_values`, to be removed in 5.40), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def kv_layers(cache) -> list[KVLayer]:
+    """The per-layer key/value holders of a filled DynamicCache. The serving scheduler reorders,
+    pads and concatenates rows of these in place; since transformers 4.56 a DynamicCache keeps
+    them as `cache.layers[i].keys` / `.values` (no public batch-concatenation API exists)."""
+    layers = list(cache.layers)
+    for layer in layers:
+        if type(layer).__name__ != "DynamicLayer":  # sliding-window or quantized layers
+            raise TypeError(f"cannot batch a {type(layer).__name__} cache layer")
+    return layers
+
+
 # Any lorakit import lands here first (lorakit.base imports this module): silence the line before
 # something (transformers' trainer utilities, PEFT, lorakit itself) imports bitsandbytes.
 silence_bitsandbytes_hub_kernel_warning()

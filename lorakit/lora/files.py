@@ -230,7 +230,18 @@ def load_adapter(
     """Inject the adapter stored at `path` under `adapter_name` and copy its weights in."""
     config = read_adapter_config(path)
     config.inference_mode = not is_trainable
-    weights = read_adapter_weights(path)
+    install_adapter(lora_model, adapter_name, config, read_adapter_weights(path), path)
+
+
+def install_adapter(
+    lora_model: "LoraModel",
+    adapter_name: str,
+    config: LoraConfig,
+    weights: dict[str, torch.Tensor],
+    path: str | Path,
+) -> None:
+    """Add an adapter from its config and tensors already read from `path`; on a mismatch with
+    the base the model is left as it was."""
     lora_model.add_adapter(adapter_name, config)
     try:
         _copy_weights(lora_model, adapter_name, weights, path)

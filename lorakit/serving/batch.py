@@ -1,0 +1,101 @@
+"""The rows that decode together: one KV cache left-padded to a common length, plus the
+attention mask and next position of every row.
+
+Rows join after their own prefill (their cache is left-padded, or the batch is, to the longer
+length) and leave when they finish (their rows are dropped, then columns that are padding in
+every remaining row). The model sees what `generate` gives it for a left-padded batch: a 2-D
+attention mask with zeros over the padding and explicit position ids, so each row computes
+what it would alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.compat import kv_layers
+
+
+@dataclass
+class Prefilled:
+    """One prompt after its prefill: its own cache and the logits of its last position."""
+
+    cache: Any
+    length: int
+    logits: torch.Tensor  # [vocab]
+
+
+@dataclass
+class DecodeBatch:
+    """KV cache, attention mask [rows, length] and next position [rows] of the running rows."""
+
+    cache: Any = None
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    rows: list[Any] = field(default_factory=list)  # the requests, in row order
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def add(self, row: Any, prefilled: Prefilled) -> None:
+        """Append a prefilled row, left-padding it or the batch to the longer length."""
+        mask = torch.ones(1, prefilled.length, dtype=torch.long)
+        position = torch.tensor([prefilled.length])
+        if self.cache is None:
+            self.cache, self.mask, self.positions = prefilled.cache, mask, position
+            self.rows = [row]
+            return
+        length = max(self.length, prefilled.length)
+        own, new = kv_layers(self.cache), kv_layers(prefilled.cache)
+        for a, b in zip(own, new):
+            a.keys = torch.cat([_pad_left(a.keys, length), _pad_left(b.keys, length)])
+            a.values = torch.cat([_pad_left(a.values, length), _pad_left(b.values, length)])
+        self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(mask, length, 1)])
+        self.positions = torch.cat([self.positions, position])
+        self.rows.append(row)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows (in this order), then drop columns that are padding in all."""
+        if not indices:
+            self.cache = self.mask = self.positions = None
+            self.rows = []
+            return
+        if indices == list(range(len(self.rows))):
+            return
+        index = torch.tensor(indices)
+        mask = self.mask[index]
+        start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+        for layer in kv_layers(self.cache):
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        self.mask = mask[:, start:]
+        self.positions = self.positions[index]
+        self.rows = [self.rows[i] for i in indices]
+
+    def step_inputs(self, tokens: list[int], cache_argument: str) -> dict[str, Any]:
+        """Model inputs for one decoding step: each row's last token at its next position."""
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], 1)
+        inputs = dict(
+            input_ids=torch.tensor(tokens).unsqueeze(1),
+            attention_mask=self.mask,
+            position_ids=self.positions.unsqueeze(1),
+            **{cache_argument: self.cache},
+            use_cache=True,
+        )
+        self.positions = self.positions + 1
+        return inputs
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
+    return F.pad(t, pad)

@@ -1,0 +1,397 @@
+"""The scheduler behind `lorakit serve`: one thread owns the model and batches at the level of
+decoding steps (continuous batching).
+
+At every step the loop installs adapters whose files have been read, admits waiting requests
+(each is prefilled alone, then joins the running rows whatever its adapter), runs one decoding
+step for all running rows through the mixed-adapter path, and retires rows that finished or
+whose client went away. A short request therefore never waits for a long one, and a cancelled
+one frees its row at the next step.
+
+Requests talk to the loop through `submit` and `cancel` (any thread) and receive `Event`s
+through the callback they carry (called on the scheduler thread: keep it short).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lorakit.compat import cache_argument, new_kv_cache
+from lorakit.errors import UserError
+from lorakit.lora import LoraModel
+from lorakit.lora.model import BASE_ADAPTER
+from lorakit.serving.adapters import AdapterFiles, AdapterNotFound, AdapterPool
+from lorakit.serving.batch import DecodeBatch, Prefilled
+
+
+class QueueFull(UserError):
+    """More requests are waiting than the server accepts (HTTP 429)."""
+
+
+class Draining(UserError):
+    """The server is shutting down and admits no new request (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request picks its tokens; temperature 0 is greedy (argmax, as `generate`)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Event:
+    """New text for a request; the last event of a request has `finish_reason` or `error`."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop" (end of text, stop string) or "length"
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    adapter: str | None  # None: the base model
+    sampling: Sampling
+    on_event: Callable[[Event], None]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrived: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    # scheduler state
+    generated: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the decoded completion already sent
+    generator: torch.Generator | None = None
+    done: bool = False
+
+
+class Engine:
+    """Continuous batching over one `LoraModel` whose adapters live in an `AdapterPool`."""
+
+    def __init__(
+        self,
+        model: LoraModel,
+        tokenizer: Any,
+        adapters: AdapterPool,
+        max_batch: int = 16,
+        max_waiting: int = 256,
+        prefill_tokens_per_step: int = 4096,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.waiting: deque[Request] = deque()
+        self.batch = DecodeBatch()
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._installs: queue.SimpleQueue[tuple[AdapterFiles, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._draining = False
+        self._groups = contextlib.ExitStack()
+        self._group_key: tuple[str, ...] | None = None
+        self._thread = threading.Thread(target=self._loop, name="lorakit-scheduler", daemon=True)
+        self._waiting_count = 0  # read by submit on other threads
+        self.steps = 0
+        # the prefill needs the logits of the last position only (when the model can skip the
+        # lm_head on the others: a vocabulary-sized product per prompt token)
+        base = model.get_base_model()
+        forward = inspect.signature(base.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        self._cache_argument = cache_argument(base)
+
+    # -- any thread ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        if self._draining:
+            raise Draining("the server is shutting down")
+        if self._waiting_count >= self.max_waiting:
+            raise QueueFull(f"{self._waiting_count} requests are already waiting")
+        if request.adapter is not None and request.adapter not in self.adapters.known():
+            raise AdapterNotFound(f"the model '{request.adapter}' does not exist")
+        self._waiting_count += 1
+        self._inbox.put(request)
+        self._wake.set()
+
+    def cancel(self, request: Request) -> None:
+        """Drop the request at the next step (a client that went away)."""
+        request.cancelled = True
+        self._wake.set()
+
+    def load_adapter(self, name: str, path: str) -> Future:
+        """Read the adapter's files, then install it between two steps; a future for the result
+        (None, or the error: unreadable files, a base that does not match)."""
+        done: Future = Future()
+        read = self.adapters.read(name, path, keep=False)
+
+        def forward(f):
+            if f.exception() is not None:
+                done.set_exception(f.exception())
+            else:
+                self._installs.put((f.result(), done))
+                self._wake.set()
+
+        read.add_done_callback(forward)
+        return done
+
+    def drain(self) -> None:
+        """Admit nothing new; what is waiting or decoding goes on."""
+        self._draining = True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.adapters.close()
+
+    @property
+    def busy(self) -> int:
+        return self._waiting_count + len(self.batch)
+
+    # -- scheduler thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._take_inbox()
+            self._install_adapters()
+            self._admit()
+            if len(self.batch):
+                try:
+                    self._decode_step()
+                except Exception as e:  # a failing model forward: end the rows, keep serving
+                    self._fail_all(e)
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+        self._fail_all(Draining("the server stopped before the request finished"))
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                self.waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _install_adapters(self) -> None:
+        while True:
+            try:
+                files, done = self._installs.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                self.adapters.install(files)
+            except Exception as e:
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+        self.adapters.drop_forgotten()
+
+    def _admit(self) -> None:
+        """Prefill waiting requests (oldest first) while rows and the step's token budget last;
+        a request whose adapter is not resident starts its load and lets others pass."""
+        budget = self.prefill_tokens_per_step
+        kept: deque[Request] = deque()
+        while self.waiting:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                self._waiting_count -= 1
+                continue
+            # the first prefill of a step always fits, whatever its length
+            over_budget = len(request.prompt_ids) > budget < self.prefill_tokens_per_step
+            if len(self.batch) >= self.max_batch or over_budget:
+                kept.append(request)
+                continue
+            try:
+                ready = self._adapter_ready(request.adapter)
+            except Exception as e:  # unreadable, unloaded, or not for this base
+                self._waiting_count -= 1
+                self._finish(request, error=e)
+                continue
+            if not ready:
+                kept.append(request)
+                continue
+            self._waiting_count -= 1
+            budget -= len(request.prompt_ids)
+            try:
+                self._start(request)
+            except Exception as e:
+                self._finish(request, error=e)
+        self.waiting = kept
+
+    def _adapter_ready(self, name: str | None) -> bool:
+        """Whether the adapter is in the model; if not, read its files (in the background) and
+        install them once read and a slot is free."""
+        if name is None or name in self.adapters.resident:
+            return True
+        known = self.adapters.known()
+        if name not in known:
+            raise AdapterNotFound(f"the model '{name}' was unloaded")
+        read = self.adapters.read(name, known[name])
+        if not read.done() or not self.adapters.make_room():
+            return False
+        self.adapters.install(self.adapters.take_read(name))
+        return True
+
+    def _start(self, request: Request) -> None:
+        """Prefill the prompt alone, add the row to the batch and pick its first token."""
+        if request.sampling.seed is not None:
+            request.generator = torch.Generator().manual_seed(request.sampling.seed)
+        self._close_groups()
+        names = [request.adapter or BASE_ADAPTER]
+        ids = torch.tensor([request.prompt_ids])
+        cache = new_kv_cache()
+        with torch.inference_mode(), self.model.mixed_adapter_batch(names, 1):
+            out = self.model(
+                input_ids=ids, use_cache=True, **{self._cache_argument: cache}, **self._last_only
+            )
+        prefilled = Prefilled(cache, ids.shape[1], out.logits[0, -1].float())
+        if request.adapter is not None:
+            self.adapters.use(request.adapter)
+        self.batch.add(request, prefilled)
+        self._accept(request, self._pick(prefilled.logits.unsqueeze(0), [request])[0])
+        if request.done:
+            self._retire()
+
+    def _decode_step(self) -> None:
+        rows = self.batch.rows
+        names = tuple(r.adapter or BASE_ADAPTER for r in rows)
+        if names != self._group_key:
+            self._close_groups()
+            self._groups.enter_context(self.model.mixed_adapter_batch(list(names), len(names)))
+            self._group_key = names
+        inputs = self.batch.step_inputs([r.generated[-1] for r in rows], self._cache_argument)
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits[:, -1].float()
+        self.steps += 1
+        for request, token in zip(rows, self._pick(logits, rows)):
+            if not request.cancelled:
+                self._accept(request, token)
+        self._retire()
+
+    def _pick(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
+        tokens = logits.argmax(-1).tolist()
+        for i, request in enumerate(rows):
+            if request.sampling.temperature > 0:
+                tokens[i] = _sample(logits[i], request.sampling, request.generator)
+        return tokens
+
+    def _accept(self, request: Request, token: int) -> None:
+        """Append a token, send the text that is final, and finish the request if it ended."""
+        sampling = request.sampling
+        if token in self.eos_ids:
+            self._finish(request, reason="stop")
+            return
+        request.generated.append(token)
+        text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+        cut = _first_stop(text, sampling.stop, request.sent)
+        if cut is not None:
+            self._finish(request, reason="stop", text=text[:cut])
+        elif len(request.generated) >= sampling.max_tokens:
+            self._finish(request, reason="length", text=text)
+        else:
+            # hold back an incomplete character and what could still become a stop string
+            safe = len(text) - max((len(s) - 1 for s in sampling.stop), default=0)
+            while safe > request.sent and text[safe - 1] == "\ufffd":
+                safe -= 1
+            if safe > request.sent:
+                self._emit(request, Event(text[request.sent : safe], *self._usage(request)))
+                request.sent = safe
+
+    def _finish(
+        self,
+        request: Request,
+        reason: str | None = None,
+        text: str | None = None,
+        error: Exception | None = None,
+    ) -> None:
+        if request.done:
+            return
+        request.done = True
+        if text is None and error is None:
+            text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+        rest = "" if text is None else text[request.sent :]
+        self._emit(request, Event(rest, *self._usage(request), finish_reason=reason, error=error))
+
+    def _usage(self, request: Request) -> tuple[int, int]:
+        return len(request.prompt_ids), len(request.generated)
+
+    def _emit(self, request: Request, event: Event) -> None:
+        if not request.cancelled:
+            try:
+                request.on_event(event)
+            except Exception:  # a sink that fails (its client went away) ends the request
+                request.cancelled = True
+
+    def _retire(self) -> None:
+        keep = []
+        for i, request in enumerate(self.batch.rows):
+            if request.done or request.cancelled:
+                if request.adapter is not None:
+                    self.adapters.release(request.adapter)
+            else:
+                keep.append(i)
+        if len(keep) != len(self.batch):
+            self._close_groups()
+            self.batch.keep(keep)
+
+    def _close_groups(self) -> None:
+        self._groups.close()
+        self._groups = contextlib.ExitStack()
+        self._group_key = None
+
+    def _fail_all(self, error: Exception) -> None:
+        self._close_groups()
+        for request in list(self.batch.rows) + list(self.waiting):
+            self._finish(request, error=error)
+            if request in self.batch.rows and request.adapter is not None:
+                self.adapters.release(request.adapter)
+        self.batch.keep([])
+        self.waiting.clear()
+        self._waiting_count = 0
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The ids `generate` stops at: the generation config's, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _first_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
+    """Where the first stop string begins in `text` (searching only text not yet sent)."""
+    found = [i for s in stops if (i := text.find(s, max(0, sent - len(s) + 1))) >= 0]
+    return min(found) if found else None
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    probs = torch.softmax(logits / sampling.temperature, -1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keeps the top one
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
