@@ -284,7 +284,13 @@ def test_pissa_init_equals_peft_and_keeps_the_model(kind, input_ids):
 
 
 def test_pissa_randomized_svd_init():
+    torch.manual_seed(5)
     ours = get_lora_model(make_tiny_llama(), LoraConfig(**pissa_kwargs("pissa_niter_8")))
+    torch.manual_seed(5)  # the same random numbers as PEFT's, in its order: the same adapter
+    theirs = peft.get_peft_model(make_tiny_llama(), peft.LoraConfig(**pissa_kwargs("pissa_niter_8")))
+    peft_layers = [m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    for (name, layer), mod in zip(layers(ours.model), peft_layers, strict=True):
+        assert torch.equal(layer.adapters["default"].lora_A, mod.lora_A["default"].weight), name
     original = make_tiny_llama()
     for name, layer in layers(ours.model):
         ad = layer.adapters["default"]
@@ -293,7 +299,8 @@ def test_pissa_randomized_svd_init():
         # residual + adapter is the original weight; the adapter holds the top singular values
         torch.testing.assert_close(layer.base_layer.weight.double() + approx, w, atol=1e-5, rtol=0)
         top = torch.linalg.svdvals(w)[:4]
-        torch.testing.assert_close(torch.linalg.svdvals(approx)[:4], top, atol=0, rtol=0.05)
+        # randomized, with q = r as PEFT calls it (no oversampling): close, not exact
+        torch.testing.assert_close(torch.linalg.svdvals(approx)[:4], top, atol=0, rtol=0.1)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -49,18 +49,28 @@ class LoraAdapter(nn.Module):
         """True: Kaiming-uniform A, zero B (training starts at the base model).
         "gaussian": A ~ N(0, 1/r), zero B. False: both random (a non-identity adapter, for tests).
         "pissa" / "pissa_niter_<n>": from the base weight's SVD (rewrites `base_layer`).
-        Then the variant sets up what it derives from A, B and the base weight."""
+        Then the variant sets up what it derives from A, B and the base weight.
+
+        The random numbers are PEFT's, in PEFT's order, so that the same seed gives the same
+        adapter as PEFT: PEFT builds A and B as `nn.Linear` layers (fp32, on the CPU), whose
+        constructors draw a Kaiming-uniform init each, and then draws A again (or keeps both
+        for init False)."""
+        a = torch.empty(self.lora_A.shape)
+        b = torch.empty(self.lora_B.shape)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         if is_pissa(init):
             if base_layer is None:
                 raise ValueError("PiSSA initialisation needs the base layer")
             pissa_init(self, base_layer, init)
         else:
             if init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.normal_(a, std=1.0 / self.r)
+            elif init is not False:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A.copy_(a)
             if init is False:
-                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+                self.lora_B.copy_(b)
             else:
                 nn.init.zeros_(self.lora_B)
         if base_layer is not None:
