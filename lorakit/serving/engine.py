@@ -155,6 +155,10 @@ class Engine:
         read.add_done_callback(forward)
         return done
 
+    def wake(self) -> None:
+        """Run the loop's housekeeping now (e.g. drop an adapter the API unloaded)."""
+        self._wake.set()
+
     def drain(self) -> None:
         """Admit nothing new; what is waiting or decoding goes on."""
         self._draining = True
