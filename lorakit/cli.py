@@ -57,8 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         {spelling: getattr(args, _dest(spelling)) for spelling in TRAIN_FLAGS},
         args.set or [],
     )
-    recipe = SFTRecipe(cfg).setup()
-    outcome = recipe.train(resume=args.resume)
+    recipe = SFTRecipe(cfg, resume=args.resume).setup()
+    outcome = recipe.train()
     for line in summary_lines(outcome) if recipe.is_main else []:
         print(f"lorakit: {line}")
     return 0
@@ -69,6 +69,7 @@ def _load_with_adapters(
     adapters: list[str],
     dtype: str = "auto",
     quantization: str | None = None,
+    allow_pickle: bool = False,
 ):
     from lorakit.lora import LoraModel
     from lorakit.lora.files import read_adapter_config
@@ -81,9 +82,11 @@ def _load_with_adapters(
         read_adapter_config(path)  # a clear error for a path that is not an adapter
         name = "default" if i == 0 else f"adapter{i}"
         if lora is None:
-            lora = LoraModel.from_pretrained(model, path, adapter_name=name)
+            lora = LoraModel.from_pretrained(
+                model, path, adapter_name=name, allow_pickle=allow_pickle
+            )
         else:
-            lora.load_adapter(path, name)
+            lora.load_adapter(path, name, allow_pickle=allow_pickle)
     lora.set_adapter(lora.list_adapters())  # several adapters: their updates add up
     return lora, tokenizer, lora
 
@@ -93,7 +96,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.serving.generate import completion_examples, exact_match_rate
     from lorakit.training import SFTTrainer, TrainConfig
 
-    model, tokenizer, _ = _load_with_adapters(args.model, args.adapter or [], args.dtype)
+    model, tokenizer, _ = _load_with_adapters(
+        args.model, args.adapter or [], args.dtype, allow_pickle=args.allow_pickle
+    )
     if not hasattr(model, "peft_config"):  # evaluate the bare base model through the same path
         from lorakit.lora.model import LoraModel
 
@@ -126,7 +131,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lorakit.serving.generate import generate_texts
 
-    model, tokenizer, lora = _load_with_adapters(args.model, args.adapter or [], args.dtype)
+    model, tokenizer, lora = _load_with_adapters(
+        args.model, args.adapter or [], args.dtype, allow_pickle=args.allow_pickle
+    )
     if args.merged:
         if lora is None:
             raise UserError("--merged needs at least one --adapter")
@@ -163,13 +170,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise UserError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     model, tokenizer = _load_base(args.model, "float32")
     # merged in fp32 and rounded once to --dtype; written atomically
-    export_merged(LoraModel.from_pretrained(model, args.adapter), out, args.dtype, tokenizer)
+    lora = LoraModel.from_pretrained(model, args.adapter, allow_pickle=args.allow_pickle)
+    export_merged(lora, out, args.dtype, tokenizer)
     print(f"lorakit: merged model ({args.dtype}) -> {out}")
     return 0
 
 
-def describe_adapter(path: str | Path) -> dict[str, Any]:
-    """What an adapter directory holds, read from its files alone (no model is loaded)."""
+def describe_adapter(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """What an adapter directory holds, read from its files alone (no model is loaded;
+    `allow_pickle`: an old PEFT adapter_model.bin is read, with torch.load weights only)."""
     from lorakit.lora.files import (
         CONFIG_NAME,
         LEGACY_WEIGHTS_NAME,
@@ -186,7 +195,8 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
     if weights.is_file():
         header = read_weights_header(weights)  # shapes only: the data is not read
     elif (weights := path / LEGACY_WEIGHTS_NAME).is_file():
-        header = {k: (tuple(t.shape), str(t.dtype)) for k, t in read_adapter_weights(path).items()}
+        tensors = read_adapter_weights(path, allow_pickle=allow_pickle)
+        header = {k: (tuple(t.shape), str(t.dtype)) for k, t in tensors.items()}
     else:
         raise UserError(f"{path}: no {WEIGHTS_NAME} next to {CONFIG_NAME}")
     size = weights.stat().st_size
@@ -229,7 +239,7 @@ def describe_adapter(path: str | Path) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = describe_adapter(args.path)
+    info = describe_adapter(args.path, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -254,6 +264,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _dest(spelling: str) -> str:
     return spelling.lstrip("-").replace("-", "_")
+
+
+def _allow_pickle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-pickle",
+        dest="allow_pickle",
+        action="store_true",
+        help="also read an old PEFT adapter_model.bin (a pickle; torch.load with weights_only)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-generate", dest="no_generate", action="store_true", help="skip exact-match generation"
     )
     e.add_argument("--json", action="store_true")
+    _allow_pickle(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text with the base model and adapters")
@@ -317,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     g.add_argument("--seed", type=int)
+    _allow_pickle(g)
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("merge", help="write base + adapter as one transformers model directory")
@@ -325,11 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--output", required=True)
     m.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     m.add_argument("--overwrite", action="store_true")
+    _allow_pickle(m)
     m.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("inspect", help="describe an adapter directory (lorakit's or PEFT's)")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
+    _allow_pickle(i)
     i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="fine-tune the default model on a small task, before/after")
@@ -357,11 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        from lorakit.training import TrainingDivergedError
-
-        if isinstance(e, TrainingDivergedError):
-            print(f"lorakit: error{_rank()}: {e}", file=sys.stderr)
-            return 1
         if isinstance(e, UserError):  # anything else is a bug: it keeps its traceback
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"lorakit: error{_rank()}: {msg}", file=sys.stderr)

@@ -18,3 +18,8 @@ class ConfigError(UserError, ValueError):
 
 class InputNotFoundError(UserError, FileNotFoundError):
     """A file or directory the user named does not exist or is not what it should be."""
+
+
+class WriteError(UserError, OSError):
+    """A file lorakit writes could not be written: disk full, file-size limit, no permission, a
+    read-only file system. The message names the path; nothing half-written is left under it."""

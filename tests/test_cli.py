@@ -203,8 +203,8 @@ def not_a_checkpoint(file: Path) -> None:
     (truncated, "merge", "adapter_model.safetensors: not a readable safetensors file"),
     (corrupt_header, "generate", "adapter_model.safetensors: not a readable safetensors file"),
     (corrupt_header, "inspect", "adapter_model.safetensors: not a readable safetensors file"),
-    (not_a_checkpoint, "generate", "adapter_model.bin: not a PyTorch checkpoint of tensors"),
-    (not_a_checkpoint, "inspect", "adapter_model.bin: not a PyTorch checkpoint of tensors"),
+    (not_a_checkpoint, "generate", "adapter_model.bin: a pickle, which lorakit does not load"),
+    (not_a_checkpoint, "inspect", "adapter_model.bin: a pickle, which lorakit does not load"),
 ])
 def test_unreadable_adapter_files_are_one_line_errors(spoil, command, needle, trained, tiny_dir,
                                                       data, tmp_path):

@@ -11,7 +11,7 @@ from conftest import make_tiny_gpt2, make_tiny_llama
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.lora.files import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.lora.files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -84,7 +84,9 @@ def test_legacy_bin_adapter_loads_with_weights_only(tmp_path, input_ids):
     tensors = load_file(tmp_path / WEIGHTS_NAME)
     (tmp_path / WEIGHTS_NAME).unlink()
     torch.save(tensors, tmp_path / "adapter_model.bin")
-    loaded = LoraModel.from_pretrained(make_tiny_llama(), tmp_path)
+    with pytest.raises(AdapterFileError, match="a pickle, which lorakit does not load"):
+        LoraModel.from_pretrained(make_tiny_llama(), tmp_path)  # no pickle unless asked
+    loaded = LoraModel.from_pretrained(make_tiny_llama(), tmp_path, allow_pickle=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=input_ids).logits,
                                    model(input_ids=input_ids).logits)

@@ -80,8 +80,8 @@ def run_demo(
             seed=seed,
             per_device_eval_batch_size=d["eval_batch_size"],
         ),
-        output=OutputConfig(dir=str(out), samples=0),
-    )  # the demo reports its own samples
+        output=OutputConfig(dir=str(out), samples=0, overwrite=True),
+    )  # the demo reports its own samples; a second demo replaces the first
     recipe = SFTRecipe(cfg, echo_config=False).setup()
     lora, tokenizer, trainer = recipe.model, recipe.tokenizer, recipe.trainer
     prompts = [e.prompt for e in examples]

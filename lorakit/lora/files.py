@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from lorakit.atomic import atomic_write_bytes
-from lorakit.errors import InputNotFoundError, UserError
+from lorakit.errors import ConfigError, InputNotFoundError, UserError
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import lora_layers, saved_modules
 from lorakit.lora.pissa import to_lora_tensors
@@ -46,8 +46,19 @@ class AdapterFileError(UserError, ValueError):
 
 def adapter_dir(root: str | Path, adapter_name: str) -> Path:
     """Where an adapter lives in a saved directory: PEFT puts "default" at the root and every
-    other adapter in a sub-directory of its name."""
-    return Path(root) if adapter_name == "default" else Path(root) / adapter_name
+    other adapter in a sub-directory of its name, which stays inside `root` (a plain name, not
+    a symbolic link out of the tree)."""
+    if adapter_name == "default":
+        return Path(root)
+    if adapter_name in ("", ".", "..") or Path(adapter_name).name != adapter_name:
+        raise ConfigError(f"invalid adapter name {adapter_name!r}: a name, not a path")
+    sub = Path(root) / adapter_name
+    if sub.is_symlink() and not sub.resolve().is_relative_to(Path(root).resolve()):
+        raise AdapterFileError(
+            f"{sub} is a symbolic link out of {root}: adapters are read and written inside "
+            "their directory"
+        )
+    return sub
 
 
 def _reason(error: BaseException, limit: int = 160) -> str:
@@ -171,8 +182,9 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
         raise AdapterFileError(f"{file}: not valid JSON ({e})") from None
 
 
-def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The adapter's tensors by PEFT name, from its .safetensors file (or an old PEFT .bin)."""
+def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by PEFT name, from its .safetensors file; an old PEFT .bin (a
+    pickle) only with `allow_pickle`, and then through torch.load(weights_only=True)."""
     path = Path(path)
     if (path / WEIGHTS_NAME).is_file():
         try:
@@ -183,6 +195,12 @@ def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
                 f"(truncated or corrupt: {_reason(e)})"
             ) from e
     if (path / LEGACY_WEIGHTS_NAME).is_file():
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{path / LEGACY_WEIGHTS_NAME}: a pickle, which lorakit does not load unless "
+                "asked to (allow_pickle=True, CLI --allow-pickle: read with "
+                f"torch.load(weights_only=True)); or convert it to {WEIGHTS_NAME}"
+            )
         return _read_legacy_weights(path / LEGACY_WEIGHTS_NAME)
     raise InputNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path}")
 
@@ -225,12 +243,18 @@ def read_weights_header(file: str | Path) -> dict[str, tuple[tuple[int, ...], st
 
 
 def load_adapter(
-    lora_model: "LoraModel", path: str | Path, adapter_name: str, is_trainable: bool = False
+    lora_model: "LoraModel",
+    path: str | Path,
+    adapter_name: str,
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
 ) -> None:
-    """Inject the adapter stored at `path` under `adapter_name` and copy its weights in."""
+    """Inject the adapter stored at `path` under `adapter_name` and copy its weights in
+    (`allow_pickle`: see read_adapter_weights)."""
     config = read_adapter_config(path)
     config.inference_mode = not is_trainable
-    install_adapter(lora_model, adapter_name, config, read_adapter_weights(path), path)
+    weights = read_adapter_weights(path, allow_pickle=allow_pickle)
+    install_adapter(lora_model, adapter_name, config, weights, path)
 
 
 def install_adapter(
@@ -273,6 +297,8 @@ def _copy_weights(
         )
     for key, tensor in weights.items():
         target = params[key]
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{path}: tensor {key} holds NaN or inf values")
         if target.shape != tensor.shape:
             module = key[len(PREFIX) :].rsplit(".", 2 if key.endswith(".weight") else 1)[0]
             raise AdapterMismatchError(

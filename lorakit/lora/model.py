@@ -43,7 +43,7 @@ def validate_adapter_name(name: str) -> None:
         or name.startswith("lora_")
         or name in (BASE_ADAPTER, "base_layer", "original_module", "copies", "adapters")
     ):
-        raise ValueError(
+        raise ConfigError(
             f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (no path separators, "
             "no '.', not starting with 'lora_', not a reserved name)"
         )
@@ -399,10 +399,17 @@ class LoraModel(nn.Module):
     # rank-svd_rank approximation) or "linear" (PEFT's A/B mix); see lorakit.lora.combine
     add_weighted_adapter = combine.add_weighted_adapter
 
-    def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+    def load_adapter(
+        self,
+        path: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+    ) -> None:
+        """`allow_pickle`: also read an old PEFT adapter_model.bin (torch.load, weights only)."""
         from lorakit.lora.files import load_adapter
 
-        load_adapter(self, path, adapter_name, is_trainable=is_trainable)
+        load_adapter(self, path, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle)
 
     @classmethod
     def from_pretrained(
@@ -412,10 +419,12 @@ class LoraModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         adapter_dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
     ) -> "LoraModel":
-        """Load an adapter directory written by lorakit or PEFT onto `model`."""
+        """Load an adapter directory written by lorakit or PEFT onto `model` (`allow_pickle`:
+        also an old PEFT adapter_model.bin, read with torch.load(weights_only=True))."""
         lora = cls(model, None, adapter_dtype=adapter_dtype)
-        lora.load_adapter(path, adapter_name, is_trainable=is_trainable)
+        lora.load_adapter(path, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle)
         lora.set_adapter(adapter_name)
         return lora
 

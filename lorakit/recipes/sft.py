@@ -4,8 +4,8 @@
 happens, and the loop itself is `SFTTrainer.train` (lorakit.training.trainer):
 
     recipe = SFTRecipe(run_config(path, flags, sets))
-    recipe.setup()                       # launch, base model, adapters, data, trainer: once
-    outcome = recipe.train(resume=False)  # samples before, the loop, samples after, report
+    recipe.setup()                       # launch, output, base model, adapters, data, trainer
+    outcome = recipe.train()             # samples before, the loop, samples after, report
 
 Under torchrun every process runs the same recipe; the process group decides who writes.
 """
@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
+from lorakit.atomic import atomic_write_bytes, remove_tree, writing
 from lorakit.base import load_model, prepare_for_kbit_training
 from lorakit.base.loading import resolve_device, resolve_dtype
 from lorakit.data import load_records
 from lorakit.errors import UserError
 from lorakit.lora import LoraModel, get_lora_model
 from lorakit.serving.generate import completion_examples, generate_texts, render_prompt
-from lorakit.training import SFTTrainer, TrainResult
+from lorakit.training import SFTTrainer, TrainResult, list_checkpoints
 from lorakit.training.config import set_seed
 from lorakit.training.distributed import ProcessGroup, process_group
 from lorakit.training.report import plot_losses, write_report
@@ -43,9 +44,14 @@ class Outcome:
 
 
 class SFTRecipe:
-    def __init__(self, cfg: RunConfig, echo_config: bool = True) -> None:
+    def __init__(
+        self, cfg: RunConfig, echo_config: bool = True, resume: str | bool | None = None
+    ) -> None:
         self.cfg = cfg
         self.echo_config = echo_config  # print the resolved config (config.yaml) when starting
+        # continue the run in the output directory (True: its latest checkpoint) or from a
+        # checkpoint path; known at setup, so that a clash with a previous run fails first
+        self.resume = resume
         self.group: ProcessGroup | None = None
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
@@ -83,12 +89,35 @@ class SFTRecipe:
         out = Path(self.cfg.output.dir)
         if out.exists() and not out.is_dir():  # every rank: under torchrun all of them stop here
             raise UserError(f"output directory {out} exists and is not a directory")
-        if self.is_main:
+        if self.is_main and self.echo_config:
             text = self.cfg.to_yaml()
-            if self.echo_config:
-                self.say("resolved config\n" + "\n".join("  " + ln for ln in text.splitlines()))
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(text)
+            self.say("resolved config\n" + "\n".join("  " + ln for ln in text.splitlines()))
+        self.prepare_output(self.resume)
+
+    def previous_run(self) -> list[Path]:
+        """What a run already in the output directory left: checkpoints and the adapter."""
+        out = Path(self.cfg.output.dir)
+        adapter = out / "adapter"
+        return list_checkpoints(out) + ([adapter] if adapter.exists() else [])
+
+    def prepare_output(self, resume: str | bool | None = None) -> None:
+        """The output directory for this run, and its config.yaml. A fresh run (no `resume`)
+        into a directory holding another run's checkpoints refuses (they would mix: pruning and
+        --resume pick by step number), or with `output.overwrite` deletes them first."""
+        out = Path(self.cfg.output.dir)
+        previous = [] if resume else self.previous_run()
+        if previous and not self.cfg.output.overwrite:
+            raise UserError(
+                f"{out} already holds a run ({', '.join(p.name for p in previous[:3])}"
+                f"{', ...' if len(previous) > 3 else ''}): pass --resume to continue it, "
+                "--set output.overwrite=true to replace it, or another --output"
+            )
+        if self.is_main:
+            for p in previous:
+                remove_tree(p)
+            with writing(out):
+                out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "config.yaml", self.cfg.to_yaml().encode())
 
     @property
     def fsdp2(self) -> bool:
@@ -132,8 +161,13 @@ class SFTRecipe:
 
     # -- the run ------------------------------------------------------------------------------
     def train(self, resume: str | bool | None = None) -> Outcome:
+        """resume: None keeps the recipe's own `resume`."""
         if self.trainer is None:
             self.setup()
+        if resume is None:
+            resume = self.resume
+        elif bool(resume) != bool(self.resume):  # set up for the other case: check again
+            self.prepare_output(resume)
         out = Path(self.cfg.output.dir)
         picked = self._sample_prompts()
         samples = []

@@ -9,26 +9,34 @@ A checkpoint directory `checkpoint-<step>/` holds
 - `rng.safetensors`: torch RNG states (dropout), so a resumed run draws the same numbers;
 - `run_config.json`: the full configuration of the run.
 It is written into a temporary sibling directory and renamed into place: a crash (even kill -9)
-mid-write leaves the previous checkpoint untouched and no half checkpoint under the final name.
+mid-write leaves the previous checkpoint untouched and no half checkpoint under the final name;
+old checkpoints are pruned the same way (renamed away, then deleted).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorakit.atomic import atomic_directory
-from lorakit.errors import InputNotFoundError
-from lorakit.lora.files import adapter_dir, load_adapter_weights
+from lorakit.atomic import atomic_directory, remove_tree
+from lorakit.errors import InputNotFoundError, UserError
+from lorakit.lora.files import AdapterFileError, adapter_dir, load_adapter_weights
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+# adapter config keys that say nothing about the adapter's computation
+_ADAPTER_METADATA = {"inference_mode", "base_model_name_or_path", "revision", "task_type"}
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint this run cannot continue from: unreadable, or written by a run with other
+    adapters or another base model. The message names the checkpoint and the difference."""
 
 
 @dataclass
@@ -39,7 +47,17 @@ class TrainState:
     epoch: int = 0
     batch_index: int = 0  # next batch of `epoch`
     tokens_seen: int = 0
+    skipped_steps: int = 0  # steps dropped for a NaN/inf loss (TrainConfig.nonfinite="skip")
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    max_steps: int = 0  # the run's total steps (set by train())
+    # what HF's TrainerState also tells callbacks; per process, never saved
+    is_world_process_zero: ClassVar[bool] = True
+    best_metric: ClassVar[float | None] = None  # lorakit keeps no "best model"
+
+    @property
+    def global_step(self) -> int:
+        """HF Trainer's name for `step` (optimizer steps done)."""
+        return self.step
 
 
 def save_checkpoint(
@@ -74,6 +92,7 @@ def save_checkpoint(
         trainer_state = {
             # the keys HF Trainer writes, for scripts and tools that read them
             "global_step": state.step,
+            "max_steps": state.max_steps,
             "log_history": state.log_history,
             "best_metric": None,
             "best_model_checkpoint": None,
@@ -87,19 +106,22 @@ def save_checkpoint(
         (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
     if save_total_limit:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)  # a kill meanwhile leaves it whole or gone
     return final
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in step order (temporary directories are never listed)."""
+    """Complete checkpoints in step order (temporary directories are never listed, nor
+    symbolic links: a checkpoint lives inside its run's directory)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = [
         (int(m.group(1)), p)
         for p in output_dir.iterdir()
-        if (m := CHECKPOINT_RE.fullmatch(p.name)) and (p / "trainer_state.json").is_file()
+        if (m := CHECKPOINT_RE.fullmatch(p.name))
+        and not p.is_symlink()
+        and (p / "trainer_state.json").is_file()
     ]
     return [p for _, p in sorted(found)]
 
@@ -116,6 +138,60 @@ def load_checkpoint(
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise InputNotFoundError(f"{path} is not a lorakit checkpoint (no trainer_state.json)")
+    try:
+        return _load(path, lora_model, optimizer, scheduler)
+    except AdapterFileError as e:
+        raise CheckpointError(f"cannot resume from {path}: {e}") from e
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise CheckpointError(
+            f"cannot resume from {path}: incomplete or corrupt ({type(e).__name__}: {e})"
+        ) from e
+
+
+def check_resumable(path: str | Path, run_config: dict[str, Any]) -> list[str]:
+    """Raise CheckpointError if the checkpoint at `path` was written by a run with other
+    adapters or another base architecture than `run_config` (this run's); else the training
+    settings that differ (allowed: e.g. a lower learning rate after a divergence)."""
+    path = Path(path)
+    try:
+        saved = json.loads((path / "run_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot resume from {path}: no readable run_config.json ({e})"
+        ) from None
+
+    def differ(kind: str, a: dict, b: dict, skip: set[str] = frozenset()) -> list[str]:
+        keys = sorted((set(a) | set(b)) - skip)
+        return [f"{kind}{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+    mine, theirs = run_config.get("adapters", {}), saved.get("adapters", {})
+    if sorted(mine) != sorted(theirs):
+        raise CheckpointError(
+            f"cannot resume from {path}: it holds adapters {sorted(theirs)}, this run "
+            f"{sorted(mine)}; resume with the same settings, or train into a new --output"
+        )
+    for name in sorted(mine):
+        changed = differ("lora.", theirs[name], mine[name], _ADAPTER_METADATA)
+        if changed:
+            raise CheckpointError(
+                f"cannot resume from {path}: adapter '{name}' differs ({changed[0]}"
+                f"{', ...' if len(changed) > 1 else ''}); resume with the same settings, or "
+                "train into a new --output"
+            )
+    base, saved_base = run_config.get("base_architecture"), saved.get("base_architecture")
+    if base and saved_base and base != saved_base:
+        changed = differ("", saved_base, base)
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained on another base model "
+            f"({saved.get('base_model')}; {changed[0]}); pass the same --model"
+        )
+    skip = {"output_dir"}
+    return differ("training.", saved.get("train", {}), run_config.get("train", {}), skip)
+
+
+def _load(path: Path, lora_model, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
     for name in lora_model.list_adapters():
         sub = adapter_dir(path, name)
         load_adapter_weights(lora_model, sub, name)

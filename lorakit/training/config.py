@@ -13,6 +13,7 @@ import torch
 from lorakit.errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE = ("stop", "skip")  # what a NaN/inf step does
 DISTRIBUTED_MODES = ("replicate", "fsdp2")
 # "ddp" was the first name of "replicate"; torch's DistributedDataParallel is not what runs
 MODE_ALIASES = {"ddp": "replicate"}
@@ -68,6 +69,9 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
+    # a step whose loss or gradient is NaN/inf: "stop" (TrainingDivergedError naming the step,
+    # before the weights change) or "skip" (its batches are dropped, the run goes on)
+    nonfinite: str = "stop"
     # precision and memory
     bf16: bool | None = None  # None: autocast to bf16 where the device computes it fast
     gradient_checkpointing: bool = False
@@ -119,6 +123,8 @@ class TrainConfig:
                 raise bad(name, "must be an integer >= 1, or None")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise bad("max_grad_norm", "must be > 0, or None for no clipping")
+        if self.nonfinite not in NONFINITE:
+            raise bad("nonfinite", f"must be one of {NONFINITE}")
         try:
             self.distributed_mode = canonical_mode(self.distributed_mode)
         except ValueError as e:

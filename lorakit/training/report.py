@@ -3,11 +3,13 @@ trainer's own log)."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from lorakit.atomic import atomic_write_bytes
 from lorakit.training.trainer import TrainResult
 
 
@@ -18,6 +20,9 @@ class OutputConfig:
     dir: str = "lorakit-out"
     samples: int = 3  # sample generations before/after training in report.md
     sample_max_new_tokens: int = 48
+    # a fresh run into a directory holding another run's checkpoints / adapter: delete them
+    # first (True), or refuse (False: `lorakit train` says to --resume or pick another --output)
+    overwrite: bool = False
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -58,8 +63,10 @@ def plot_losses(output_dir: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = Path(output_dir) / "loss.png"
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
     return path
 
 
@@ -128,7 +135,7 @@ def write_report(
         "",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_bytes(path, "\n".join(lines).encode())
     return path
 
 

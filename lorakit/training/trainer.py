@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
+from lorakit.atomic import atomic_directory, atomic_write_bytes, remove_temporaries, writing
 from lorakit.base.capabilities import check_packing_supported
 from lorakit.base.loading import bf16_is_fast, resolve_device
 from lorakit.base.quantize import enable_checkpointing
@@ -40,10 +41,11 @@ from lorakit.data import (
     pack,
     prepare_dataset,
 )
-from lorakit.errors import ConfigError, InputNotFoundError
+from lorakit.errors import ConfigError, InputNotFoundError, UserError
 from lorakit.training import trl_call
 from lorakit.training.checkpoint import (
     TrainState,
+    check_resumable,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -55,8 +57,14 @@ from lorakit.training.optim import adapter_param_groups
 from lorakit.training.prefix import prefix_sharing_problem
 
 
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/inf; the weights and the last checkpoint are left as they were."""
+class TrainingDivergedError(UserError, RuntimeError):
+    """The loss or the gradient became NaN/inf (the data, or too high a learning rate); the
+    weights and the last checkpoint are left as they were. The message names the step."""
+
+
+# nonfinite="skip" gives up when this many steps in a row are not finite: the weights, not a
+# batch, are the problem then
+MAX_SKIPS_IN_A_ROW = 10
 
 
 @dataclass
@@ -85,6 +93,32 @@ def lr_lambda(schedule: str, warmup: int, total: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return f
+
+
+def _nonfinite(loss: float, grad_norm: torch.Tensor) -> str | None:
+    """What is not finite in a step (None: both are)."""
+    if not math.isfinite(loss):
+        return f"loss is {loss}"
+    if not math.isfinite(float(grad_norm)):
+        return f"gradient norm is {float(grad_norm)}"
+    return None
+
+
+# config keys that tell base models apart (a checkpoint of one does not continue on another)
+_ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+def base_architecture(model: torch.nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    return {k: getattr(config, k) for k in _ARCHITECTURE_KEYS if hasattr(config, k)}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -230,7 +264,10 @@ class SFTTrainer:
         if self.train_data is None:
             raise ValueError("no train_data was given")
         out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:  # what a killed run was writing: the run continues from whole files
+            remove_temporaries(out)
         torch.manual_seed(args.seed)
         # several ranks: join them; replicate: the whole model here, fsdp2: the base sharded;
         # every rank starts from rank 0's adapters
@@ -242,19 +279,24 @@ class SFTTrainer:
 
         total = self.total_steps()
         optimizer, scheduler, trainable = self._optimizer(total)
-        state = self.state = self._resume(resume_from_checkpoint, out, optimizer, scheduler)
         run_config = self.run_config(total)
+        state, last_ckpt = self._resume(
+            resume_from_checkpoint, out, optimizer, scheduler, run_config
+        )
+        self.state = state
         metrics_file = out / "metrics.jsonl"
         if self.is_main:
-            (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
-            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in state.log_history))
+            text = json.dumps(run_config, indent=2, default=str)
+            atomic_write_bytes(out / "run_config.json", text.encode())
+            text = "".join(json.dumps(r) + "\n" for r in state.log_history)
+            atomic_write_bytes(metrics_file, text.encode())
 
         batches = self._batches(state)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
         bar = self._progress_bar(total, state.step)
         window_loss, window_steps, window_tokens = 0.0, 0, 0
         t_start = t_window = time.perf_counter()
-        tokens_start, last_eval, last_ckpt = state.tokens_seen, {}, None
+        tokens_start, last_eval, skips_in_a_row = state.tokens_seen, {}, 0
         model.train()
         with self._stop_on_signals():
             while state.step < total:
@@ -282,16 +324,30 @@ class SFTTrainer:
                 )
                 if stop_agreed and self._stop_signal is None:
                     self._stop_signal = 0  # another rank was signalled
-                if not math.isfinite(step_loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    raise TrainingDivergedError(
-                        f"loss is {step_loss} at step {state.step + 1}; stopped before updating "
-                        f"the weights. Last good checkpoint: {latest_checkpoint(out)}. Try a lower "
-                        "learning rate or max_grad_norm."
-                    )
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     trainable, args.max_grad_norm if args.max_grad_norm else float("inf")
                 )
+                # a NaN/inf loss or gradient would poison the weights: stop before the update,
+                # or (nonfinite="skip") drop this step's batches and go on
+                problem = _nonfinite(step_loss, grad_norm)
+                if problem:
+                    optimizer.zero_grad(set_to_none=True)
+                    skips_in_a_row += 1
+                    if args.nonfinite == "stop" or skips_in_a_row > MAX_SKIPS_IN_A_ROW:
+                        raise TrainingDivergedError(
+                            f"{problem} at step {state.step + 1}"
+                            + (f" ({skips_in_a_row} steps in a row)" if skips_in_a_row > 1 else "")
+                            + "; stopped before updating the weights. Last good checkpoint: "
+                            f"{latest_checkpoint(out)}. Try a lower learning rate or "
+                            "max_grad_norm, or training.nonfinite=skip to skip such batches."
+                        )
+                    state.skipped_steps += 1
+                    self._log(f"step {state.step + 1}: {problem}; batches skipped")
+                    self._record(
+                        {"step": state.step + 1, "skipped": problem}, state, metrics_file, None
+                    )
+                    continue
+                skips_in_a_row = 0
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -338,7 +394,7 @@ class SFTTrainer:
                 last_eval = self._evaluate_and_record(state, metrics_file, None)
             if last_ckpt is None or not last_ckpt.name.endswith(f"-{state.step}"):
                 last_ckpt = self._save_checkpoint(out, optimizer, scheduler, state, run_config)
-            self._on_main_then_wait(lambda: model.save_pretrained(out / "adapter"))
+            self._on_main_then_wait(lambda: self._save_adapter(out / "adapter"))
         model.eval()
         seconds = time.perf_counter() - t_start
         train_losses = [r["loss"] for r in state.log_history if "loss" in r]
@@ -376,11 +432,18 @@ class SFTTrainer:
         return optimizer, scheduler, [p for g in groups for p in g["params"]]
 
     def _resume(
-        self, resume_from_checkpoint: str | bool | None, out: Path, optimizer, scheduler
-    ) -> TrainState:
-        """A fresh state, or the checkpoint's (weights, optimizer, schedule and data position)."""
+        self,
+        resume_from_checkpoint: str | bool | None,
+        out: Path,
+        optimizer,
+        scheduler,
+        run_config: dict[str, Any],
+    ) -> tuple[TrainState, Path | None]:
+        """A fresh state, or the checkpoint's (weights, optimizer, schedule and data position),
+        and the checkpoint. `True` with no checkpoint in `out` yet (a run killed before its
+        first one) starts from step 0: the same command always continues."""
         if not resume_from_checkpoint:
-            return TrainState()
+            return TrainState(), None
         path = (
             latest_checkpoint(out)
             if resume_from_checkpoint is True
@@ -389,10 +452,22 @@ class SFTTrainer:
         # every rank reads it: the same one, or all stop here
         self.group.check_same("the checkpoint to resume from", path and str(path))
         if path is None:
-            raise InputNotFoundError(f"no checkpoint to resume from in {out}")
+            self._log(f"no checkpoint in {out} yet: starting at step 0")
+            return TrainState(), None
+        if not (path / "trainer_state.json").is_file():
+            raise InputNotFoundError(f"{path} is not a lorakit checkpoint (no trainer_state.json)")
+        changed = check_resumable(path, run_config)
+        if changed:
+            self._log(f"resuming with other training settings: {', '.join(changed)}")
         state = load_checkpoint(path, self.model, optimizer, scheduler)
         self._log(f"resumed from {path} at step {state.step}")
-        return state
+        # the checkpoint of the last step needs no second copy: only the adapter is missing
+        return state, path if path.name == f"checkpoint-{state.step}" else None
+
+    def _save_adapter(self, directory: Path) -> None:
+        """The final adapter(s), as one directory that appears whole (a kill leaves none)."""
+        with atomic_directory(directory) as tmp:
+            self.model.save_pretrained(tmp)
 
     def save_model(self, output_dir: str | Path | None = None) -> None:
         """The adapter(s), PEFT format, into `output_dir` (default: args.output_dir); written
@@ -498,6 +573,7 @@ class SFTTrainer:
             "train": self.args.to_dict(),
             "adapters": self._adapters_seen["adapters"],
             "base_model": getattr(self.model.model, "name_or_path", None),
+            "base_architecture": base_architecture(self.model.model),
             "total_steps": total_steps,
             "bf16": self.bf16,
             "device": str(self.device),
@@ -511,7 +587,7 @@ class SFTTrainer:
         state.log_history.append(record)
         if not self.is_main:
             return
-        with open(metrics_file, "a", encoding="utf-8") as f:
+        with writing(metrics_file), open(metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         # metrics.jsonl above keeps every digit; people read 4 significant ones
         if bar is not None:
