@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.base.config import DTYPE_CHOICES
+from lorakit.base.quantize import QUANT_TYPES
 from lorakit.errors import UserError
 from lorakit.training.run_config import SINGLE_PROCESS_ALIASES, TRAIN_FLAGS, field_type, run_config
 
@@ -173,6 +174,33 @@ def cmd_merge(args: argparse.Namespace) -> int:
     lora = LoraModel.from_pretrained(model, args.adapter, allow_pickle=args.allow_pickle)
     export_merged(lora, out, args.dtype, tokenizer)
     print(f"lorakit: merged model ({args.dtype}) -> {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorakit.serving.server import LOOPBACK, build, run
+
+    api_key = args.api_key or os.environ.get("LORAKIT_API_KEY") or None
+    if args.host not in LOOPBACK and api_key is None:
+        print(
+            f"lorakit: warning: serving on {args.host} without --api-key: anyone who can "
+            "reach this port can use the model and load adapters",
+            file=sys.stderr,
+        )
+    server = build(
+        args.model,
+        args.adapter or [],
+        dtype=args.dtype,
+        quantization=args.quantization,
+        served_name=args.served_model_name,
+        max_loras=args.max_loras,
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        max_tokens_limit=args.max_tokens_limit,
+        api_key=api_key,
+        adapter_root=Path(args.adapter_root) if args.adapter_root else None,
+    )
+    run(server, args.host, args.port, args.grace)
     return 0
 
 
@@ -354,6 +382,62 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     _allow_pickle(i)
     i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("serve", help="serve the base and adapters over an OpenAI-compatible API")
+    s.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    s.add_argument(
+        "--adapter", action="append", metavar="NAME=DIR", help="an adapter to serve (repeatable)"
+    )
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key",
+        dest="api_key",
+        help="require 'Authorization: Bearer KEY' (or set LORAKIT_API_KEY)",
+    )
+    s.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        help="the base model's name in requests and /v1/models",
+    )
+    s.add_argument(
+        "--max-loras",
+        dest="max_loras",
+        type=int,
+        default=8,
+        help="adapters kept in memory (least recently used leave first)",
+    )
+    s.add_argument(
+        "--max-batch", dest="max_batch", type=int, default=16, help="requests decoded together"
+    )
+    s.add_argument(
+        "--max-waiting",
+        dest="max_waiting",
+        type=int,
+        default=256,
+        help="requests queued beyond the batch before answering 429",
+    )
+    s.add_argument(
+        "--max-tokens-limit",
+        dest="max_tokens_limit",
+        type=int,
+        default=1024,
+        help="the largest max_tokens a request may ask for",
+    )
+    s.add_argument(
+        "--adapter-root",
+        dest="adapter_root",
+        help="where POST /v1/load_lora_adapter may read adapters from",
+    )
+    s.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds running requests get to finish after SIGTERM",
+    )
+    s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    s.add_argument("--quantization", choices=QUANT_TYPES, default=None)
+    s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="fine-tune the default model on a small task, before/after")
     d.add_argument("--output", default="lorakit-demo")

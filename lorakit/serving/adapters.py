@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.errors import UserError
+from lorakit.errors import InputNotFoundError, UserError
 from lorakit.lora import LoraConfig, LoraModel
 from lorakit.lora.files import install_adapter, read_adapter_config, read_adapter_weights
 from lorakit.lora.model import validate_adapter_name
@@ -138,7 +138,7 @@ class AdapterPool:
 
 def _read(name: str, path: Path) -> AdapterFiles:
     if not path.is_dir():
-        raise UserError(f"adapter '{name}': {path} is not a directory")
+        raise InputNotFoundError(f"adapter '{name}': {path} is not a directory")
     config = read_adapter_config(path)
     config.inference_mode = True
     return AdapterFiles(name, path, config, read_adapter_weights(path))

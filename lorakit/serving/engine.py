@@ -216,6 +216,7 @@ class Engine:
         a request whose adapter is not resident starts its load and lets others pass."""
         budget = self.prefill_tokens_per_step
         kept: deque[Request] = deque()
+        slot_wanted = False  # an older request waits for an adapter slot
         while self.waiting:
             request = self.waiting.popleft()
             if request.cancelled:
@@ -223,16 +224,23 @@ class Engine:
                 continue
             # the first prefill of a step always fits, whatever its length
             over_budget = len(request.prompt_ids) > budget < self.prefill_tokens_per_step
-            if len(self.batch) >= self.max_batch or over_budget:
+            # once a request waits for a slot, later ones may not pin adapters (they would
+            # keep the slots busy for ever); base-model rows pin nothing and still pass
+            if (
+                len(self.batch) >= self.max_batch
+                or over_budget
+                or (slot_wanted and request.adapter)
+            ):
                 kept.append(request)
                 continue
             try:
-                ready = self._adapter_ready(request.adapter)
+                state = self._adapter_ready(request.adapter)
             except Exception as e:  # unreadable, unloaded, or not for this base
                 self._waiting_count -= 1
                 self._finish(request, error=e)
                 continue
-            if not ready:
+            if state != "ready":
+                slot_wanted = slot_wanted or state == "no slot"
                 kept.append(request)
                 continue
             self._waiting_count -= 1
@@ -243,19 +251,20 @@ class Engine:
                 self._finish(request, error=e)
         self.waiting = kept
 
-    def _adapter_ready(self, name: str | None) -> bool:
-        """Whether the adapter is in the model; if not, read its files (in the background) and
-        install them once read and a slot is free."""
+    def _adapter_ready(self, name: str | None) -> str:
+        """ "ready" if the adapter is in the model; else its files are read in the background
+        ("reading") and installed once read and a slot is free ("no slot" until then)."""
         if name is None or name in self.adapters.resident:
-            return True
+            return "ready"
         known = self.adapters.known()
         if name not in known:
             raise AdapterNotFound(f"the model '{name}' was unloaded")
-        read = self.adapters.read(name, known[name])
-        if not read.done() or not self.adapters.make_room():
-            return False
+        if not self.adapters.read(name, known[name]).done():
+            return "reading"
+        if not self.adapters.make_room():
+            return "no slot"
         self.adapters.install(self.adapters.take_read(name))
-        return True
+        return "ready"
 
     def _start(self, request: Request) -> None:
         """Prefill the prompt alone, add the row to the batch and pick its first token."""

@@ -254,26 +254,22 @@ class Server:
 
     # -- request parts -------------------------------------------------------------------------
     async def _json(self, request: HttpRequest) -> Any:
-        declared = request.headers.get("content-length")
-        if (
-            declared is not None
-            and declared.isdigit()
-            and int(declared) > self.config.max_body_bytes
-        ):
-            raise self._too_large()
+        """The body as JSON; a body over the limit is read to its end (up to a bound) and
+        dropped, so that the client, still sending, gets the 413 rather than a reset."""
+        limit = self.config.max_body_bytes
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > self.config.max_body_bytes:
-                raise self._too_large()
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > 16 * limit:
+                break
+        if size > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes")
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-
-    def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is larger than {self.config.max_body_bytes} bytes")
 
     def _adapter_for(self, model: str) -> str | None:
         if model in self.config.base_names:
