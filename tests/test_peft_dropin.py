@@ -8,15 +8,10 @@ and what it saves must load in PEFT with the logits lorakit computes.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).resolve().parent
+from user_scripts import run_script
 
 # A PEFT quickstart: config with TaskType, get_peft_model, a few manual steps, save, reload
 # frozen with PeftModel.from_pretrained, disable_adapter(), a second adapter, merge_and_unload.
@@ -62,16 +57,6 @@ QUICKSTART = textwrap.dedent("""
     torch.save(tuned, out + "/tuned.pt")
     print(json.dumps({{"loss": float(loss)}}))
 """)
-
-
-def run_script(template: str, lib: str, out: Path) -> dict:
-    script = out / f"script_{lib}.py"
-    out.mkdir(parents=True, exist_ok=True)
-    script.write_text(template.format(tests=str(TESTS), lib=lib))
-    res = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("lib", ["peft", "lorakit"])
@@ -124,7 +109,7 @@ TRL_PROMPT_COMPLETION = textwrap.dedent("""
     from {peft_lib} import LoraConfig
     from {trl_lib} import SFTConfig, SFTTrainer
 
-    model_dir, out = sys.argv[2], sys.argv[1]
+    out, model_dir = sys.argv[1], sys.argv[2]
     rows = [{{"prompt": [{{"role": "user", "content": f"{{a}} plus {{b}}?"}}],
               "completion": [{{"role": "assistant", "content": str(a + b)}}]}}
             for a in range(6) for b in range(6)]
@@ -146,22 +131,14 @@ TRL_PROMPT_COMPLETION = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer
-@pytest.mark.parametrize("libs", [("peft", "trl"), ("lorakit", "lorakit")])
-def test_trl_sft_script_runs_on_both(libs, tmp_path, tiny_chat_dir):
+@pytest.mark.parametrize("lib", ["peft", "lorakit"])  # peft + trl imports, or lorakit's
+def test_trl_sft_script_runs_on_both(lib, tmp_path, tiny_chat_dir):
     import peft
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    peft_lib, trl_lib = libs
-    out = tmp_path / trl_lib
-    out.mkdir()
-    script = out / "script.py"
-    script.write_text(TRL_PROMPT_COMPLETION.format(peft_lib=peft_lib, trl_lib=trl_lib))
-    res = subprocess.run([sys.executable, str(script), str(out), str(tiny_chat_dir)],
-                         capture_output=True, text=True, timeout=300,
-                         env=os.environ | {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    losses = json.loads(res.stdout.strip().splitlines()[-1])["losses"]
+    out = tmp_path / lib
+    losses = run_script(TRL_PROMPT_COMPLETION, lib, out, tiny_chat_dir)["losses"]
     assert len(losses) == 4 and all(map(lambda x: x == x, losses))  # one per step, no NaN
     # checkpoints as HF tools read them: the adapter at the root, trainer_state.json's keys
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
@@ -176,8 +153,86 @@ def test_trl_sft_script_runs_on_both(libs, tmp_path, tiny_chat_dir):
     with torch.no_grad():
         theirs = model(**ids).logits
         assert torch.isfinite(theirs).all()
-        if trl_lib == "lorakit":  # the same logits in lorakit as in PEFT
+        if lib == "lorakit":  # the same logits in lorakit as in PEFT
             from lorakit import PeftModel as LorakitPeftModel
             ours = LorakitPeftModel.from_pretrained(
                 AutoModelForCausalLM.from_pretrained(tiny_chat_dir), out / "final").eval()
             assert torch.allclose(ours(**ids).logits, theirs, atol=1e-5)
+
+
+# -- SFTConfig: TRL's options, TRL's defaults, and what lorakit refuses --------------------------
+@pytest.mark.parametrize("option,value,shown", [
+    ("neftune_noise_alpha", 5.0, "neftune_noise_alpha"),
+    ("push_to_hub", True, "push_to_hub"),
+    ("max_seq_length", 512, "max_seq_length (TRL renamed it max_length)"),
+])
+def test_sftconfig_refuses_unsupported_options_by_name(option, value, shown):
+    from lorakit import SFTConfig
+    from lorakit.errors import UserError
+
+    with pytest.raises(TypeError) as caught:
+        SFTConfig(output_dir="out", **{option: value})
+    message = str(caught.value)
+    assert isinstance(caught.value, UserError)  # the CLI's one-line error
+    assert message.startswith(f"SFTConfig: lorakit does not support {shown};")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("option,value", [("optim", "adamw_8bit"), ("save_strategy", "epoch"),
+                                          ("eval_strategy", "epoch"),
+                                          ("completion_only_loss", False)])
+def test_sftconfig_refuses_values_it_cannot_follow(option, value):
+    from lorakit import SFTConfig
+    from lorakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"SFTConfig.{option}={value!r} is not supported"):
+        SFTConfig(**{option: value})
+
+
+def test_sftconfig_gpu_options_are_accepted_and_reported_once(monkeypatch):
+    import warnings
+
+    from lorakit import SFTConfig
+    from lorakit.training import config
+
+    monkeypatch.setattr(config, "_REPORTED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # e.g. a first and a resuming trainer
+            SFTConfig(tf32=True, use_liger_kernel=True, optim="paged_adamw_32bit",
+                      report_to="none")
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "tf32" in message and "use_liger_kernel" in message and "paged" in message
+    assert "report_to" not in message  # "none" asks for nothing
+
+
+def test_sftconfig_defaults_are_trls():
+    trl = pytest.importorskip("trl")
+    from lorakit import SFTConfig
+
+    theirs = trl.SFTConfig(output_dir="out", bf16=False, report_to="none")
+    ours = SFTConfig(output_dir="out")
+    for name in ("learning_rate", "lr_scheduler_type", "num_train_epochs", "max_steps",
+                 "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+                 "logging_steps", "save_steps", "save_total_limit", "seed", "warmup_steps",
+                 "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon",
+                 "packing", "dataset_text_field", "gradient_checkpointing", "completion_only_loss",
+                 "assistant_only_loss", "optim", "eval_strategy", "save_strategy", "use_cpu"):
+        value = getattr(theirs, name)
+        assert getattr(ours, name) == getattr(value, "value", value), name
+
+
+def test_sftconfig_model_loading_follows_trl():
+    """A model id / path loads in fp32 unless model_init_kwargs names a dtype (TRL's rule);
+    use_cpu and save_strategy="no" mean what they mean in TRL."""
+    from lorakit import SFTConfig, TrainConfig
+    from lorakit.training.trl_call import _load_kwargs
+
+    assert _load_kwargs(SFTConfig()) == {"dtype": "float32"}
+    assert _load_kwargs(SFTConfig(model_init_kwargs={"torch_dtype": "bfloat16",
+                                                     "attn_implementation": "eager"})) \
+        == {"dtype": "bfloat16", "attn_implementation": "eager"}
+    assert _load_kwargs(TrainConfig()) == {"dtype": "auto"}  # lorakit's own default
+    assert SFTConfig(use_cpu=True).device == "cpu"
+    assert SFTConfig(save_strategy="no").save_steps is None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,11 +142,53 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+class UnsupportedOptionError(ConfigError, TypeError):
+    """An SFTConfig option lorakit does not have (also a TypeError, as for any unknown keyword)."""
+
+
+# TRL options that TRL itself renamed: the name to use now
+_RENAMED = {"max_seq_length": "max_length", "evaluation_strategy": "eval_strategy"}
+# accepted and not used, each reported once: what the option does under TRL
+_UNUSED = {
+    "tf32": "TF32 matmuls on NVIDIA GPUs",
+    "dataloader_pin_memory": "pinned host memory for GPU copies",
+    "use_liger_kernel": "Liger's Triton GPU kernels",
+    "run_name": "the run's name in experiment trackers",
+    "report_to": "experiment trackers; lorakit writes metrics.jsonl and loss.png",
+}
+# transformers' optimizer names for what lorakit runs (AdamW; "paged" only pages GPU memory)
+ADAMW_NAMES = ("adamw_torch_fused", "adamw_torch", "paged_adamw_32bit")
+_REPORTED: set[str] = set()
+
+
+def _refuse_unknown_options(cls):
+    """Make `cls(...)` with a keyword that is not a field fail by name, in one line."""
+    init, names = cls.__init__, {f.name for f in dataclasses.fields(cls)}
+
+    @functools.wraps(init)
+    def checked_init(self, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            named = [f"{k} (TRL renamed it {_RENAMED[k]})" if k in _RENAMED else k for k in unknown]
+            raise UnsupportedOptionError(
+                f"{cls.__name__}: lorakit does not support {', '.join(named)}; "
+                f"help(lorakit.{cls.__name__}) lists the options it takes"
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked_init
+    return cls
+
+
+@_refuse_unknown_options
 @dataclass
 class SFTConfig(TrainConfig):
     """TRL's `SFTConfig` for scripts written against TRL: TrainConfig's fields (the names are
-    TRL's already) plus TRL fields with a lorakit meaning. Unknown fields fail by name, as
-    TypeError from the constructor.
+    TRL's already) with TRL's defaults where they differ (learning_rate 2e-5, a linear schedule,
+    3 epochs, gradient checkpointing on, every checkpoint kept), plus TRL fields with a lorakit
+    meaning. Any other option fails by name (UnsupportedOptionError, a TypeError and a
+    ConfigError); GPU and tracker options (tf32, dataloader_pin_memory, use_liger_kernel,
+    run_name, report_to) are accepted and reported once as unused.
 
     dataset_text_field: the column holding plain text rows (TRL's default "text").
     completion_only_loss: None or True: prompt/completion rows train on the completion, as in
@@ -153,13 +197,34 @@ class SFTConfig(TrainConfig):
         False (TRL's default: every token) is reported once as a difference.
     eval_strategy: "no" (evaluate at the end, if there is eval data) or "steps" (every
         `eval_steps`, default `logging_steps`); "epoch" is not supported.
-    report_to: accepted; lorakit writes metrics.jsonl and loss.png, and reports nothing else.
+    save_strategy: "steps" (every `save_steps`) or "no" (lorakit still writes the last step's
+        checkpoint and adapter/ at the end); "epoch" and "best" are not supported.
+    optim: AdamW under one of transformers' names for it (ADAMW_NAMES); others are refused.
+    gradient_checkpointing_kwargs: passed to the model's checkpointing (non-reentrant unless
+        {"use_reentrant": True}).
+    use_cpu: train on the CPU (device="cpu").
+    model_init_kwargs: for a model id / path, `from_pretrained`'s keywords; its "dtype" (or
+        "torch_dtype") defaults to float32, as in TRL ("auto": bf16 where the device is fast).
     """
 
+    learning_rate: float = 2e-5
+    lr_scheduler_type: str = "linear"
+    num_train_epochs: float = 3.0
+    gradient_checkpointing: bool = True
+    save_total_limit: int | None = None
     dataset_text_field: str = "text"
     completion_only_loss: bool | None = None
     assistant_only_loss: bool = False
     eval_strategy: str = "no"
+    save_strategy: str = "steps"
+    optim: str = "adamw_torch_fused"
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    use_cpu: bool = False
+    model_init_kwargs: dict[str, Any] | None = None
+    tf32: bool | None = None
+    dataloader_pin_memory: bool | None = None
+    use_liger_kernel: bool | None = None
+    run_name: str | None = None
     report_to: str | list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -168,13 +233,37 @@ class SFTConfig(TrainConfig):
                 "SFTConfig.completion_only_loss=False is not supported: lorakit "
                 "trains prompt/completion rows on the completion"
             )
-        if self.eval_strategy not in ("no", "steps"):
+        for name, allowed in (
+            ("eval_strategy", ("no", "steps")),
+            ("save_strategy", ("steps", "no")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"SFTConfig.{name}={getattr(self, name)!r} is not supported: use "
+                    + " or ".join(repr(a) for a in allowed)
+                )
+        if self.optim not in ADAMW_NAMES:
             raise ConfigError(
-                f"SFTConfig.eval_strategy={self.eval_strategy!r} is not supported:"
-                " use 'no' or 'steps'"
+                f"SFTConfig.optim={self.optim!r} is not supported: lorakit trains with AdamW "
+                f"(fp32 states); use one of {ADAMW_NAMES}"
             )
         if self.eval_strategy == "steps" and self.eval_steps is None:
             self.eval_steps = self.logging_steps
         if self.eval_strategy == "no":
             self.eval_steps = None
+        if self.save_strategy == "no":
+            self.save_steps = None
+        if self.use_cpu:
+            self.device = "cpu"
         super().__post_init__()
+        unused = [f"{k} ({why})" for k, why in _UNUSED.items() if self._set(k)]
+        if self.optim.startswith("paged_"):
+            unused.append(f"optim={self.optim!r} (paging is for GPU memory; AdamW runs)")
+        message = f"SFTConfig: accepted and not used by lorakit: {'; '.join(unused)}"
+        if unused and message not in _REPORTED:  # once per process, however many configs
+            _REPORTED.add(message)
+            warnings.warn(message, stacklevel=4)
+
+    def _set(self, name: str) -> bool:
+        value = getattr(self, name)
+        return value not in (None, "none", [], (), ["none"])

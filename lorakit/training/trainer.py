@@ -43,6 +43,7 @@ from lorakit.data import (
 )
 from lorakit.errors import ConfigError, InputNotFoundError, UserError
 from lorakit.training import trl_call
+from lorakit.training.callbacks import CallbackList
 from lorakit.training.checkpoint import (
     TrainState,
     check_resumable,
@@ -142,13 +143,15 @@ class SFTTrainer:
         processing_class: Any = None,
         peft_config: Any = None,
         formatting_func: Any = None,
+        callbacks: list[Any] | None = None,
     ) -> None:
         """group: the process group, when the caller (the SFT recipe) has resolved it already;
         otherwise read from torchrun's environment (a group of one without torchrun).
 
         TRL's call works too (lorakit.training.trl_call): `model` as an id or path,
         `args=SFTConfig(...)`, `train_dataset`, `eval_dataset`, `processing_class`,
-        `peft_config` (adapters injected here, after seeding) and `formatting_func`."""
+        `peft_config` (adapters injected here, after seeding) and `formatting_func`.
+        `callbacks`: HF TrainerCallback-style objects (lorakit.training.callbacks)."""
         args = args or TrainConfig()
         if train_data is not None and train_dataset is not None:
             raise ConfigError("pass train_data or train_dataset (TRL's name), not both")
@@ -162,6 +165,7 @@ class SFTTrainer:
         self.args = args
         self.tokenizer = tokenizer
         self.state = TrainState()  # where the last train() got to (log_history, as in TRL)
+        self.callback_handler = CallbackList(callbacks)
         self.group = group = group if group is not None else process_group(args)
         self.rank, self.world_size, self.is_main = group.rank, group.world_size, group.is_main
         self.device = group.local_device(resolve_device(args.device))
@@ -275,7 +279,7 @@ class SFTTrainer:
         if launch := group.describe(self.batch_size, args.gradient_accumulation_steps):
             self._log(launch)
         if args.gradient_checkpointing:
-            enable_checkpointing(model.model)
+            enable_checkpointing(model.model, getattr(args, "gradient_checkpointing_kwargs", None))
 
         total = self.total_steps()
         optimizer, scheduler, trainable = self._optimizer(total)
@@ -284,6 +288,14 @@ class SFTTrainer:
             resume_from_checkpoint, out, optimizer, scheduler, run_config
         )
         self.state = state
+        state.max_steps, state.is_world_process_zero = total, self.is_main
+        callbacks = self.callback_handler
+        callbacks.context = {
+            "model": model,
+            "processing_class": self.tokenizer,
+            "optimizer": optimizer,
+            "lr_scheduler": scheduler,
+        }
         metrics_file = out / "metrics.jsonl"
         if self.is_main:
             text = json.dumps(run_config, indent=2, default=str)
@@ -298,9 +310,11 @@ class SFTTrainer:
         t_start = t_window = time.perf_counter()
         tokens_start, last_eval, skips_in_a_row = state.tokens_seen, {}, 0
         model.train()
+        callbacks.fire("on_train_begin", args, state)
         with self._stop_on_signals():
             while state.step < total:
                 group.seed_step(args.seed, state.step)  # ranks: masks from (seed, step, rank)
+                callbacks.fire("on_step_begin", args, state)
                 # one optimizer step = gradient_accumulation_steps micro-batches, and the loss is
                 # the mean over all their trained tokens (not a mean of per-batch means), on all
                 # ranks together
@@ -353,8 +367,13 @@ class SFTTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 window_loss, window_steps = window_loss + step_loss, window_steps + 1
+                control = callbacks.fire("on_step_end", args, state)
 
-                if state.step % args.logging_steps == 0 or state.step == total:
+                if (
+                    state.step % args.logging_steps == 0
+                    or state.step == total
+                    or control.should_log
+                ):
                     now = time.perf_counter()
                     state.tokens_seen += window_tokens
                     record = {
@@ -369,14 +388,19 @@ class SFTTrainer:
                     }
                     self._record(record, state, metrics_file, bar)
                     window_loss, window_steps, window_tokens, t_window = 0.0, 0, 0, now
-                if (
-                    self.eval_data is not None
-                    and args.eval_steps
-                    and state.step % args.eval_steps == 0
+                if self.eval_data is not None and (
+                    (args.eval_steps and state.step % args.eval_steps == 0)
+                    or control.should_evaluate
                 ):
                     last_eval = self._evaluate_and_record(state, metrics_file, bar)
                 stopping = group.should_stop(stop_agreed, self._stop_signal is not None)
-                if (args.save_steps and state.step % args.save_steps == 0) or stopping:
+                # a callback's stop ends the run as max_steps would (ranks: if any rank asks)
+                asked = bool(callbacks) and group.any_rank(control.should_training_stop)
+                if (
+                    (args.save_steps and state.step % args.save_steps == 0)
+                    or stopping
+                    or control.should_save
+                ):
                     last_ckpt = self._save_checkpoint(out, optimizer, scheduler, state, run_config)
                 if bar is not None:
                     bar.update(1)
@@ -385,6 +409,9 @@ class SFTTrainer:
                         f"stopped by signal {self._stop_signal} at step {state.step}; "
                         f"checkpoint saved to {last_ckpt}"
                     )
+                    break
+                if asked:
+                    self._log(f"stopped by a callback at step {state.step}")
                     break
         if bar is not None:
             bar.close()
@@ -395,6 +422,7 @@ class SFTTrainer:
             if last_ckpt is None or not last_ckpt.name.endswith(f"-{state.step}"):
                 last_ckpt = self._save_checkpoint(out, optimizer, scheduler, state, run_config)
             self._on_main_then_wait(lambda: self._save_adapter(out / "adapter"))
+        callbacks.fire("on_train_end", args, state)
         model.eval()
         seconds = time.perf_counter() - t_start
         train_losses = [r["loss"] for r in state.log_history if "loss" in r]
@@ -469,6 +497,10 @@ class SFTTrainer:
         with atomic_directory(directory) as tmp:
             self.model.save_pretrained(tmp)
 
+    def add_callback(self, callback: Any) -> None:
+        """One more callback (an object, or a class to instantiate), as in HF Trainer."""
+        self.callback_handler.add(callback)
+
     def save_model(self, output_dir: str | Path | None = None) -> None:
         """The adapter(s), PEFT format, into `output_dir` (default: args.output_dir); written
         by the main process (TRL's name)."""
@@ -477,9 +509,15 @@ class SFTTrainer:
         )
 
     # -- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, eval_data: Any = None) -> dict[str, float]:
-        """eval_loss (mean token cross-entropy), perplexity and next-token accuracy."""
+        """eval_loss (mean token cross-entropy), perplexity and next-token accuracy; callbacks'
+        on_evaluate gets them as `metrics=`."""
+        metrics = self._eval_metrics(eval_data)
+        self.callback_handler.fire("on_evaluate", self.args, self.state, metrics=metrics)
+        return metrics
+
+    @torch.no_grad()
+    def _eval_metrics(self, eval_data: Any = None) -> dict[str, float]:
         data = self._prepare(eval_data, "eval") if eval_data is not None else self.eval_data
         if data is None:
             raise ValueError("no eval data")
@@ -518,11 +556,12 @@ class SFTTrainer:
         }
 
     def _evaluate_and_record(self, state: TrainState, metrics_file: Path, bar) -> dict[str, float]:
-        metrics = self.evaluate()
+        metrics = self._eval_metrics()
         record = {"step": state.step} | {
             k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()
         }
-        self._record(record, state, metrics_file, bar)
+        self._record(record, state, metrics_file, bar)  # on_log, then on_evaluate, as in HF
+        self.callback_handler.fire("on_evaluate", self.args, state, metrics=metrics)
         return metrics
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -553,6 +592,7 @@ class SFTTrainer:
                 out, self.model, optimizer, scheduler, state, run_config, self.args.save_total_limit
             )
         )
+        self.callback_handler.fire("on_save", self.args, state)
         return path or out / f"checkpoint-{state.step}"
 
     # the adapters' configs and trainable count, as last seen while the model had adapters
@@ -585,6 +625,7 @@ class SFTTrainer:
 
     def _record(self, record: dict[str, Any], state: TrainState, metrics_file: Path, bar) -> None:
         state.log_history.append(record)
+        self.callback_handler.fire("on_log", self.args, state, logs=record)
         if not self.is_main:
             return
         with writing(metrics_file), open(metrics_file, "a", encoding="utf-8") as f:

@@ -16,10 +16,22 @@ from lorakit.lora import LoraModel, get_lora_model
 from lorakit.training.config import SFTConfig, TrainConfig, set_seed
 
 
+def _load_kwargs(args: TrainConfig) -> dict[str, Any]:
+    """load_model's arguments for a model id / path. SFTConfig: as TRL loads it, fp32 unless
+    `model_init_kwargs` names a dtype ("auto" as lorakit's loader reads it: bf16 where fast);
+    its other keys go to `from_pretrained`. TrainConfig: lorakit's "auto" dtype."""
+    kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+    default = "float32" if isinstance(args, SFTConfig) else "auto"
+    kwargs["dtype"] = kwargs.pop("dtype", kwargs.pop("torch_dtype", default))
+    if args.device != "auto":
+        kwargs["device"] = args.device
+    return kwargs
+
+
 def lora_model_for(model: Any, args: TrainConfig, peft_config: Any, tokenizer: Any):
     """(LoraModel, tokenizer) from TRL's `model` (object, id or path) and `peft_config`."""
     if isinstance(model, (str, os.PathLike)):
-        model, loaded = load_model(model)
+        model, loaded = load_model(model, **_load_kwargs(args))
         tokenizer = tokenizer if tokenizer is not None else loaded
     if peft_config is not None:
         if isinstance(model, LoraModel):
@@ -54,15 +66,10 @@ def rows_for(dataset: Any, args: TrainConfig, formatting_func=None) -> Any:
 
 
 def report_differences(args: TrainConfig, dataset: Any) -> None:
-    """Warn once about SFTConfig settings lorakit accepts but does not follow."""
+    """Warn once about SFTConfig settings lorakit accepts but does not follow for this data
+    (the options it never uses are reported by SFTConfig itself)."""
     if not isinstance(args, SFTConfig):
         return
-    if args.report_to not in (None, "none", [], ()):
-        warnings.warn(
-            f"report_to={args.report_to!r} is accepted and not used: lorakit writes "
-            "metrics.jsonl and loss.png in output_dir",
-            stacklevel=3,
-        )
     columns = getattr(dataset, "column_names", None) or (
         list(dataset[0]) if isinstance(dataset, list) and dataset else []
     )
