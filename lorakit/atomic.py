@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,18 +37,31 @@ WRITE_ERRNOS = frozenset(
 )
 
 
+# how Rust-backed writers (safetensors) report an OSError: "... I/O error: ... (os error 28)"
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _errno(error: BaseException) -> int | None:
+    if isinstance(error, OSError):
+        return error.errno
+    found = _RUST_OS_ERROR.search(str(error))
+    return int(found.group(1)) if found else None
+
+
 @contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
-    """Inside the block, an OSError of WRITE_ERRNOS is a `WriteError` naming `path`: the user
-    can act on it (free space, fix permissions) and resume."""
+    """Inside the block, a failed write (an OSError of WRITE_ERRNOS, or a library's error
+    wrapping one) is a `WriteError` naming `path`: the user can act on it (free space, fix
+    permissions) and resume."""
     try:
         yield
     except WriteError:
         raise
-    except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
+    except Exception as e:
+        code = _errno(e)
+        if code not in WRITE_ERRNOS:
             raise
-        raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
+        raise WriteError(f"cannot write {path}: {os.strerror(code)}") from e
 
 
 def fsync_dir(path: Path) -> None:
@@ -67,6 +81,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)  # mkstemp makes it private; results are shared
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -89,7 +104,7 @@ def atomic_directory(final: str | os.PathLike, *, keep_existing: bool = False) -
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; results are shared like other dirs
-        with writing(final):
+        with _named(tmp, final), writing(final):
             yield tmp
             for f in tmp.rglob("*"):
                 if f.is_file():
@@ -109,6 +124,18 @@ def atomic_directory(final: str | os.PathLike, *, keep_existing: bool = False) -
             fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _named(tmp: Path, final: Path) -> Iterator[None]:
+    """A WriteError about a file inside the temporary directory names it as it would have been
+    (the temporary is gone when the user reads the message)."""
+    try:
+        yield
+    except WriteError as e:
+        if str(tmp) not in str(e):
+            raise
+        raise WriteError(str(e).replace(str(tmp), str(final))) from e.__cause__
 
 
 def remove_tree(path: str | os.PathLike) -> None:

@@ -90,6 +90,18 @@ def write_sum_rows(path, n: int, start: int = 0) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[start:start + n]))
 
 
+def logged_steps(out) -> int:
+    """The last step a `lorakit train` run into `out` has logged to metrics.jsonl (0: none yet);
+    a line still being written is not counted."""
+    import json
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}")]
+    return max(steps, default=0)
+
+
 @torch.no_grad()
 def perturb_trainables(model: torch.nn.Module, seed: int = 3) -> None:
     """Make every trainable tensor (adapters, biases, saved copies) differ from its start."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import logged_steps
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer
@@ -54,15 +55,6 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
-
-
-def logged_steps(out: Path) -> int:
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [json.loads(line)["step"] for line in lines if line.endswith("}")]
-    return max(steps, default=0)
 
 
 def start_and_signal(cmd: list[str], out: Path, sig: int, after_step: int) -> int:

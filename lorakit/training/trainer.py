@@ -96,6 +96,27 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+_GROUP_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps")
+
+
+def _hyperparameters(optimizer, scheduler) -> dict[str, Any]:
+    """What the run's settings put into the optimizer and schedule (not their state)."""
+    groups = [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
+    return {"groups": groups, "base_lrs": list(scheduler.base_lrs)}
+
+
+def _set_hyperparameters(optimizer, scheduler, wanted: dict[str, Any]) -> None:
+    """A checkpoint restores its own learning rate, weight decay and betas with the optimizer
+    state: put this run's back (e.g. a lower learning rate after a divergence), the schedule at
+    the checkpoint's step."""
+    scheduler.base_lrs = list(wanted["base_lrs"])
+    for group, settings, base, f in zip(
+        optimizer.param_groups, wanted["groups"], scheduler.base_lrs, scheduler.lr_lambdas
+    ):
+        group.update(settings)
+        group["lr"] = base * f(scheduler.last_epoch)
+
+
 def _nonfinite(loss: float, grad_norm: torch.Tensor) -> str | None:
     """What is not finite in a step (None: both are)."""
     if not math.isfinite(loss):
@@ -351,7 +372,7 @@ class SFTTrainer:
                         raise TrainingDivergedError(
                             f"{problem} at step {state.step + 1}"
                             + (f" ({skips_in_a_row} steps in a row)" if skips_in_a_row > 1 else "")
-                            + "; stopped before updating the weights. Last good checkpoint: "
+                            + "; stopped before updating the weights. Latest checkpoint: "
                             f"{latest_checkpoint(out)}. Try a lower learning rate or "
                             "max_grad_norm, or training.nonfinite=skip to skip such batches."
                         )
@@ -487,7 +508,10 @@ class SFTTrainer:
         changed = check_resumable(path, run_config)
         if changed:
             self._log(f"resuming with other training settings: {', '.join(changed)}")
+        wanted = _hyperparameters(optimizer, scheduler)  # this run's, before the checkpoint's
         state = load_checkpoint(path, self.model, optimizer, scheduler)
+        if _hyperparameters(optimizer, scheduler) != wanted:
+            _set_hyperparameters(optimizer, scheduler, wanted)
         self._log(f"resumed from {path} at step {state.step}")
         # the checkpoint of the last step needs no second copy: only the adapter is missing
         return state, path if path.name == f"checkpoint-{state.step}" else None
