@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -97,44 +98,86 @@ class LoraAdapter(nn.Module):
         )
 
 
+@dataclass
+class AdapterStack:
+    """One layer's adapters concatenated along r, for `AdapterGroups` (see there)."""
+
+    names: tuple[str, ...]
+    a: torch.Tensor  # [Σr, in]
+    b_t: torch.Tensor  # [Σr, out], scaling (and DoRA's output factor) folded in
+    offsets: dict[str, tuple[int, int]]  # adapter -> its columns
+    g: dict[str, torch.Tensor]  # DoRA adapters' output factor [out]
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, layer: "LoraLayer", names: tuple[str, ...]) -> "AdapterStack":
+        adapters = [layer.adapters[n] for n in names]
+        b_cols, offsets, g, offset = [], {}, {}, 0
+        for name, ad in zip(names, adapters):
+            scale = ad.variant.output_scale(ad, layer.base_layer)
+            col = ad.scaling if scale is None else ad.scaling * scale.unsqueeze(1)
+            b_cols.append(ad.lora_B * col)
+            offsets[name] = (offset, offset + ad.r)
+            offset += ad.r
+            if scale is not None:
+                g[name] = scale
+        a = torch.cat([ad.lora_A for ad in adapters]).detach()
+        return cls(names, a, torch.cat(b_cols, dim=1).t().contiguous(), offsets, g)
+
+
 class AdapterGroups:
     """One layer's adapters for a mixed-adapter batch (built once per batch composition).
 
-    The adapters present are concatenated along r: A_cat is [Σr, in], B_cat is [Σr, out] with
-    the scaling (and DoRA's output factor) folded in, and a row mask keeps each row's own block
-    of r columns. A forward is then two plain GEMMs shared by all rows, whatever the adapter
-    mix, instead of a per-row gather of A and B (which costs more memory traffic than the GEMMs
-    themselves when decoding one token per row). "__base__" rows and adapters this layer lacks
-    get an all-zero mask row.
+    The adapters present are concatenated along r (an `AdapterStack`: A_cat [Σr, in], B_cat
+    [Σr, out]) and a row mask keeps each row's own block of r columns. A forward is then two
+    plain GEMMs shared by all rows, whatever the adapter mix, instead of a per-row gather of A
+    and B (which costs more memory traffic than the GEMMs themselves when decoding one token
+    per row). "__base__" rows and adapters this layer lacks get an all-zero mask row.
+
+    `stacks`, if given, is a cache the caller owns (and empties when adapters change): a server
+    whose batch changes rows every few steps then only rebuilds the masks.
     """
 
-    def __init__(self, layer: "LoraLayer", names: list[str], row_ids: torch.Tensor) -> None:
-        present = [n for n in names if n in layer.adapters]
+    def __init__(
+        self,
+        layer: "LoraLayer",
+        names: list[str],
+        row_ids: torch.Tensor,
+        stacks: dict[Any, AdapterStack] | None = None,
+        masks: dict[Any, torch.Tensor] | None = None,
+    ) -> None:
+        present = tuple(sorted(n for n in names if n in layer.adapters))
         self.empty = not present
         if self.empty:
             return
-        adapters = [layer.adapters[n] for n in present]
-        first = adapters[0].lora_A
-        dtype, device = first.dtype, first.device
-        scales = [ad.variant.output_scale(ad, layer.base_layer) for ad in adapters]
-        blocks = torch.zeros(len(names) + 1, sum(ad.r for ad in adapters), dtype=dtype)
-        g = None
-        if any(s is not None for s in scales):
-            g = torch.ones(len(names) + 1, layer.out_features, dtype=dtype, device=device)
-        b_cols, offset = [], 0
-        with torch.no_grad():
-            for name, ad, scale in zip(present, adapters, scales):
-                col = ad.scaling if scale is None else ad.scaling * scale.unsqueeze(1)
-                b_cols.append(ad.lora_B * col)
-                blocks[names.index(name), offset : offset + ad.r] = 1
-                offset += ad.r
-                if scale is not None:
-                    g[names.index(name)] = scale
-            self.a = torch.cat([ad.lora_A for ad in adapters]).detach()  # [Σr, in]
-            self.b_t = torch.cat(b_cols, dim=1).t().contiguous()  # [Σr, out]
+        key = (id(layer), present)
+        stack = stacks.get(key) if stacks is not None else None
+        if stack is None:
+            stack = AdapterStack.build(layer, present)
+            if stacks is not None:
+                stacks[key] = stack
+        self.a, self.b_t = stack.a, stack.b_t
+        dtype, device = stack.a.dtype, stack.a.device
         row_ids = row_ids.to(device)
-        self.mask = blocks.to(device)[row_ids]  # [rows, Σr]
-        self.g = None if g is None else g[row_ids]
+        # layers holding the same adapters at the same ranks share one mask (`masks`: per call)
+        layout = (tuple(stack.offsets.items()), dtype, device)
+        self.mask = masks.get(layout) if masks is not None else None
+        if self.mask is None:
+            blocks = torch.zeros(len(names) + 1, stack.a.shape[0], dtype=dtype)
+            for i, name in enumerate(names):
+                if name in stack.offsets:
+                    lo, hi = stack.offsets[name]
+                    blocks[i, lo:hi] = 1
+            self.mask = blocks.to(device)[row_ids]  # [rows, Σr]
+            if masks is not None:
+                masks[layout] = self.mask
+        self.g = None
+        if stack.g:
+            g = torch.ones(len(names) + 1, layer.out_features, dtype=dtype, device=device)
+            for i, name in enumerate(names):
+                if name in stack.g:
+                    g[i] = stack.g[name]
+            self.g = g[row_ids]
         self.n_rows = len(row_ids)
 
     def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:

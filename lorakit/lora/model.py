@@ -93,20 +93,26 @@ class LoraModel(nn.Module):
 
     @contextmanager
     def mixed_adapter_batch(
-        self, adapter_names: Sequence[str], batch_size: int | None = None
+        self,
+        adapter_names: Sequence[str],
+        batch_size: int | None = None,
+        stacks: dict | None = None,
     ) -> Iterator[None]:
         """Within the block, row i of every batch uses adapter `adapter_names[i]` ("__base__":
         the base model). Each LoRA layer gets its adapters stacked once and the row→adapter
-        index; generate's row repetition (beams, num_return_sequences) is followed."""
+        index; generate's row repetition (beams, num_return_sequences) is followed. `stacks`:
+        a cache of the stacked adapters that the caller keeps across blocks and empties
+        whenever an adapter changes (see `AdapterGroups`)."""
         names = self._check_mixed_batch(adapter_names, batch_size)
         unique = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER]
         slot = {n: i for i, n in enumerate(unique)}
         row_ids = torch.tensor([slot.get(n, len(unique)) for n in names])
         layers = [layer for _, layer in lora_layers(self.model)]
         saved = [m for _, m in saved_modules(self.model)]
+        masks: dict = {}
         try:
             for layer in layers:
-                layer.groups = AdapterGroups(layer, unique, row_ids)
+                layer.groups = AdapterGroups(layer, unique, row_ids, stacks, masks)
             for module in saved:
                 module.set_groups(unique, row_ids)
             yield

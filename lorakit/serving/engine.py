@@ -274,7 +274,7 @@ class Engine:
         names = [request.adapter or BASE_ADAPTER]
         ids = torch.tensor([request.prompt_ids])
         cache = new_kv_cache()
-        with torch.inference_mode(), self.model.mixed_adapter_batch(names, 1):
+        with torch.inference_mode(), self.model.mixed_adapter_batch(names, 1, self.adapters.stacks):
             out = self.model(
                 input_ids=ids, use_cache=True, **{self._cache_argument: cache}, **self._last_only
             )
@@ -291,7 +291,9 @@ class Engine:
         names = tuple(r.adapter or BASE_ADAPTER for r in rows)
         if names != self._group_key:
             self._close_groups()
-            self._groups.enter_context(self.model.mixed_adapter_batch(list(names), len(names)))
+            self._groups.enter_context(
+                self.model.mixed_adapter_batch(list(names), len(names), self.adapters.stacks)
+            )
             self._group_key = names
         inputs = self.batch.step_inputs([r.generated[-1] for r in rows], self._cache_argument)
         with torch.inference_mode():

@@ -1,0 +1,226 @@
+"""`lorakit serve` under load: N concurrent clients over K adapters, with its baselines.
+
+    .venv/bin/python bench/serve_load.py                        # bf16, 20 s per point
+    .venv/bin/python bench/serve_load.py --seconds 40 --dtype float32
+    .venv/bin/python bench/serve_load.py --clients 16 --adapters 8   # one point
+
+Model: the embedded SmolLM2-135M-Instruct. Adapters: 8 of r=16, alpha=32 on all linear layers,
+with small random B (trained-looking: every adapter changes the logits, the answers keep the
+base's lengths, so every configuration decodes about as many tokens per request).
+
+Each client is a thread that sends greedy chat requests (streamed, so time to first token is
+measured) one after another from a fixed list of mixed lengths (prompts of 1 to 12 sentences,
+max_tokens 16, 32 or 64), for `--seconds`; request i goes to adapter i mod K. Clients are raw
+HTTP (http.client), so the client side costs little CPU next to the server.
+
+Servers, started by this script as fresh `lorakit serve` processes, one at a time:
+- "adapters": the 8 adapters (--max-loras 8);
+- "base": no adapters at all (the model as merged weights would run it: no LoRA work), the upper
+  bound of the mixed path.
+Points: adapters with K = 1 and 8 at N = 1, 4, 16, and base at the same N. "one at a time" is
+the adapters server at N = 1 (each request waits for the previous one).
+
+Prints per point: output tokens/s, requests/s, p50/p99 latency and time to first token, mean
+completion tokens; then the ratios the issue's targets are about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SENTENCE = "The committee met on a rainy Tuesday to review the budget for the new library. "
+QUESTIONS = ["Summarise this in one line.", "What is the main point?", "List two facts.",
+             "Rewrite it more formally."]
+
+
+def requests_list(n: int = 64) -> list[tuple[str, int]]:
+    """(user message, max_tokens) pairs of mixed lengths, the same for every configuration."""
+    out = []
+    for i in range(n):
+        text = SENTENCE * (1 + (i * 5) % 12) + QUESTIONS[i % len(QUESTIONS)]
+        out.append((text, (16, 32, 64)[i % 3]))
+    return out
+
+
+def make_adapters(root: Path, n: int) -> list[Path]:
+    import torch
+
+    from lorakit import LoraConfig, get_lora_model
+    from lorakit.base import load_model
+
+    model, _ = load_model(None, dtype="float32")
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    lora = get_lora_model(model, cfg, adapter_name="a0")
+    for i in range(1, n):
+        lora.add_adapter(f"a{i}", cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith("lora_B.weight") or name.endswith("lora_B"):
+                p.normal_(0, 0.002)
+    lora.save_pretrained(root)  # no adapter is called "default": each in its own folder
+    return [root / f"a{i}" for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, args: list[str]) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "lorakit", "serve", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        for line in self.proc.stdout:
+            if "serving on" in line:
+                break
+        else:
+            raise RuntimeError("lorakit serve did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def one_request(port: int, model: str, text: str, max_tokens: int) -> dict:
+    """Send one streamed greedy chat request; times of first token and end, token count."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}],
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"status {resp.status}: {resp.read()[:200]!r}")
+    first = None
+    tokens = 0
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            first = time.perf_counter()
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    conn.close()
+    return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens}
+
+
+def run_point(port: int, models: list[str], clients: int, seconds: float) -> dict:
+    reqs = requests_list()
+    results: list[dict] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def client(c: int) -> None:
+        i = c
+        while time.perf_counter() < deadline:
+            text, max_tokens = reqs[i % len(reqs)]
+            r = one_request(port, models[i % len(models)], text, max_tokens)
+            with lock:
+                results.append(r)
+            i += clients
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = sorted(r["latency"] for r in results)
+    ttft = sorted(r["ttft"] for r in results)
+    return {
+        "tok_s": sum(r["tokens"] for r in results) / wall,
+        "req_s": len(results) / wall,
+        "p50": pct(lat, 50), "p99": pct(lat, 99),
+        "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99),
+        "mean_tokens": statistics.mean(r["tokens"] for r in results),
+        "n": len(results),
+    }
+
+
+def pct(sorted_values: list[float], q: float) -> float:
+    k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--max-batch", type=int, default=16)
+    args = p.parse_args()
+
+    from lorakit.base.loading import machine_summary
+
+    print(f"serve_load: {machine_summary()}; load {os.getloadavg()[0]:.1f}", flush=True)
+    table: dict[tuple[str, int, int], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_adapters(Path(tmp), max(args.adapters))
+        common = ["--dtype", args.dtype, "--max-batch", str(args.max_batch)]
+        plans = [("adapters", [f"--adapter=a{i}={p}" for i, p in enumerate(paths)]
+                  + ["--max-loras", str(len(paths))]), ("base", [])]
+        for kind, flags in plans:
+            server = Server(common + flags)
+            try:
+                for k in args.adapters if kind == "adapters" else [0]:
+                    models = [f"a{i}" for i in range(k)] or ["SmolLM2-135M-Instruct"]
+                    one_request(server.port, models[0], "Hi", 4)  # warm-up
+                    for n in args.clients:
+                        r = run_point(server.port, models, n, args.seconds)
+                        table[(kind, k, n)] = r
+                        print(f"{kind:8s} K={k} N={n:2d}: {r['tok_s']:6.1f} tok/s "
+                              f"{r['req_s']:5.2f} req/s  latency p50 {r['p50']:5.2f} s "
+                              f"p99 {r['p99']:5.2f} s  TTFT p50 {r['ttft50']:5.2f} s "
+                              f"p99 {r['ttft99']:5.2f} s  {r['mean_tokens']:.1f} tok/req "
+                              f"({r['n']} requests)", flush=True)
+            finally:
+                server.stop()
+
+    def get(kind, k, n):
+        return table.get((kind, k, n), {}).get("tok_s")
+
+    kmax, nmax = max(args.adapters), max(args.clients)
+    ratios = [
+        (f"K={kmax} N={nmax} vs one at a time (K={kmax} N=1)", get("adapters", kmax, nmax),
+         get("adapters", kmax, 1), 4.0),
+        (f"adapters K={kmax} vs base, N={nmax}", get("adapters", kmax, nmax),
+         get("base", 0, nmax), 0.8),
+        (f"K={kmax} vs K=1, N={nmax}", get("adapters", kmax, nmax), get("adapters", 1, nmax),
+         0.9),
+    ]
+    print("\nratio                                      value  target")
+    for label, a, b, target in ratios:
+        if a and b:
+            print(f"{label:42s} {a / b:5.2f}  >= {target}")
+    point = table.get(("adapters", kmax, nmax))
+    if point:
+        print(f"{'TTFT p99 / p50, K=%d N=%d' % (kmax, nmax):42s} "
+              f"{point['ttft99'] / point['ttft50']:5.2f}  < 3")
+    print("vLLM-CPU peer: not run here (see bench/RESULTS.md)")
+
+
+if __name__ == "__main__":
+    main()
