@@ -107,6 +107,7 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._draining = False
+        self._abort_with: Exception | None = None  # set by abort(), handled by the loop
         self._groups = contextlib.ExitStack()
         self._group_key: tuple[str, ...] | None = None
         self._thread = threading.Thread(target=self._loop, name="lorakit-scheduler", daemon=True)
@@ -163,6 +164,11 @@ class Engine:
         """Admit nothing new; what is waiting or decoding goes on."""
         self._draining = True
 
+    def abort(self, error: Exception) -> None:
+        """End every waiting and running request with `error` at the next step."""
+        self._abort_with = error
+        self._wake.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
@@ -178,6 +184,9 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._take_inbox()
+            if self._abort_with is not None:
+                self._fail_all(self._abort_with)
+                self._abort_with = None
             self._install_adapters()
             self._admit()
             if len(self.batch):

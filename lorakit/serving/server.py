@@ -12,6 +12,7 @@ import hmac
 import json
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,8 +479,18 @@ def run(server: Server, host: str, port: int, grace_s: float) -> None:
                 print(f"lorakit: serving on http://{host}:{port}", flush=True)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            server.stopping = True
-            server.engine.drain()
+            if not server.stopping:
+                server.stopping = True
+                server.engine.drain()
+                # what has not finished within the grace period gets an error answer (an
+                # error chunk, or a 503), rather than a connection cut by uvicorn's timeout
+                late = Draining(
+                    f"the server stopped; the request did not finish within the "
+                    f"{grace_s:g} s grace period"
+                )
+                timer = threading.Timer(grace_s, server.engine.abort, [late])
+                timer.daemon = True
+                timer.start()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -487,7 +498,7 @@ def run(server: Server, host: str, port: int, grace_s: float) -> None:
         host=host,
         port=port,
         log_level="warning",
-        timeout_graceful_shutdown=grace_s,
+        timeout_graceful_shutdown=grace_s + 5,  # a backstop: abort() answers first
         lifespan="off",
     )
     # uvicorn re-raises the signal it caught once it has shut down; a handler that does

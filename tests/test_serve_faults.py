@@ -1,0 +1,203 @@
+"""Faults a server meets: clients that go away mid-stream, bursts beyond its queue, an adapter
+whose files break after it was registered, SIGTERM under load, paths that try to leave
+`--adapter-root`. Each request must get exactly one complete answer or one error (none lost,
+none answered twice), the server's memory must stay flat, and it must keep serving.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+from serve_util import ServerProcess, rss_kb, wait_until, write_adapters
+
+pytestmark = pytest.mark.default_model  # the tiny chat model borrows SmolLM2's tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, smol_tokenizer):
+    return write_adapters(tmp_path_factory.mktemp("fault-adapters"), len(smol_tokenizer), n=2)
+
+
+def raw_request(port: int, body: dict, path: str = "/v1/completions", read_chunks: int = -1):
+    """(status, headers, list of SSE data payloads or the JSON body). With `read_chunks` >= 0
+    on a stream, the connection is dropped after that many events (a client going away)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if not body.get("stream") or resp.status != 200:
+        data = json.loads(resp.read())
+        conn.close()
+        return resp.status, resp.headers, data
+    events = []
+    for raw in resp:
+        line = raw.decode().strip()
+        if line.startswith("data: "):
+            events.append(line[6:])
+            if len(events) == read_chunks:
+                conn.sock.close()  # go away without reading the rest
+                conn.close()
+                return resp.status, resp.headers, events
+    conn.close()
+    return resp.status, resp.headers, events
+
+
+def test_disconnects_and_bursts_lose_nothing_and_memory_stays_flat(tiny_chat_dir, adapters):
+    s = ServerProcess("--model", str(tiny_chat_dir), "--adapter", f"a0={adapters['a0']}",
+                      "--adapter", f"a1={adapters['a1']}", "--max-batch", "3",
+                      "--max-waiting", "4")
+    try:
+        expected = {m: raw_request(s.port, {"model": m, "prompt": "Go", "max_tokens": 24,
+                                            "temperature": 0})[2]["choices"][0]["text"]
+                    for m in ("a0", "a1")}
+        outcomes: list[tuple[str, object]] = []
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            model = ("a0", "a1")[i % 2]
+            body = {"model": model, "prompt": "Go", "max_tokens": 24, "temperature": 0}
+            if i % 3 == 0:  # a client that goes away after two events
+                status, _, events = raw_request(s.port, {**body, "max_tokens": 200,
+                                                         "stream": True}, read_chunks=2)
+                result = ("gone", status)
+            elif i % 3 == 1:  # a whole streamed answer
+                status, headers, events = raw_request(s.port, {**body, "stream": True})
+                if status == 200:
+                    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+                    text = "".join(c["choices"][0]["text"] for c in chunks)
+                    finished = [c for c in chunks if c["choices"][0]["finish_reason"]]
+                    ok = events[-1] == "[DONE]" and len(finished) == 1 and text == expected[model]
+                    result = ("stream", ok)
+                else:
+                    result = ("refused", (status, headers.get("Retry-After")))
+            else:
+                status, headers, data = raw_request(s.port, body)
+                if status == 200:
+                    result = ("whole", data["choices"][0]["text"] == expected[model])
+                else:
+                    result = ("refused", (status, headers.get("Retry-After")))
+            with lock:
+                outcomes.append(result)
+
+        rss = []
+        for _ in range(4):  # rounds of 15 concurrent clients: beyond 3 rows + 4 waiting
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(15)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+            assert wait_until(lambda: health(s)["running"] == 0 and health(s)["waiting"] == 0)
+            rss.append(rss_kb(s.proc.pid))
+        assert len(outcomes) == 60  # every client got an outcome
+        assert all(ok for kind, ok in outcomes if kind in ("stream", "whole")), outcomes
+        refused = [v for kind, v in outcomes if kind == "refused"]
+        assert all(status == 429 and retry for status, retry in refused), refused
+        assert refused and sum(kind in ("stream", "whole") for kind, _ in outcomes) >= 8
+        assert rss[-1] - rss[0] < 40_000, rss  # kB: flat after the first round
+        assert raw_request(s.port, {"model": "a0", "prompt": "Go", "max_tokens": 24,
+                                    "temperature": 0})[2]["choices"][0]["text"] == expected["a0"]
+    finally:
+        assert s.stop() == 0
+
+
+def health(s) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.request("GET", "/health")
+    data = json.loads(conn.getresponse().read())
+    conn.close()
+    return data
+
+
+def test_adapter_that_fails_to_reload_answers_an_error_and_the_server_goes_on(
+        tiny_chat_dir, adapters, tmp_path):
+    """One slot: a0 leaves when a1 is used; a0's file is then truncated on disk. The next a0
+    request gets the load error (400), and a1 and the base still answer."""
+    a0 = tmp_path / "a0"
+    shutil.copytree(adapters["a0"], a0)
+    s = ServerProcess("--model", str(tiny_chat_dir), "--adapter", f"a0={a0}",
+                      "--adapter", f"a1={adapters['a1']}", "--max-loras", "1")
+    try:
+        body = {"prompt": "Go", "max_tokens": 5, "temperature": 0}
+        assert raw_request(s.port, {**body, "model": "a1"})[0] == 200  # a0 evicted
+        weights = a0 / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        status, _, data = raw_request(s.port, {**body, "model": "a0"})
+        assert status == 400 and "adapter_model.safetensors" in data["error"]["message"]
+        assert raw_request(s.port, {**body, "model": "a1"})[0] == 200
+        models = json.loads(_get(s, "/v1/models"))["data"]
+        base = next(m["id"] for m in models if m["parent"] is None)
+        assert raw_request(s.port, {**body, "model": base})[0] == 200
+    finally:
+        assert s.stop() == 0
+
+
+def _get(s, path: str) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.request("GET", path)
+    data = conn.getresponse().read()
+    conn.close()
+    return data
+
+
+def test_sigterm_under_load_answers_every_request_once(tiny_chat_dir, adapters):
+    """8 streams running, SIGTERM: the ones that can finish within the grace period finish;
+    the long ones get an error event at its end (never a silent cut); exit status 0."""
+    s = ServerProcess("--model", str(tiny_chat_dir), "--adapter", f"a0={adapters['a0']}",
+                      "--max-batch", "8", "--grace", "3")
+    results: list = [None] * 8
+
+    def client(i: int) -> None:
+        n = 20 if i % 2 else 2000 // 8  # short ones finish, long ones outlast the grace
+        status, _, events = raw_request(s.port, {"model": "a0", "prompt": "Go", "stream": True,
+                                                 "max_tokens": n, "temperature": 0})
+        chunks = [json.loads(e) for e in events if e != "[DONE]"]
+        errors = [c for c in chunks if "error" in c]
+        finished = [c for c in chunks if "choices" in c and c["choices"][0]["finish_reason"]]
+        results[i] = (status, events[-1] == "[DONE]", len(finished), len(errors))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: health(s)["running"] == 8, timeout=60)
+    started = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(120)
+    assert s.proc.wait(60) == 0
+    assert time.monotonic() - started < 3 + 10
+    for i, (status, done, finished, errors) in enumerate(results):
+        assert status == 200 and done, results
+        assert finished + errors == 1, results  # one ending each: an answer or an error
+        if i % 2:
+            assert finished == 1, results  # a 20-token answer fits in the grace period
+    assert sum(r[3] for r in results) >= 1  # and the long ones were told
+
+
+def test_runtime_loads_stay_inside_adapter_root(tiny_chat_dir, adapters, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copytree(adapters["a0"], root / "ok")
+    (root / "link").symlink_to(adapters["a1"], target_is_directory=True)  # points outside
+    s = ServerProcess("--model", str(tiny_chat_dir), "--adapter-root", str(root))
+    try:
+        for name, path, status in [("ok", "ok", 200), ("up", "../x", 400),
+                                   ("abs", str(adapters["a1"]), 400), ("link", "link", 400),
+                                   ("../evil", "ok", 400), ("a/b", "ok", 400)]:
+            code = _post_status(s, "/v1/load_lora_adapter",
+                                {"lora_name": name, "lora_path": path})
+            assert code == status, (name, path, code)
+    finally:
+        assert s.stop() == 0
+
+
+def _post_status(s, path: str, body: dict) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    status = conn.getresponse().status
+    conn.close()
+    return status
