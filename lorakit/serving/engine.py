@@ -111,7 +111,8 @@ class Engine:
         self._groups = contextlib.ExitStack()
         self._group_key: tuple[str, ...] | None = None
         self._thread = threading.Thread(target=self._loop, name="lorakit-scheduler", daemon=True)
-        self._waiting_count = 0  # read by submit on other threads
+        self._waiting_count = 0  # requests submitted and not yet admitted or dropped
+        self._count_lock = threading.Lock()  # submit runs on other threads
         self.steps = 0
         # the prefill needs the logits of the last position only (when the model can skip the
         # lm_head on the others: a vocabulary-sized product per prompt token)
@@ -127,11 +128,12 @@ class Engine:
     def submit(self, request: Request) -> None:
         if self._draining:
             raise Draining("the server is shutting down")
-        if self._waiting_count >= self.max_waiting:
-            raise QueueFull(f"{self._waiting_count} requests are already waiting")
         if request.adapter is not None and request.adapter not in self.adapters.known():
             raise AdapterNotFound(f"the model '{request.adapter}' does not exist")
-        self._waiting_count += 1
+        with self._count_lock:
+            if self._waiting_count >= self.max_waiting:
+                raise QueueFull(f"{self._waiting_count} requests are already waiting")
+            self._waiting_count += 1
         self._inbox.put(request)
         self._wake.set()
 
@@ -183,6 +185,7 @@ class Engine:
     # -- scheduler thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # a wake-up from here on is seen by the wait below
             self._take_inbox()
             if self._abort_with is not None:
                 self._fail_all(self._abort_with)
@@ -196,8 +199,11 @@ class Engine:
                     self._fail_all(e)
             else:
                 self._wake.wait(0.05)
-                self._wake.clear()
         self._fail_all(Draining("the server stopped before the request finished"))
+
+    def _left_queue(self) -> None:
+        with self._count_lock:
+            self._waiting_count -= 1
 
     def _take_inbox(self) -> None:
         while True:
@@ -229,7 +235,7 @@ class Engine:
         while self.waiting:
             request = self.waiting.popleft()
             if request.cancelled:
-                self._waiting_count -= 1
+                self._left_queue()
                 continue
             # the first prefill of a step always fits, whatever its length
             over_budget = len(request.prompt_ids) > budget < self.prefill_tokens_per_step
@@ -245,14 +251,14 @@ class Engine:
             try:
                 state = self._adapter_ready(request.adapter)
             except Exception as e:  # unreadable, unloaded, or not for this base
-                self._waiting_count -= 1
+                self._left_queue()
                 self._finish(request, error=e)
                 continue
             if state != "ready":
                 slot_wanted = slot_wanted or state == "no slot"
                 kept.append(request)
                 continue
-            self._waiting_count -= 1
+            self._left_queue()
             budget -= len(request.prompt_ids)
             try:
                 self._start(request)
@@ -385,14 +391,16 @@ class Engine:
         self._group_key = None
 
     def _fail_all(self, error: Exception) -> None:
+        self._take_inbox()
         self._close_groups()
         for request in list(self.batch.rows) + list(self.waiting):
             self._finish(request, error=error)
             if request in self.batch.rows and request.adapter is not None:
                 self.adapters.release(request.adapter)
         self.batch.keep([])
+        for _ in range(len(self.waiting)):
+            self._left_queue()
         self.waiting.clear()
-        self._waiting_count = 0
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
