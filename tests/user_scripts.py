@@ -3,7 +3,7 @@
 A script is a template whose imports read `from {peft_lib} import ...` / `from {trl_lib} import
 ...` (or `{lib}`, for PEFT-only scripts); `{tests}` is this directory, for conftest's tiny models.
 It gets its output directory and any further arguments on its command line, and prints one JSON
-object as its last line of output. Used by test_peft_dropin.py and test_peft_scripts.py.
+object as its last line of output; the lorakit run must not import peft or trl (unless allowed). Used by test_peft_dropin.py and test_peft_scripts.py.
 """
 
 from __future__ import annotations
@@ -25,12 +25,21 @@ LIBS = {
 # one thread each: the two runs of a script share the machine's cores
 ENV = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 TIMEOUT_S = 300
+# appended to the lorakit run: it did all of that without importing these
+NOT_IMPORTED = """
+import sys as _sys
+assert not {forbidden!r} & set(_sys.modules), "the lorakit run imported " + str({forbidden!r})
+"""
 
 
-def _start(template: str, lib: str, out: Path, argv: tuple) -> subprocess.Popen:
+def _start(template: str, lib: str, out: Path, argv: tuple,
+           forbidden: frozenset = frozenset({"peft", "trl"})) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     script = out / f"script_{lib}.py"
-    script.write_text(template.format(tests=str(TESTS), **LIBS[lib]))
+    text = template.format(tests=str(TESTS), **LIBS[lib])
+    if lib == "lorakit":
+        text += NOT_IMPORTED.format(forbidden=set(forbidden))
+    script.write_text(text)
     return subprocess.Popen([sys.executable, str(script), str(out), *map(str, argv)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | ENV)
@@ -47,10 +56,12 @@ def run_script(template: str, lib: str, out: Path, *argv) -> dict:
     return _result(_start(template, lib, out, argv))
 
 
-def run_both(template: str, out: Path, *argv) -> dict[str, dict]:
+def run_both(template: str, out: Path, *argv,
+             forbidden: frozenset = frozenset({"peft", "trl"})) -> dict[str, dict]:
     """Run the script with PEFT/TRL imports in out/peft and lorakit's in out/lorakit, at the
-    same time; {"peft": result, "lorakit": result}."""
-    procs = {lib: _start(template, lib, out / lib, argv) for lib in LIBS}
+    same time; {"peft": result, "lorakit": result}. The lorakit run must not have imported the
+    `forbidden` modules."""
+    procs = {lib: _start(template, lib, out / lib, argv, forbidden) for lib in LIBS}
     try:
         return {lib: _result(proc) for lib, proc in procs.items()}
     finally:
