@@ -194,8 +194,8 @@ QLORA = textwrap.dedent("""
             for a in range(2, 4) for b in range(2, 6)]
     args = SFTConfig(output_dir=out, per_device_train_batch_size=8, max_steps=3,
                      learning_rate=2e-3, logging_steps=1, max_length=64, seed=0,
-                     optim="paged_adamw_32bit", gradient_checkpointing_kwargs={{"use_reentrant": False}},
-                     report_to="none", bf16=False)
+                     optim="paged_adamw_32bit", report_to="none", bf16=False,
+                     gradient_checkpointing_kwargs={{"use_reentrant": False}})
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer)
     trainer.train()

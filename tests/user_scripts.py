@@ -1,9 +1,11 @@
-"""Run a user script twice in fresh processes: as written for PEFT + TRL, and with lorakit's imports.
+"""Run a user script twice, in fresh processes: as written for PEFT + TRL, and with lorakit's
+imports.
 
 A script is a template whose imports read `from {peft_lib} import ...` / `from {trl_lib} import
 ...` (or `{lib}`, for PEFT-only scripts); `{tests}` is this directory, for conftest's tiny models.
 It gets its output directory and any further arguments on its command line, and prints one JSON
-object as its last line of output; the lorakit run must not import peft or trl (unless allowed). Used by test_peft_dropin.py and test_peft_scripts.py.
+object as its last line of output; the lorakit run must not import peft or trl (unless allowed).
+Used by test_peft_dropin.py and test_peft_scripts.py.
 """
 
 from __future__ import annotations
