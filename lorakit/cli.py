@@ -23,7 +23,7 @@ from typing import Any
 
 from lorakit.base.config import DTYPE_CHOICES
 from lorakit.base.quantize import QUANT_TYPES
-from lorakit.errors import UserError
+from lorakit.errors import OutputExistsError, UserError
 from lorakit.training.run_config import SINGLE_PROCESS_ALIASES, TRAIN_FLAGS, field_type, run_config
 
 __all__ = ["SINGLE_PROCESS_ALIASES", "build_parser", "main"]
@@ -166,9 +166,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     read_adapter_config(args.adapter)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} exists and is not a directory")
+        raise OutputExistsError(f"--output {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     model, tokenizer = _load_base(args.model, "float32")
     # merged in fp32 and rounded once to --dtype; written atomically
     lora = LoraModel.from_pretrained(model, args.adapter, allow_pickle=args.allow_pickle)

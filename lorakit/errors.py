@@ -20,6 +20,11 @@ class InputNotFoundError(UserError, FileNotFoundError):
     """A file or directory the user named does not exist or is not what it should be."""
 
 
+class OutputExistsError(UserError, FileExistsError):
+    """An output that would overwrite something: a directory holding a previous run or other
+    files (the message says which flag replaces it), or a file where a directory goes."""
+
+
 class WriteError(UserError, OSError):
     """A file lorakit writes could not be written: disk full, file-size limit, no permission, a
     read-only file system. The message names the path; nothing half-written is left under it."""

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 
 from lorakit import compat
-from lorakit.errors import UserError
+from lorakit.errors import InputNotFoundError, UserError
 
 from .default_model import default_model_dir
 from .quantize import QUANT_TYPES
@@ -39,8 +39,13 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class ModelNotFoundError(UserError, FileNotFoundError):
+class ModelNotFoundError(InputNotFoundError):
     """Neither a local model directory nor a hub id we can reach."""
+
+
+class ModelFileError(UserError, ValueError):
+    """A local model directory whose files cannot be read: a corrupt config.json, truncated or
+    corrupt weights. The message names the directory and what the loader said."""
 
 
 class QuantizationUnsupportedError(UserError, RuntimeError):
@@ -273,6 +278,11 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _not_found(name: str, why: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"cannot load model {name!r}: {why}. Pass a local directory holding a transformers model "
@@ -291,6 +301,8 @@ def resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, dict[st
         if not (path / "config.json").is_file():
             raise _not_found(name, f"the directory {path} holds no config.json")
         return str(path), {}
+    if path.exists():
+        raise _not_found(name, f"{path} is a file, not a model directory")
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(name):
         raise _not_found(name, f"no such directory: {path.resolve()}")
     if hub_reachable():
@@ -374,8 +386,14 @@ def load_model(
             if tokenizer
             else None
         )
-    except OSError as e:
+    except Exception as e:
         if os.path.isdir(source):
+            # transformers and safetensors report unreadable files as OSError, ValueError or
+            # SafetensorError; a bug in lorakit keeps its traceback
+            if isinstance(e, (OSError, ValueError)) or type(e).__name__ == "SafetensorError":
+                raise ModelFileError(f"cannot load model {source!r}: {_first_line(e)}") from e
+            raise
+        if not isinstance(e, OSError):
             raise
         why = (
             "the hub is not reachable and it is not in the local hub cache"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from lorakit.errors import UserError
+from lorakit.errors import InputNotFoundError, UserError
 
 
 class DataError(UserError, ValueError):
     """Bad training data. The message names the file, the line or row, and the problem."""
+
+
+class DataFileNotFoundError(DataError, InputNotFoundError):
+    """A data file or directory that does not exist (a missing path, and a data problem)."""
 
 
 class ChatTemplateError(DataError):

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import DataError
+from lorakit.errors import ConfigError
+
+from .errors import DataError, DataFileNotFoundError
 from .formats import FORMATS, detect_format, record_problem
 
 Source = Union[str, "os.PathLike[str]", list, Any]  # Any: a datasets.Dataset / DatasetDict
@@ -52,7 +54,7 @@ def load_records(source: Source, format: str | None = None) -> list[dict]:
 def read_records(source: Source, format: str | None = None) -> tuple[list[dict], Origin, str]:
     """Rows, their origin (to name a row in later errors) and the format they were checked for."""
     if format is not None and format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+        raise ConfigError(f"unknown data format {format!r}; expected one of {FORMATS}")
     records, origin = _read(source)
     if not records:
         raise DataError(f"{origin.name}: empty, no records")
@@ -102,7 +104,7 @@ def _read_path(path: Path) -> tuple[list, Origin]:
             raise DataError(f"{name}: cannot load the saved dataset: {e}") from None
         return _from_datasets(data, name)
     if not path.is_file():
-        raise DataError(f"{name}: no such file")
+        raise DataFileNotFoundError(f"{name}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _read_parquet(path)

@@ -83,6 +83,7 @@ def run_demo(
         output=OutputConfig(dir=str(out), samples=0, overwrite=True),
     )  # the demo reports its own samples; a second demo replaces the first
     recipe = SFTRecipe(cfg, echo_config=False).setup()
+    recipe.prepare_output()
     lora, tokenizer, trainer = recipe.model, recipe.tokenizer, recipe.trainer
     prompts = [e.prompt for e in examples]
     refs = [e.reference for e in examples]

@@ -301,6 +301,15 @@ def _copy_weights(
             raise AdapterFileError(f"{path}: tensor {key} holds NaN or inf values")
         if target.shape != tensor.shape:
             module = key[len(PREFIX) :].rsplit(".", 2 if key.endswith(".weight") else 1)[0]
+            rank_dim = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+            if rank_dim is not None and tensor.dim() == 2 and target.dim() == 2:
+                other = 1 - rank_dim
+                if tensor.shape[other] == target.shape[other]:  # the base fits; the rank not
+                    raise AdapterMismatchError(
+                        f"{path}: {CONFIG_NAME} gives module '{module}' rank "
+                        f"{target.shape[rank_dim]}, its tensors have rank "
+                        f"{tensor.shape[rank_dim]}: the config does not belong to these weights"
+                    )
             raise AdapterMismatchError(
                 f"{path}: tensor for module '{module}' ({key.rsplit('.', 2)[-2]}) has shape "
                 f"{tuple(tensor.shape)} but the base model needs {tuple(target.shape)}; "

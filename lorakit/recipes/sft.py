@@ -22,7 +22,8 @@ from lorakit.atomic import atomic_write_bytes, remove_tree, writing
 from lorakit.base import load_model, prepare_for_kbit_training
 from lorakit.base.loading import resolve_device, resolve_dtype
 from lorakit.data import load_records
-from lorakit.errors import UserError
+from lorakit.data.sources import read_records
+from lorakit.errors import OutputExistsError, UserError
 from lorakit.lora import LoraModel, get_lora_model
 from lorakit.serving.generate import completion_examples, generate_texts, render_prompt
 from lorakit.training import SFTTrainer, TrainResult, list_checkpoints
@@ -71,6 +72,7 @@ class SFTRecipe:
     def setup(self) -> SFTRecipe:
         self._setup_launch()
         self._setup_output()
+        self._check_data()
         self._setup_model()
         self._setup_trainer()
         return self
@@ -85,14 +87,20 @@ class SFTRecipe:
         self.device = self.group.local_device(resolve_device(train.device))
         self.dtype = resolve_dtype(self.cfg.model.dtype, self.device)
 
+    def _check_data(self) -> None:
+        """Read and check the data files before the model loads: a bad row fails in a second,
+        not after minutes of loading (the trainer reads them again to tokenize; parsing is
+        cheap next to loading a model)."""
+        d, fmt = self.cfg.data, self.cfg.training.dataset_format
+        for source in (d.train, d.eval):
+            if source is not None:
+                read_records(source, fmt)
+
     def _setup_output(self) -> None:
-        out = Path(self.cfg.output.dir)
-        if out.exists() and not out.is_dir():  # every rank: under torchrun all of them stop here
-            raise UserError(f"output directory {out} exists and is not a directory")
         if self.is_main and self.echo_config:
             text = self.cfg.to_yaml()
             self.say("resolved config\n" + "\n".join("  " + ln for ln in text.splitlines()))
-        self.prepare_output(self.resume)
+        self.check_output(self.resume)  # before the model loads: a clash fails at once
 
     def previous_run(self) -> list[Path]:
         """What a run already in the output directory left: checkpoints and the adapter."""
@@ -100,18 +108,29 @@ class SFTRecipe:
         adapter = out / "adapter"
         return list_checkpoints(out) + ([adapter] if adapter.exists() else [])
 
-    def prepare_output(self, resume: str | bool | None = None) -> None:
-        """The output directory for this run, and its config.yaml. A fresh run (no `resume`)
-        into a directory holding another run's checkpoints refuses (they would mix: pruning and
-        --resume pick by step number), or with `output.overwrite` deletes them first."""
+    def check_output(self, resume: str | bool | None = None) -> list[Path]:
+        """What this run would replace in the output directory (with `output.overwrite`); an
+        OutputExistsError if that is not allowed. A fresh run (no `resume`) into a directory
+        holding another run's checkpoints refuses: they would mix (pruning and --resume pick
+        by step number)."""
         out = Path(self.cfg.output.dir)
+        if out.exists() and not out.is_dir():  # every rank: under torchrun all of them stop here
+            raise OutputExistsError(f"output directory {out} exists and is not a directory")
         previous = [] if resume else self.previous_run()
         if previous and not self.cfg.output.overwrite:
-            raise UserError(
+            raise OutputExistsError(
                 f"{out} already holds a run ({', '.join(p.name for p in previous[:3])}"
                 f"{', ...' if len(previous) > 3 else ''}): pass --resume to continue it, "
                 "--set output.overwrite=true to replace it, or another --output"
             )
+        return previous
+
+    def prepare_output(self, resume: str | bool | None = None) -> None:
+        """The output directory for this run, and its config.yaml, when the run starts (a run
+        that fails to set up leaves nothing); a previous run is deleted if `check_output`
+        allows it."""
+        out = Path(self.cfg.output.dir)
+        previous = self.check_output(resume)
         if self.is_main:
             for p in previous:
                 remove_tree(p)
@@ -166,8 +185,9 @@ class SFTRecipe:
             self.setup()
         if resume is None:
             resume = self.resume
-        elif bool(resume) != bool(self.resume):  # set up for the other case: check again
-            self.prepare_output(resume)
+        if resume:  # a checkpoint that cannot continue this run fails before anything is written
+            self.trainer.checkpoint_to_resume(resume)
+        self.prepare_output(resume)
         out = Path(self.cfg.output.dir)
         picked = self._sample_prompts()
         samples = []

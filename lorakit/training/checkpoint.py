@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lorakit.atomic import atomic_directory, remove_tree
@@ -161,6 +161,7 @@ def check_resumable(path: str | Path, run_config: dict[str, Any]) -> list[str]:
         raise CheckpointError(
             f"cannot resume from {path}: no readable run_config.json ({e})"
         ) from None
+    _check_readable(path)
 
     def differ(kind: str, a: dict, b: dict, skip: set[str] = frozenset()) -> list[str]:
         keys = sorted((set(a) | set(b)) - skip)
@@ -189,6 +190,20 @@ def check_resumable(path: str | Path, run_config: dict[str, Any]) -> list[str]:
         )
     skip = {"output_dir"}
     return differ("training.", saved.get("train", {}), run_config.get("train", {}), skip)
+
+
+def _check_readable(path: Path) -> None:
+    """Every file a resume reads is there and whole (safetensors headers against the file
+    sizes, JSON parsed); the tensors themselves are read later."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        for name in ("optimizer.safetensors", "rng.safetensors"):
+            with safe_open(str(path / name), "pt"):
+                pass
+    except (OSError, ValueError, SafetensorError) as e:
+        raise CheckpointError(
+            f"cannot resume from {path}: incomplete or corrupt ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _load(path: Path, lora_model, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:

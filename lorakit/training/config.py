@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorakit.data.formats import FORMATS
 from lorakit.errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -107,6 +108,17 @@ class TrainConfig:
                 raise bad(name, "must be an integer >= 1")
         if self.max_length < 2:
             raise bad("max_length", "must be at least 2")
+        for name in ("max_steps", "warmup_steps", "seed"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise bad(name, "must be an integer")
+        for name in ("group_by_length", "packing", "share_prefix", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        for name in ("bf16", "disable_tqdm"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true, false or None")
+        if self.dataset_format is not None and self.dataset_format not in FORMATS:
+            raise bad("dataset_format", f"must be one of {FORMATS}, or None to detect it")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
             raise bad("max_steps", "set max_steps > 0 or num_train_epochs > 0")
         if not self.learning_rate > 0:

@@ -25,7 +25,7 @@ import yaml
 from lorakit.base.config import DTYPE_CHOICES, ModelConfig
 from lorakit.base.quantize import QUANT_TYPES
 from lorakit.data.config import DataConfig
-from lorakit.errors import ConfigError, UserError
+from lorakit.errors import ConfigError, InputNotFoundError
 from lorakit.lora.config import LoraConfig
 from lorakit.training.config import TrainConfig
 from lorakit.training.report import OutputConfig
@@ -127,19 +127,38 @@ def _did_you_mean(word: str, options: Iterable[str]) -> str:
 
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
-    """YAML 1.1 reads '2e-4' as a string and users write '10' for ints: convert by field type."""
-    hint = str(f.type)
-    if isinstance(value, str):
+    """The value for a field of one scalar type (`int`, `float`, `bool`, `str`, optionally
+    `| None`): YAML 1.1 reads '2e-4' as a string and users write '10' for ints, so numbers in
+    strings are converted; anything else of the wrong type is a ConfigError naming the key (a
+    string "maybe" must not switch a bool field on). Other fields are left to their section."""
+    parts = [p.strip() for p in str(f.type).split("|")]
+    optional = "None" in parts
+    kinds = [p for p in parts if p != "None"]
+    if len(kinds) != 1 or kinds[0] not in ("int", "float", "bool", "str"):
+        return value
+    kind = kinds[0]
+    if value is None and optional:
+        return None
+    expected = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(
+        kind, "a string"
+    ) + (" or null" if optional else "")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+    elif kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, str):
         try:
-            if hint.startswith("float"):
-                return float(value)
-            if hint.startswith("int"):
-                return int(value)
+            return float(value) if kind == "float" else int(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if hint.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind == "float":
+            return float(value)
+        if float(value).is_integer():
+            return int(value)
+    raise ConfigError(f"{where}: expected {expected}, got {value!r}")
 
 
 def parse_target_modules(text: str) -> str | list[str]:
@@ -166,7 +185,7 @@ class RunConfigBuilder:
     def read_yaml(self, path: str | Path) -> None:
         p = Path(path)
         if not p.is_file():
-            raise UserError(f"config file not found: {path}")
+            raise InputNotFoundError(f"config file not found: {path}")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

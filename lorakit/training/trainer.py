@@ -493,19 +493,12 @@ class SFTTrainer:
         first one) starts from step 0: the same command always continues."""
         if not resume_from_checkpoint:
             return TrainState(), None
-        path = (
-            latest_checkpoint(out)
-            if resume_from_checkpoint is True
-            else Path(resume_from_checkpoint)
-        )
+        path, changed = self.checkpoint_to_resume(resume_from_checkpoint, run_config)
         # every rank reads it: the same one, or all stop here
         self.group.check_same("the checkpoint to resume from", path and str(path))
         if path is None:
             self._log(f"no checkpoint in {out} yet: starting at step 0")
             return TrainState(), None
-        if not (path / "trainer_state.json").is_file():
-            raise InputNotFoundError(f"{path} is not a lorakit checkpoint (no trainer_state.json)")
-        changed = check_resumable(path, run_config)
         if changed:
             self._log(f"resuming with other training settings: {', '.join(changed)}")
         wanted = _hyperparameters(optimizer, scheduler)  # this run's, before the checkpoint's
@@ -515,6 +508,26 @@ class SFTTrainer:
         self._log(f"resumed from {path} at step {state.step}")
         # the checkpoint of the last step needs no second copy: only the adapter is missing
         return state, path if path.name == f"checkpoint-{state.step}" else None
+
+    def checkpoint_to_resume(
+        self, resume_from_checkpoint: str | bool, run_config: dict[str, Any] | None = None
+    ) -> tuple[Path | None, list[str]]:
+        """The checkpoint `resume_from_checkpoint` names (True: the latest in output_dir; None
+        when there is none yet) and the training settings it differs in; InputNotFoundError or
+        CheckpointError if it cannot continue this run. Reads two small files: callers (the
+        recipe) check before they write anything."""
+        out = Path(self.args.output_dir)
+        path = (
+            latest_checkpoint(out)
+            if resume_from_checkpoint is True
+            else Path(resume_from_checkpoint)
+        )
+        if path is None:
+            return None, []
+        if not (path / "trainer_state.json").is_file():
+            raise InputNotFoundError(f"{path} is not a lorakit checkpoint (no trainer_state.json)")
+        config = run_config if run_config is not None else self.run_config(self.total_steps())
+        return path, check_resumable(path, config)
 
     def _save_adapter(self, directory: Path) -> None:
         """The final adapter(s), as one directory that appears whole (a kill leaves none)."""
