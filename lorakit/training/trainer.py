@@ -662,7 +662,8 @@ class SFTTrainer:
 
     def _record(self, record: dict[str, Any], state: TrainState, metrics_file: Path, bar) -> None:
         state.log_history.append(record)
-        self.callback_handler.fire("on_log", self.args, state, logs=record)
+        # a copy: a callback may edit its logs
+        self.callback_handler.fire("on_log", self.args, state, logs=dict(record))
         if not self.is_main:
             return
         with writing(metrics_file), open(metrics_file, "a", encoding="utf-8") as f:
