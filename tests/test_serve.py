@@ -38,8 +38,10 @@ def other_base_adapter(tmp_path_factory, smol_tokenizer):
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_dir, adapters):
-    """Two adapters at start, two slots: a third adapter loaded later evicts one."""
-    s = ServerProcess("--model", str(tiny_chat_dir), "--adapter", f"a0={adapters['a0']}",
+    """Two adapters at start, two slots: a third adapter loaded later evicts one. fp32, so that
+    references in other processes compute the same numbers ("auto" may pick bf16)."""
+    s = ServerProcess("--model", str(tiny_chat_dir), "--dtype", "float32",
+                      "--adapter", f"a0={adapters['a0']}",
                       "--adapter", f"a1={adapters['a1']}", "--max-loras", "2",
                       "--max-batch", "6", "--max-tokens-limit", "200")
     yield s
@@ -48,7 +50,7 @@ def server(tiny_chat_dir, adapters):
 
 def lorakit_generate(model, prompt: str, adapter=None, chat=False, n=12) -> str:
     cmd = [sys.executable, "-m", "lorakit", "generate", "--model", str(model),
-           "--max-new-tokens", str(n), prompt]
+           "--dtype", "float32", "--max-new-tokens", str(n), prompt]
     cmd += ["--adapter", str(adapter)] if adapter else []
     cmd += ["--chat"] if chat else []
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -313,3 +315,35 @@ def lorakit_generate_default(prompt: str) -> str:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout[:-1]
+
+
+def test_adapter_saved_by_peft_answers_as_peft_generates(server, tiny_chat_dir, tmp_path,
+                                                         smol_tokenizer):
+    """Loaded at run time from a directory PEFT wrote; the reference is PEFT's own generate."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_dir),
+                                PeftLoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
+                                               target_modules=["q_proj", "o_proj", "up_proj"]))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.mul_(6)
+    peft_model.save_pretrained(tmp_path / "peft")
+    client = server.client()
+    client.post("/load_lora_adapter", cast_to=str,
+                body={"lora_name": "peft", "lora_path": str(tmp_path / "peft")})
+    ids = smol_tokenizer("Tell me", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = peft_model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                         max_new_tokens=10, do_sample=False)
+    expected = smol_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    got = client.completions.create(model="peft", prompt="Tell me", max_tokens=10, temperature=0)
+    assert got.choices[0].text == expected
+    base = server_base(client)
+    assert client.completions.create(model=base, prompt="Tell me", max_tokens=10,
+                                     temperature=0).choices[0].text != expected
+    client.post("/unload_lora_adapter", cast_to=str, body={"lora_name": "peft"})
