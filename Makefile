@@ -1,5 +1,5 @@
 # The two commands a newcomer runs (see README): `make demo` and `make test`.
-.PHONY: setup lint test test-fast demo
+.PHONY: setup lint test test-fast demo reliability
 VENV := .venv/bin
 
 setup:
@@ -17,3 +17,11 @@ test-fast: setup
 
 demo: setup
 	$(VENV)/lorakit demo
+
+# the fault suite (tests/reliability); tests/RELIABILITY.md is rendered from what it recorded
+RELIABILITY := build/reliability
+reliability: setup
+	rm -rf $(RELIABILITY) && mkdir -p $(RELIABILITY)
+	LORAKIT_RELIABILITY_RESULTS=$(CURDIR)/$(RELIABILITY)/results.jsonl $(VENV)/python -m pytest \
+		tests/reliability -q -ra --junitxml=$(RELIABILITY)/junit.xml; status=$$?; \
+	$(VENV)/python tests/reliability/render.py $(RELIABILITY) tests/RELIABILITY.md; exit $$status

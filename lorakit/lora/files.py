@@ -180,6 +180,8 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
         return LoraConfig.from_json_file(str(file))
     except json.JSONDecodeError as e:
         raise AdapterFileError(f"{file}: not valid JSON ({e})") from None
+    except ConfigError as e:  # name the file: the field alone does not say which adapter
+        raise ConfigError(f"{file}: {e}") from None
 
 
 def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

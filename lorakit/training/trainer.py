@@ -218,7 +218,15 @@ class SFTTrainer:
                 chat_template=self.args.chat_template,
             )
         if len(prepared) == 0:
-            raise DataError(f"{split} data has no usable rows: {prepared.stats.as_dict()}")
+            where = f" ({data})" if isinstance(data, (str, Path)) else ""
+            stats = prepared.stats
+            why = (
+                f"every row is cut to its prompt at max_length={self.args.max_length}, leaving "
+                "nothing to train on (raise max_length)"
+                if stats.truncated == stats.rows
+                else "no row has a token to train on"
+            )
+            raise DataError(f"{split} data{where} has no usable rows: {why}; {stats.as_dict()}")
         if self.args.packing and split == "train":
             # a KV cache would switch off transformers' packed-sequence isolation: the loss's
             # forwards pass use_cache=False (the model's config is left as the user set it)
