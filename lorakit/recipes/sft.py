@@ -28,7 +28,7 @@ from lorakit.lora import LoraModel, get_lora_model
 from lorakit.serving.generate import completion_examples, generate_texts, render_prompt
 from lorakit.training import SFTTrainer, TrainResult, list_checkpoints
 from lorakit.training.config import set_seed
-from lorakit.training.distributed import ProcessGroup, process_group
+from lorakit.training.distributed import ProcessGroup, per_rank_batch_size, process_group
 from lorakit.training.report import plot_losses, write_report
 from lorakit.training.run_config import RunConfig
 
@@ -84,6 +84,7 @@ class SFTRecipe:
         if not self.cfg.data.train:
             raise UserError("no training data: pass --data FILE or set data.train in the config")
         self.group = process_group(train)  # a broken torchrun environment fails on every rank
+        per_rank_batch_size(train, self.group.world_size)  # as does a batch the ranks cannot split
         self.device = self.group.local_device(resolve_device(train.device))
         self.dtype = resolve_dtype(self.cfg.model.dtype, self.device)
 
