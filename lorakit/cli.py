@@ -196,6 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_loras=args.max_loras,
         max_batch=args.max_batch,
         max_waiting=args.max_waiting,
+        max_prefill_tokens=args.max_prefill_tokens,
         max_tokens_limit=args.max_tokens_limit,
         api_key=api_key,
         adapter_root=Path(args.adapter_root) if args.adapter_root else None,
@@ -409,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--max-batch", dest="max_batch", type=int, default=16, help="requests decoded together"
+    )
+    s.add_argument(
+        "--max-prefill-tokens",
+        dest="max_prefill_tokens",
+        type=int,
+        default=2048,
+        help="prompt tokens (padded) prefilled between two decoding steps",
     )
     s.add_argument(
         "--max-waiting",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -98,6 +98,12 @@ class LoraAdapter(nn.Module):
         )
 
 
+# Mixed batches with at least this many tokens (prefills) on a low-precision base compute the
+# adapters in the base's dtype; decoding steps (one token per row) stay in the adapters' dtype,
+# which is the faster of the two there (see AdapterGroups.__call__).
+LOW_PRECISION_TOKENS = 64
+
+
 @dataclass
 class AdapterStack:
     """One layer's adapters concatenated along r, for `AdapterGroups` (see there)."""
@@ -107,22 +113,44 @@ class AdapterStack:
     b_t: torch.Tensor  # [Σr, out], scaling (and DoRA's output factor) folded in
     offsets: dict[str, tuple[int, int]]  # adapter -> its columns
     g: dict[str, torch.Tensor]  # DoRA adapters' output factor [out]
+    lowered: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def in_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b_t) in `dtype`, made once."""
+        if dtype not in self.lowered:
+            self.lowered[dtype] = (self.a.to(dtype), self.b_t.to(dtype))
+        return self.lowered[dtype]
 
     @classmethod
     @torch.no_grad()
-    def build(cls, layer: "LoraLayer", names: tuple[str, ...]) -> "AdapterStack":
-        adapters = [layer.adapters[n] for n in names]
-        b_cols, offsets, g, offset = [], {}, {}, 0
-        for name, ad in zip(names, adapters):
-            scale = ad.variant.output_scale(ad, layer.base_layer)
-            col = ad.scaling if scale is None else ad.scaling * scale.unsqueeze(1)
-            b_cols.append(ad.lora_B * col)
-            offsets[name] = (offset, offset + ad.r)
-            offset += ad.r
+    def build(
+        cls, layer: "LoraLayer", names: tuple[str, ...], cache: dict | None = None
+    ) -> "AdapterStack":
+        """Stack `names`; `cache` keeps each adapter's prepared A, scaled B^T and output factor
+        per layer, so that another mix of the same adapters only concatenates."""
+        pieces = [_stack_piece(layer, name, cache) for name in names]
+        offsets, g, offset = {}, {}, 0
+        for name, (a, _, scale) in zip(names, pieces):
+            offsets[name] = (offset, offset + a.shape[0])
+            offset += a.shape[0]
             if scale is not None:
                 g[name] = scale
-        a = torch.cat([ad.lora_A for ad in adapters]).detach()
-        return cls(names, a, torch.cat(b_cols, dim=1).t().contiguous(), offsets, g)
+        a = torch.cat([p[0] for p in pieces])
+        return cls(names, a, torch.cat([p[1] for p in pieces]), offsets, g)
+
+
+def _stack_piece(layer: "LoraLayer", name: str, cache: dict | None):
+    """(A [r, in], (scaling · B)^T [r, out], DoRA's output factor or None) of one adapter."""
+    key = (id(layer), name)
+    if cache is not None and key in cache:
+        return cache[key]
+    ad = layer.adapters[name]
+    scale = ad.variant.output_scale(ad, layer.base_layer)
+    col = ad.scaling if scale is None else ad.scaling * scale.unsqueeze(1)
+    piece = (ad.lora_A.detach(), (ad.lora_B * col).t().contiguous(), scale)
+    if cache is not None:
+        cache[key] = piece
+    return piece
 
 
 class AdapterGroups:
@@ -132,7 +160,8 @@ class AdapterGroups:
     [Σr, out]) and a row mask keeps each row's own block of r columns. A forward is then two
     plain GEMMs shared by all rows, whatever the adapter mix, instead of a per-row gather of A
     and B (which costs more memory traffic than the GEMMs themselves when decoding one token
-    per row). "__base__" rows and adapters this layer lacks get an all-zero mask row.
+    per row). "__base__" rows and adapters this layer lacks get an all-zero mask row. Prefills
+    on a bf16/fp16 base compute the update in that dtype (LOW_PRECISION_TOKENS).
 
     `stacks`, if given, is a cache the caller owns (and empties when adapters change): a server
     whose batch changes rows every few steps then only rebuilds the masks.
@@ -153,9 +182,10 @@ class AdapterGroups:
         key = (id(layer), present)
         stack = stacks.get(key) if stacks is not None else None
         if stack is None:
-            stack = AdapterStack.build(layer, present)
+            stack = AdapterStack.build(layer, present, stacks)
             if stacks is not None:
                 stacks[key] = stack
+        self.stack = stack
         self.a, self.b_t = stack.a, stack.b_t
         dtype, device = stack.a.dtype, stack.a.device
         row_ids = row_ids.to(device)
@@ -196,6 +226,21 @@ class AdapterGroups:
             return result
         n = x.shape[0]
         mask, g = self._rows(n)
+        tokens = x.numel() // x.shape[-1]
+        if (
+            tokens >= LOW_PRECISION_TOKENS
+            and g is None
+            and x.dtype != self.a.dtype
+            and not torch.is_grad_enabled()
+        ):
+            # A prefill-sized input on a bf16/fp16 base: in fp32, the casts and fp32 passes over
+            # [tokens, out] would cost about as much as the base layer itself (measured); in the
+            # base's dtype the update is one GEMM and one fused addmm_ into the result.
+            a, b_t = self.stack.in_dtype(x.dtype)
+            h = torch.nn.functional.linear(x, a)
+            h.view(n, -1, h.shape[-1]).mul_(mask.to(x.dtype).unsqueeze(1))
+            result.view(-1, result.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_t)
+            return result
         xs = x.reshape(n, -1, x.shape[-1]).to(self.a.dtype)
         h = torch.nn.functional.linear(xs, self.a)
         h.mul_(mask.unsqueeze(1))

@@ -103,12 +103,16 @@ class LoraModel(nn.Module):
         index; generate's row repetition (beams, num_return_sequences) is followed. `stacks`:
         a cache of the stacked adapters that the caller keeps across blocks and empties
         whenever an adapter changes (see `AdapterGroups`)."""
-        names = self._check_mixed_batch(adapter_names, batch_size)
+        layers, saved = [], []  # one walk of the modules (a server builds this every few steps)
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                layers.append(module)
+            elif isinstance(module, ModulesToSave):
+                saved.append(module)
+        names = self._check_mixed_batch(adapter_names, batch_size, layers)
         unique = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER]
         slot = {n: i for i, n in enumerate(unique)}
         row_ids = torch.tensor([slot.get(n, len(unique)) for n in names])
-        layers = [layer for _, layer in lora_layers(self.model)]
-        saved = [m for _, m in saved_modules(self.model)]
         masks: dict = {}
         try:
             for layer in layers:
@@ -122,7 +126,9 @@ class LoraModel(nn.Module):
             for module in saved:
                 module.groups = None
 
-    def _check_mixed_batch(self, adapter_names: Sequence[str], batch_size: int | None) -> list[str]:
+    def _check_mixed_batch(
+        self, adapter_names: Sequence[str], batch_size: int | None, layers: list[LoraLayer]
+    ) -> list[str]:
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names must be a list with one adapter name per row")
         names = list(adapter_names)
@@ -143,12 +149,12 @@ class LoraModel(nn.Module):
             raise ValueError(
                 "adapter_names (mixed-adapter batches) is for inference; call model.eval() first"
             )
-        if any(layer.merged_adapters for _, layer in lora_layers(self.model)):
+        if any(layer.merged_adapters for layer in layers):
             raise ValueError(
                 "cannot mix adapters per row while adapters are merged into the "
                 "base weights; call unmerge_adapter() first"
             )
-        if any(layer.groups is not None for _, layer in lora_layers(self.model)):
+        if any(layer.groups is not None for layer in layers):
             raise RuntimeError("a mixed-adapter batch is already running on this model")
         return names
 

@@ -1,7 +1,7 @@
 """The rows that decode together: one KV cache left-padded to a common length, plus the
 attention mask and next position of every row.
 
-Rows join after their own prefill (their cache is left-padded, or the batch is, to the longer
+Rows join after their prefill (their cache is left-padded, or the batch is, to the longer
 length) and leave when they finish (their rows are dropped, then columns that are padding in
 every remaining row). The model sees what `generate` gives it for a left-padded batch: a 2-D
 attention mask with zeros over the padding and explicit position ids, so each row computes
@@ -21,11 +21,12 @@ from lorakit.compat import kv_layers
 
 @dataclass
 class Prefilled:
-    """One prompt after its prefill: its own cache and the logits of its last position."""
+    """Prompts after their prefill, together: their cache (left-padded to the longest prompt),
+    its attention mask [rows, length] and the logits of each row's last position."""
 
     cache: Any
-    length: int
-    logits: torch.Tensor  # [vocab]
+    mask: torch.Tensor
+    logits: torch.Tensor  # [rows, vocab]
 
 
 @dataclass
@@ -44,22 +45,22 @@ class DecodeBatch:
     def length(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def add(self, row: Any, prefilled: Prefilled) -> None:
-        """Append a prefilled row, left-padding it or the batch to the longer length."""
-        mask = torch.ones(1, prefilled.length, dtype=torch.long)
-        position = torch.tensor([prefilled.length])
+    def add(self, rows: list[Any], prefilled: Prefilled) -> None:
+        """Append prefilled rows, left-padding them or the batch to the longer length."""
+        mask = prefilled.mask
+        positions = mask.sum(1)  # each row's next position: its prompt length
         if self.cache is None:
-            self.cache, self.mask, self.positions = prefilled.cache, mask, position
-            self.rows = [row]
+            self.cache, self.mask, self.positions = prefilled.cache, mask, positions
+            self.rows = list(rows)
             return
-        length = max(self.length, prefilled.length)
+        length = max(self.length, mask.shape[1])
         own, new = kv_layers(self.cache), kv_layers(prefilled.cache)
         for a, b in zip(own, new):
             a.keys = torch.cat([_pad_left(a.keys, length), _pad_left(b.keys, length)])
             a.values = torch.cat([_pad_left(a.values, length), _pad_left(b.values, length)])
         self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(mask, length, 1)])
-        self.positions = torch.cat([self.positions, position])
-        self.rows.append(row)
+        self.positions = torch.cat([self.positions, positions])
+        self.rows.extend(rows)
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (in this order), then drop columns that are padding in all."""

@@ -91,7 +91,7 @@ class Engine:
         adapters: AdapterPool,
         max_batch: int = 16,
         max_waiting: int = 256,
-        prefill_tokens_per_step: int = 4096,
+        prefill_tokens_per_step: int = 2048,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -100,6 +100,8 @@ class Engine:
         self.max_waiting = max_waiting
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.eos_ids = _eos_ids(model, tokenizer)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self._pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self.waiting: deque[Request] = deque()
         self.batch = DecodeBatch()
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -227,9 +229,11 @@ class Engine:
         self.adapters.drop_forgotten()
 
     def _admit(self) -> None:
-        """Prefill waiting requests (oldest first) while rows and the step's token budget last;
-        a request whose adapter is not resident starts its load and lets others pass."""
+        """Prefill waiting requests (oldest first, together in one forward) while rows and the
+        step's token budget last; a request whose adapter is not resident starts its load and
+        lets others pass."""
         budget = self.prefill_tokens_per_step
+        chosen: list[Request] = []
         kept: deque[Request] = deque()
         slot_wanted = False  # an older request waits for an adapter slot
         while self.waiting:
@@ -237,12 +241,13 @@ class Engine:
             if request.cancelled:
                 self._left_queue()
                 continue
-            # the first prefill of a step always fits, whatever its length
-            over_budget = len(request.prompt_ids) > budget < self.prefill_tokens_per_step
+            # padded tokens of the prefill with this request; the first always fits
+            longest = max([len(request.prompt_ids)] + [len(r.prompt_ids) for r in chosen])
+            over_budget = chosen and longest * (len(chosen) + 1) > budget
             # once a request waits for a slot, later ones may not pin adapters (they would
             # keep the slots busy for ever); base-model rows pin nothing and still pass
             if (
-                len(self.batch) >= self.max_batch
+                len(self.batch) + len(chosen) >= self.max_batch
                 or over_budget
                 or (slot_wanted and request.adapter)
             ):
@@ -259,12 +264,18 @@ class Engine:
                 kept.append(request)
                 continue
             self._left_queue()
-            budget -= len(request.prompt_ids)
-            try:
-                self._start(request)
-            except Exception as e:
-                self._finish(request, error=e)
+            if request.adapter is not None:
+                self.adapters.use(request.adapter)  # pinned now: no later load evicts it
+            chosen.append(request)
         self.waiting = kept
+        if chosen:
+            try:
+                self._prefill(chosen)
+            except Exception as e:
+                for request in chosen:
+                    self._finish(request, error=e)
+                    if request not in self.batch.rows and request.adapter is not None:
+                        self.adapters.release(request.adapter)
 
     def _adapter_ready(self, name: str | None) -> str:
         """ "ready" if the adapter is in the model; else its files are read in the background
@@ -281,24 +292,39 @@ class Engine:
         self.adapters.install(self.adapters.take_read(name))
         return "ready"
 
-    def _start(self, request: Request) -> None:
-        """Prefill the prompt alone, add the row to the batch and pick its first token."""
-        if request.sampling.seed is not None:
-            request.generator = torch.Generator().manual_seed(request.sampling.seed)
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill the prompts in one forward (left-padded when their lengths differ), add the
+        rows to the batch and pick their first tokens."""
+        for request in requests:
+            if request.sampling.seed is not None:
+                request.generator = torch.Generator().manual_seed(request.sampling.seed)
         self._close_groups()
-        names = [request.adapter or BASE_ADAPTER]
-        ids = torch.tensor([request.prompt_ids])
+        lengths = [len(r.prompt_ids) for r in requests]
+        longest = max(lengths)
+        ids = torch.tensor(
+            [[self._pad_id] * (longest - n) + r.prompt_ids for r, n in zip(requests, lengths)]
+        )
+        mask = torch.arange(longest) >= torch.tensor([longest - n for n in lengths])[:, None]
+        mask = mask.long()
+        padding = {}
+        if min(lengths) != longest:  # a prompt alone (or equal lengths) needs neither
+            padding = dict(attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        names = [r.adapter or BASE_ADAPTER for r in requests]
         cache = new_kv_cache()
-        with torch.inference_mode(), self.model.mixed_adapter_batch(names, 1, self.adapters.stacks):
+        stacks = self.adapters.stacks
+        with torch.inference_mode(), self.model.mixed_adapter_batch(names, len(names), stacks):
             out = self.model(
-                input_ids=ids, use_cache=True, **{self._cache_argument: cache}, **self._last_only
+                input_ids=ids,
+                use_cache=True,
+                **padding,
+                **{self._cache_argument: cache},
+                **self._last_only,
             )
-        prefilled = Prefilled(cache, ids.shape[1], out.logits[0, -1].float())
-        if request.adapter is not None:
-            self.adapters.use(request.adapter)
-        self.batch.add(request, prefilled)
-        self._accept(request, self._pick(prefilled.logits.unsqueeze(0), [request])[0])
-        if request.done:
+        logits = out.logits[:, -1].float()
+        self.batch.add(requests, Prefilled(cache, mask, logits))
+        for request, token in zip(requests, self._pick(logits, requests)):
+            self._accept(request, token)
+        if any(r.done for r in requests):
             self._retire()
 
     def _decode_step(self) -> None:

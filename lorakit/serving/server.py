@@ -404,6 +404,7 @@ def build(
     max_loras: int = 8,
     max_batch: int = 16,
     max_waiting: int = 256,
+    max_prefill_tokens: int = 2048,
     **config: Any,
 ) -> Server:
     """Load the base, wrap it for adapters, read `name=DIR` (or `DIR`) adapters, and return the
@@ -437,7 +438,14 @@ def build(
     clash = sorted(set(base_names) & set(names))
     if clash:
         raise UserError(f"adapter name {clash[0]!r} is the base model's name; rename it")
-    engine = Engine(lora, tokenizer, pool, max_batch=max_batch, max_waiting=max_waiting)
+    engine = Engine(
+        lora,
+        tokenizer,
+        pool,
+        max_batch=max_batch,
+        max_waiting=max_waiting,
+        prefill_tokens_per_step=max_prefill_tokens,
+    )
     return Server(engine, ServeConfig(base_names, **config), _context_length(model, tokenizer))
 
 

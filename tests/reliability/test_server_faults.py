@@ -1,7 +1,9 @@
 """Faults a server meets: clients that go away mid-stream, bursts beyond its queue, an adapter
 whose files break after it was registered, SIGTERM under load, paths that try to leave
 `--adapter-root`. Each request must get exactly one complete answer or one error (none lost,
-none answered twice), the server's memory must stay flat, and it must keep serving.
+none answered twice), the server's memory must stay flat, and it must keep serving. And the
+server's bad-input table: each malformed request gets OpenAI's error body with its status.
+Every case is recorded for tests/RELIABILITY.md ("server faults", "server bad input").
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 import time
 
 import pytest
+from harness import record
 from serve_util import ServerProcess, rss_kb, wait_until, write_adapters
 
 pytestmark = pytest.mark.default_model  # the tiny chat model borrows SmolLM2's tokenizer
@@ -93,6 +96,18 @@ def test_disconnects_and_bursts_lose_nothing_and_memory_stays_flat(tiny_chat_dir
                 t.join(300)
             assert wait_until(lambda: health(s)["running"] == 0 and health(s)["waiting"] == 0)
             rss.append(rss_kb(s.proc.pid))
+        for kind in ("gone", "stream", "whole", "refused"):
+            of_kind = [v for k, v in outcomes if k == kind]
+            if kind in ("stream", "whole"):
+                bad = sum(not ok for ok in of_kind)
+            elif kind == "refused":
+                bad = sum(not (st == 429 and retry) for st, retry in of_kind)
+            else:
+                bad = 0
+            record("server faults", f"burst client: {kind}", f"{len(of_kind)} requests, "
+                   f"{bad} not as expected", bad == 0, trials=len(of_kind), lost=bad)
+        record("server faults", "RSS over 4 rounds of 15 clients",
+               f"{(rss[-1] - rss[0]) / 1024:+.1f} MiB after round 1", rss[-1] - rss[0] < 40_000)
         assert len(outcomes) == 60  # every client got an outcome
         assert all(ok for kind, ok in outcomes if kind in ("stream", "whole")), outcomes
         refused = [v for kind, v in outcomes if kind == "refused"]
@@ -127,7 +142,9 @@ def test_adapter_that_fails_to_reload_answers_an_error_and_the_server_goes_on(
         weights = a0 / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
         status, _, data = raw_request(s.port, {**body, "model": "a0"})
-        assert status == 400 and "adapter_model.safetensors" in data["error"]["message"]
+        ok = status == 400 and "adapter_model.safetensors" in data["error"]["message"]
+        record("server faults", "adapter file truncated after eviction", f"{status}", ok)
+        assert ok, data
         assert raw_request(s.port, {**body, "model": "a1"})[0] == 200
         models = json.loads(_get(s, "/v1/models"))["data"]
         base = next(m["id"] for m in models if m["parent"] is None)
@@ -148,7 +165,7 @@ def test_sigterm_under_load_answers_every_request_once(tiny_chat_dir, adapters):
     """8 streams running, SIGTERM: the ones that can finish within the grace period finish;
     the long ones get an error event at its end (never a silent cut); exit status 0."""
     s = ServerProcess("--model", str(tiny_chat_dir), "--adapter", f"a0={adapters['a0']}",
-                      "--max-batch", "8", "--grace", "3")
+                      "--max-batch", "8", "--grace", "1")
     results: list = [None] * 8
 
     def client(i: int) -> None:
@@ -168,8 +185,14 @@ def test_sigterm_under_load_answers_every_request_once(tiny_chat_dir, adapters):
     s.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(120)
-    assert s.proc.wait(60) == 0
-    assert time.monotonic() - started < 3 + 10
+    status = s.proc.wait(60)
+    ended = [r for r in results if r and r[0] == 200 and r[1] and r[2] + r[3] == 1]
+    record("server faults", "SIGTERM with 8 streams running (grace 1 s)",
+           f"exit {status}; {sum(r[2] for r in ended)} finished, {sum(r[3] for r in ended)} "
+           "told by an error event", status == 0 and len(ended) == 8, trials=8,
+           lost=8 - len(ended))
+    assert status == 0
+    assert time.monotonic() - started < 1 + 10
     for i, (status, done, finished, errors) in enumerate(results):
         assert status == 200 and done, results
         assert finished + errors == 1, results  # one ending each: an answer or an error
@@ -190,6 +213,8 @@ def test_runtime_loads_stay_inside_adapter_root(tiny_chat_dir, adapters, tmp_pat
                                    ("../evil", "ok", 400), ("a/b", "ok", 400)]:
             code = _post_status(s, "/v1/load_lora_adapter",
                                 {"lora_name": name, "lora_path": path})
+            record("server bad input", f"load_lora_adapter {name}={path} (--adapter-root)",
+                   str(code), code == status)
             assert code == status, (name, path, code)
     finally:
         assert s.stop() == 0
@@ -201,3 +226,71 @@ def _post_status(s, path: str, body: dict) -> int:
     status = conn.getresponse().status
     conn.close()
     return status
+
+
+def test_malformed_requests_get_openai_errors_with_their_status(tiny_chat_dir, adapters):
+    s = ServerProcess("--model", str(tiny_chat_dir), "--adapter", f"a0={adapters['a0']}",
+                      "--max-tokens-limit", "200")
+    ok = {"model": "a0", "prompt": "hi", "max_tokens": 2}
+    chat = {"model": "a0", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [  # (what, path, body bytes, status)
+        ("not JSON", "/v1/completions", b"{not json", 400),
+        ("not UTF-8", "/v1/completions", b"{\"model\": \"\xff\"}", 400),
+        ("JSON array, not object", "/v1/completions", b"[1, 2]", 422),
+        ("temperature a string", "/v1/completions", _j({**ok, "temperature": "hot"}), 422),
+        ("max_tokens a float", "/v1/completions", _j({**ok, "max_tokens": 2.5}), 422),
+        ("stream a string", "/v1/completions", _j({**ok, "stream": "yes"}), 422),
+        ("prompt missing", "/v1/completions", _j({"model": "a0"}), 422),
+        ("model missing", "/v1/completions", _j({"prompt": "hi"}), 422),
+        ("unknown field", "/v1/completions", _j({**ok, "top_k": 3}), 400),
+        ("unknown model", "/v1/completions", _j({**ok, "model": "nope"}), 404),
+        ("max_tokens over the limit", "/v1/completions", _j({**ok, "max_tokens": 201}), 400),
+        ("max_tokens 0", "/v1/completions", _j({**ok, "max_tokens": 0}), 400),
+        ("temperature 3", "/v1/completions", _j({**ok, "temperature": 3}), 400),
+        ("top_p 0", "/v1/completions", _j({**ok, "top_p": 0}), 400),
+        ("n 2", "/v1/completions", _j({**ok, "n": 2}), 400),
+        ("5 stop strings", "/v1/completions", _j({**ok, "stop": list("abcde")}), 400),
+        ("logprobs asked", "/v1/completions", _j({**ok, "logprobs": 2}), 400),
+        ("token id out of vocabulary", "/v1/completions", _j({**ok, "prompt": [10 ** 9]}), 400),
+        ("empty prompt", "/v1/completions", _j({**ok, "prompt": ""}), 400),
+        ("prompt longer than the context", "/v1/completions",
+         _j({**ok, "prompt": "word " * 400}), 413),
+        ("prompt + max_tokens over the context", "/v1/completions",
+         _j({**ok, "prompt": "word " * 200, "max_tokens": 150}), 400),
+        ("body over 4 MiB", "/v1/completions", b"[" + b"1," * (3 << 20) + b"1]", 413),
+        ("messages a string", "/v1/chat/completions", _j({**chat, "messages": "hi"}), 422),
+        ("messages empty", "/v1/chat/completions", _j({**chat, "messages": []}), 400),
+        ("message without role", "/v1/chat/completions",
+         _j({**chat, "messages": [{"content": "hi"}]}), 422),
+        ("image content part", "/v1/chat/completions",
+         _j({**chat, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400),
+        ("unknown endpoint", "/v1/embeddings", _j(ok), 404),
+        ("load without lora_path", "/v1/load_lora_adapter", _j({"lora_name": "x"}), 422),
+        ("unload of an unknown adapter", "/v1/unload_lora_adapter", _j({"lora_name": "x"}), 404),
+    ]
+    try:
+        for what, path, body, status in cases:
+            code, answer, _ = _post(s, path, body)
+            shaped = isinstance(answer, dict) and set(answer.get("error", {})) == {
+                "message", "type", "param", "code"} and bool(answer["error"]["message"])
+            record("server bad input", what, str(code), code == status and shaped)
+            assert code == status and shaped, (what, code, answer)
+        assert _post(s, "/v1/completions", _j(ok))[0] == 200  # and it keeps serving
+    finally:
+        assert s.stop() == 0
+
+
+def _j(body) -> bytes:
+    return json.dumps(body).encode()
+
+
+def _post(s, path: str, body: bytes):
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+    conn.request("POST", path, body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    try:
+        return resp.status, json.loads(raw), resp.headers
+    except ValueError:
+        return resp.status, raw, resp.headers
