@@ -38,7 +38,10 @@ from lorakit.atomic import TMP_PREFIX
 
 pytestmark = pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer
 
-STEPS, EVAL_STEPS, TRIALS, SEED = 8, 3, 20, 17
+STEPS, EVAL_STEPS = 8, 3
+# bench/soak.py runs the same trials longer, with other seeds
+TRIALS = int(os.environ.get("LORAKIT_KILL_TRIALS", "20"))
+SEED = int(os.environ.get("LORAKIT_KILL_SEED", "17"))
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 PHASES = ("start-up", "training step", "checkpoint write", "eval", "final adapter write",
           "report")
