@@ -162,14 +162,16 @@ def _get(s, path: str) -> bytes:
 
 
 def test_sigterm_under_load_answers_every_request_once(tiny_chat_dir, adapters):
-    """8 streams running, SIGTERM: the ones that can finish within the grace period finish;
-    the long ones get an error event at its end (never a silent cut); exit status 0."""
+    """8 streams running, SIGTERM with a 0.2 s grace period: each stream ends once, with its
+    answer or with an error event (never a silent cut); the long ones (250 tokens, over a
+    second on any machine) are told; exit status 0. Finishing within a long grace period is
+    tests/test_serve.py's SIGTERM test."""
     s = ServerProcess("--model", str(tiny_chat_dir), "--adapter", f"a0={adapters['a0']}",
-                      "--max-batch", "8", "--grace", "1")
+                      "--max-batch", "8", "--grace", "0.2")
     results: list = [None] * 8
 
     def client(i: int) -> None:
-        n = 20 if i % 2 else 2000 // 8  # short ones finish, long ones outlast the grace
+        n = 20 if i % 2 else 250  # short ones may finish, long ones outlast the grace
         status, _, events = raw_request(s.port, {"model": "a0", "prompt": "Go", "stream": True,
                                                  "max_tokens": n, "temperature": 0})
         chunks = [json.loads(e) for e in events if e != "[DONE]"]
@@ -187,18 +189,17 @@ def test_sigterm_under_load_answers_every_request_once(tiny_chat_dir, adapters):
         t.join(120)
     status = s.proc.wait(60)
     ended = [r for r in results if r and r[0] == 200 and r[1] and r[2] + r[3] == 1]
-    record("server faults", "SIGTERM with 8 streams running (grace 1 s)",
+    record("server faults", "SIGTERM with 8 streams running (grace 0.2 s)",
            f"exit {status}; {sum(r[2] for r in ended)} finished, {sum(r[3] for r in ended)} "
            "told by an error event", status == 0 and len(ended) == 8, trials=8,
            lost=8 - len(ended))
     assert status == 0
-    assert time.monotonic() - started < 1 + 10
+    assert time.monotonic() - started < 10
     for i, (status, done, finished, errors) in enumerate(results):
         assert status == 200 and done, results
         assert finished + errors == 1, results  # one ending each: an answer or an error
-        if i % 2:
-            assert finished == 1, results  # a 20-token answer fits in the grace period
-    assert sum(r[3] for r in results) >= 1  # and the long ones were told
+        if i % 2 == 0:
+            assert errors == 1, results  # a long one was told
 
 
 def test_runtime_loads_stay_inside_adapter_root(tiny_chat_dir, adapters, tmp_path):
