@@ -11,6 +11,7 @@ import copy
 import logging
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import torch
@@ -213,6 +214,23 @@ def kv_layers(cache) -> list[KVLayer]:
         if type(layer).__name__ != "DynamicLayer":  # sliding-window or quantized layers
             raise TypeError(f"cannot batch a {type(layer).__name__} cache layer")
     return layers
+
+
+@contextmanager
+def contiguous_head_input(model) -> Iterator[None]:
+    """Within the block, the output embedding (lm_head) gets a contiguous input. With
+    `logits_to_keep=1` transformers hands it `hidden[:, -1:, :]`, a strided view; for a batch of
+    several rows torch's matmul then copies the [vocab, hidden] weight once per row (about
+    200 ms for 4 prompts on the default model, against 3 ms for a contiguous input)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # Any lorakit import lands here first (lorakit.base imports this module): silence the line before

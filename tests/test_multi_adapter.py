@@ -424,6 +424,30 @@ def test_mixed_batch_on_bf16_base():
         torch.testing.assert_close(mixed[i:i + 1].float(), expected.float(), atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("work", [0, 10**9], ids=["update-in-bf16", "update-in-fp32"])
+@pytest.mark.parametrize("rows", [["third", "__base__", "default", "default"], ["third"] * 3])
+def test_mixed_batch_on_bf16_base_in_either_precision(work, rows, monkeypatch):
+    """Small updates on a bf16 base are computed in fp32, large ones in bf16
+    (LOW_PRECISION_WORK); both give each row its own adapter, and a batch of one adapter (whose
+    row mask is skipped) equals that adapter alone."""
+    monkeypatch.setattr(layer_mod, "LOW_PRECISION_WORK", work)
+    lowered = []
+    in_dtype = layer_mod.AdapterStack.in_dtype
+    monkeypatch.setattr(layer_mod.AdapterStack, "in_dtype",
+                        lambda self, dtype: lowered.append(dtype) or in_dtype(self, dtype))
+    model = LoraModel(make_tiny_llama().to(torch.bfloat16), None)
+    for name, cfg in configs("llama").items():
+        model.add_adapter(name, LoraConfig(**cfg))
+    perturb(model, seed=5)
+    model.eval()
+    ids = batch(len(rows))
+    mixed = logits(model, ids, adapter_names=rows)
+    assert set(lowered) == ({torch.bfloat16} if work == 0 else set())
+    for i, name in enumerate(rows):
+        expected = single(model, name, lambda: logits(model, ids[i:i + 1]))
+        torch.testing.assert_close(mixed[i:i + 1].float(), expected.float(), atol=0.05, rtol=0.02)
+
+
 def test_mixed_batch_errors():
     model = mixed_model("llama")
     ids = batch(3)

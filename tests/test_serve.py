@@ -225,6 +225,9 @@ def test_sigterm_finishes_decoding_requests_then_exits_0(tiny_chat_dir, adapters
     s = ServerProcess("--model", str(tiny_chat_dir), "--adapter", f"a0={adapters['a0']}",
                       "--grace", "30")
     client = s.client()
+    # the whole answer, asked before the signal (it may end early at an end-of-text token)
+    whole = client.completions.create(model="a0", prompt="Go", max_tokens=120, temperature=0)
+    assert whole.usage.completion_tokens > 10
     stream = client.completions.create(model="a0", prompt="Go", max_tokens=120, temperature=0,
                                        stream=True, stream_options={"include_usage": True})
     chunks = []
@@ -232,7 +235,11 @@ def test_sigterm_finishes_decoding_requests_then_exits_0(tiny_chat_dir, adapters
         chunks.append(chunk)
         if len(chunks) == 3:
             s.proc.send_signal(signal.SIGTERM)
-    assert chunks[-1].usage.completion_tokens == 120  # the request finished completely
+    # the request finished completely: the same text, tokens and finish reason
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert reasons[-1] == whole.choices[0].finish_reason
     assert s.proc.wait(60) == 0
     with pytest.raises(openai.APIConnectionError):
         client.models.list()

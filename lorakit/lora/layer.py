@@ -98,10 +98,11 @@ class LoraAdapter(nn.Module):
         )
 
 
-# Mixed batches with at least this many tokens (prefills) on a low-precision base compute the
-# adapters in the base's dtype; decoding steps (one token per row) stay in the adapters' dtype,
-# which is the faster of the two there (see AdapterGroups.__call__).
-LOW_PRECISION_TOKENS = 64
+# On a bf16/fp16 base, a mixed batch whose update is at least this much work (tokens × stacked
+# rank) is computed in the base's dtype: prefills, and decoding many rows over many adapters,
+# where the stacked adapters' bytes dominate. Smaller products (decoding a few rows) stay in the
+# adapters' fp32, where small bf16 GEMMs cost several times more in fixed overhead.
+LOW_PRECISION_WORK = 1024
 
 
 @dataclass
@@ -160,8 +161,8 @@ class AdapterGroups:
     [Σr, out]) and a row mask keeps each row's own block of r columns. A forward is then two
     plain GEMMs shared by all rows, whatever the adapter mix, instead of a per-row gather of A
     and B (which costs more memory traffic than the GEMMs themselves when decoding one token
-    per row). "__base__" rows and adapters this layer lacks get an all-zero mask row. Prefills
-    on a bf16/fp16 base compute the update in that dtype (LOW_PRECISION_TOKENS).
+    per row). "__base__" rows and adapters this layer lacks get an all-zero mask row. Large
+    updates on a bf16/fp16 base are computed in that dtype (LOW_PRECISION_WORK).
 
     `stacks`, if given, is a cache the caller owns (and empties when adapters change): a server
     whose batch changes rows every few steps then only rebuilds the masks.
@@ -173,7 +174,7 @@ class AdapterGroups:
         names: list[str],
         row_ids: torch.Tensor,
         stacks: dict[Any, AdapterStack] | None = None,
-        masks: dict[Any, torch.Tensor] | None = None,
+        masks: dict[Any, tuple] | None = None,
     ) -> None:
         present = tuple(sorted(n for n in names if n in layer.adapters))
         self.empty = not present
@@ -191,16 +192,19 @@ class AdapterGroups:
         row_ids = row_ids.to(device)
         # layers holding the same adapters at the same ranks share one mask (`masks`: per call)
         layout = (tuple(stack.offsets.items()), dtype, device)
-        self.mask = masks.get(layout) if masks is not None else None
-        if self.mask is None:
+        shared = masks.get(layout) if masks is not None else None
+        if shared is None:
             blocks = torch.zeros(len(names) + 1, stack.a.shape[0], dtype=dtype)
             for i, name in enumerate(names):
                 if name in stack.offsets:
                     lo, hi = stack.offsets[name]
                     blocks[i, lo:hi] = 1
-            self.mask = blocks.to(device)[row_ids]  # [rows, Σr]
+            mask = blocks.to(device)[row_ids]  # [rows, Σr]
+            # every row uses the one adapter stacked: an all-ones mask, skipped in forward
+            shared = (mask, len(present) == 1 and bool((mask == 1).all()), {})
             if masks is not None:
-                masks[layout] = self.mask
+                masks[layout] = shared
+        self.mask, self.uniform, self._lowered_masks = shared
         self.g = None
         if stack.g:
             g = torch.ones(len(names) + 1, layer.out_features, dtype=dtype, device=device)
@@ -226,24 +230,40 @@ class AdapterGroups:
             return result
         n = x.shape[0]
         mask, g = self._rows(n)
-        tokens = x.numel() // x.shape[-1]
-        if (
-            tokens >= LOW_PRECISION_TOKENS
-            and g is None
-            and x.dtype != self.a.dtype
-            and not torch.is_grad_enabled()
-        ):
-            # A prefill-sized input on a bf16/fp16 base: in fp32, the casts and fp32 passes over
-            # [tokens, out] would cost about as much as the base layer itself (measured); in the
-            # base's dtype the update is one GEMM and one fused addmm_ into the result.
-            a, b_t = self.stack.in_dtype(x.dtype)
-            h = torch.nn.functional.linear(x, a)
-            h.view(n, -1, h.shape[-1]).mul_(mask.to(x.dtype).unsqueeze(1))
-            result.view(-1, result.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_t)
-            return result
+        if g is not None or torch.is_grad_enabled() or not result.is_contiguous():
+            return self._general(x, result, base_layer, mask, g)
+        # inference: the update is added into the base layer's fresh output, in as few kernels
+        # as possible (decoding calls this ~200 times per step with tiny products)
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b_t = self.a, self.b_t
+        if x.dtype != a.dtype:
+            if x2.shape[0] * a.shape[0] >= LOW_PRECISION_WORK:
+                a, b_t = self.stack.in_dtype(x.dtype)
+            else:
+                x2 = x2.to(a.dtype)
+        h = x2 @ a.t()  # [tokens, Σr]
+        if not self.uniform:
+            h.view(n, -1, h.shape[-1]).mul_(self._mask_in(mask, h.dtype).unsqueeze(1))
+        out = result.view(-1, result.shape[-1])
+        if h.dtype == out.dtype:
+            out.addmm_(h, b_t)
+        else:
+            out.add_(h @ b_t)
+        return result
+
+    def _mask_in(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if mask.dtype == dtype:
+            return mask
+        key = (dtype, mask.shape[0])
+        if key not in self._lowered_masks:
+            self._lowered_masks[key] = mask.to(dtype)
+        return self._lowered_masks[key]
+
+    def _general(self, x, result, base_layer, mask, g) -> torch.Tensor:
+        """Out of place in the adapters' dtype: autograd, and DoRA's output factor."""
+        n = x.shape[0]
         xs = x.reshape(n, -1, x.shape[-1]).to(self.a.dtype)
-        h = torch.nn.functional.linear(xs, self.a)
-        h.mul_(mask.unsqueeze(1))
+        h = torch.nn.functional.linear(xs, self.a) * mask.unsqueeze(1)
         delta = torch.matmul(h, self.b_t)
         res = result.reshape(n, -1, result.shape[-1])
         if g is not None:
@@ -415,6 +435,16 @@ class ModulesToSave(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.current, name)
+
+
+def wrapped_modules(module: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
+    """The LoRA layers and saved modules under `module`, without walking into them (their
+    adapters are most of the module tree)."""
+    for child in module.children():
+        if isinstance(child, (LoraLayer, ModulesToSave)):
+            yield child
+        else:
+            yield from wrapped_modules(child)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

@@ -27,6 +27,7 @@ from lorakit.lora.layer import (
     adapters_disabled,
     lora_layers,
     saved_modules,
+    wrapped_modules,
 )
 from lorakit.lora.targeting import find_targets, resolve_target_modules
 from lorakit.lora.variants import variant_for
@@ -104,11 +105,8 @@ class LoraModel(nn.Module):
         a cache of the stacked adapters that the caller keeps across blocks and empties
         whenever an adapter changes (see `AdapterGroups`)."""
         layers, saved = [], []  # one walk of the modules (a server builds this every few steps)
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer):
-                layers.append(module)
-            elif isinstance(module, ModulesToSave):
-                saved.append(module)
+        for module in wrapped_modules(self.model):
+            (layers if isinstance(module, LoraLayer) else saved).append(module)
         names = self._check_mixed_batch(adapter_names, batch_size, layers)
         unique = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER]
         slot = {n: i for i, n in enumerate(unique)}

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lorakit.compat import cache_argument, new_kv_cache
+from lorakit.compat import cache_argument, contiguous_head_input, new_kv_cache
 from lorakit.errors import UserError
 from lorakit.lora import LoraModel
 from lorakit.lora.model import BASE_ADAPTER
@@ -312,7 +312,11 @@ class Engine:
         names = [r.adapter or BASE_ADAPTER for r in requests]
         cache = new_kv_cache()
         stacks = self.adapters.stacks
-        with torch.inference_mode(), self.model.mixed_adapter_batch(names, len(names), stacks):
+        with (
+            torch.inference_mode(),
+            self.model.mixed_adapter_batch(names, len(names), stacks),
+            contiguous_head_input(self.model.get_base_model()),
+        ):
             out = self.model(
                 input_ids=ids,
                 use_cache=True,
