@@ -118,54 +118,58 @@ class AdapterStack:
 
     def in_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b_t) in `dtype`, made once."""
+        if dtype == self.a.dtype:
+            return self.a, self.b_t
         if dtype not in self.lowered:
             self.lowered[dtype] = (self.a.to(dtype), self.b_t.to(dtype))
         return self.lowered[dtype]
 
     @classmethod
     @torch.no_grad()
-    def build(
-        cls, layer: "LoraLayer", names: tuple[str, ...], cache: dict | None = None
-    ) -> "AdapterStack":
-        """Stack `names`; `cache` keeps each adapter's prepared A, scaled B^T and output factor
-        per layer, so that another mix of the same adapters only concatenates."""
-        pieces = [_stack_piece(layer, name, cache) for name in names]
-        offsets, g, offset = {}, {}, 0
-        for name, (a, _, scale) in zip(names, pieces):
-            offsets[name] = (offset, offset + a.shape[0])
-            offset += a.shape[0]
+    def build(cls, layer: "LoraLayer", names: tuple[str, ...]) -> "AdapterStack":
+        offsets, g, a, b_t, offset = {}, {}, [], [], 0
+        for name in names:
+            ad = layer.adapters[name]
+            scale = ad.variant.output_scale(ad, layer.base_layer)
+            col = ad.scaling if scale is None else ad.scaling * scale.unsqueeze(1)
+            a.append(ad.lora_A.detach())
+            b_t.append((ad.lora_B * col).t())
+            offsets[name] = (offset, offset + ad.r)
+            offset += ad.r
             if scale is not None:
                 g[name] = scale
-        a = torch.cat([p[0] for p in pieces])
-        return cls(names, a, torch.cat([p[1] for p in pieces]), offsets, g)
+        return cls(names, torch.cat(a), torch.cat(b_t), offsets, g)
 
 
-def _stack_piece(layer: "LoraLayer", name: str, cache: dict | None):
-    """(A [r, in], (scaling · B)^T [r, out], DoRA's output factor or None) of one adapter."""
-    key = (id(layer), name)
-    if cache is not None and key in cache:
-        return cache[key]
-    ad = layer.adapters[name]
-    scale = ad.variant.output_scale(ad, layer.base_layer)
-    col = ad.scaling if scale is None else ad.scaling * scale.unsqueeze(1)
-    piece = (ad.lora_A.detach(), (ad.lora_B * col).t().contiguous(), scale)
-    if cache is not None:
-        cache[key] = piece
-    return piece
+def row_segments(row_ids: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """(slot, first row, end row) of each run of equal ids, if every slot's rows are one run
+    (rows grouped by adapter), else None."""
+    ids = row_ids.tolist()
+    runs: list[tuple[int, int, int]] = []
+    for i, slot in enumerate(ids):
+        if runs and runs[-1][0] == slot:
+            runs[-1] = (slot, runs[-1][1], i + 1)
+        else:
+            runs.append((slot, i, i + 1))
+    return runs if len({slot for slot, _, _ in runs}) == len(runs) else None
 
 
 class AdapterGroups:
     """One layer's adapters for a mixed-adapter batch (built once per batch composition).
 
-    The adapters present are concatenated along r (an `AdapterStack`: A_cat [Σr, in], B_cat
-    [Σr, out]) and a row mask keeps each row's own block of r columns. A forward is then two
-    plain GEMMs shared by all rows, whatever the adapter mix, instead of a per-row gather of A
-    and B (which costs more memory traffic than the GEMMs themselves when decoding one token
-    per row). "__base__" rows and adapters this layer lacks get an all-zero mask row. Large
-    updates on a bf16/fp16 base are computed in that dtype (LOW_PRECISION_WORK).
+    The layer's adapters are concatenated along r (an `AdapterStack`: A_cat [Σr, in], B_cat
+    [Σr, out]); the batch uses the span of columns between its first and last adapter there.
+    - Decoding (one position per row): a row mask keeps each row's own block of columns, so the
+      update is two plain GEMMs shared by all rows, whatever the adapter mix, instead of a
+      per-row gather of A and B (which moves more bytes than the GEMMs when decoding).
+      "__base__" rows and adapters this layer lacks get an all-zero mask row.
+    - Prefills whose rows are grouped by adapter: two GEMMs per adapter on its rows, so no row
+      pays for the other adapters' columns.
+    Large updates on a bf16/fp16 base are computed in that dtype (LOW_PRECISION_WORK).
 
-    `stacks`, if given, is a cache the caller owns (and empties when adapters change): a server
-    whose batch changes rows every few steps then only rebuilds the masks.
+    `stacks`, if given, is a cache the caller owns (and empties when adapters change): it then
+    holds one stack of all the layer's adapters, so a server whose batch changes rows every few
+    steps only rebuilds the masks.
     """
 
     def __init__(
@@ -175,33 +179,46 @@ class AdapterGroups:
         row_ids: torch.Tensor,
         stacks: dict[Any, AdapterStack] | None = None,
         masks: dict[Any, tuple] | None = None,
+        segments: list[tuple[int, int, int]] | None = None,
     ) -> None:
-        present = tuple(sorted(n for n in names if n in layer.adapters))
+        present = [n for n in names if n in layer.adapters]
         self.empty = not present
         if self.empty:
             return
-        key = (id(layer), present)
-        stack = stacks.get(key) if stacks is not None else None
-        if stack is None:
-            stack = AdapterStack.build(layer, present, stacks)
-            if stacks is not None:
-                stacks[key] = stack
+        if stacks is None:
+            stack = AdapterStack.build(layer, tuple(present))
+        else:
+            key = (id(layer), tuple(layer.adapters.keys()))
+            stack = stacks.get(key)
+            if stack is None:
+                stack = stacks[key] = AdapterStack.build(layer, key[1])
         self.stack = stack
-        self.a, self.b_t = stack.a, stack.b_t
+        lo = min(stack.offsets[n][0] for n in present)
+        hi = max(stack.offsets[n][1] for n in present)
+        self.span = slice(lo, hi)
+        self.a, self.b_t = stack.a[lo:hi], stack.b_t[lo:hi]
         dtype, device = stack.a.dtype, stack.a.device
         row_ids = row_ids.to(device)
+        # each segment's rows and its adapter's columns (relative to the span)
+        self.segments = None
+        if segments is not None:
+            self.segments = [
+                (r0, r1, stack.offsets[names[slot]][0] - lo, stack.offsets[names[slot]][1] - lo)
+                for slot, r0, r1 in segments
+                if slot < len(names) and names[slot] in stack.offsets
+            ]
         # layers holding the same adapters at the same ranks share one mask (`masks`: per call)
-        layout = (tuple(stack.offsets.items()), dtype, device)
+        layout = (tuple(stack.offsets.items()), lo, hi, dtype, device)
         shared = masks.get(layout) if masks is not None else None
         if shared is None:
-            blocks = torch.zeros(len(names) + 1, stack.a.shape[0], dtype=dtype)
+            blocks = torch.zeros(len(names) + 1, hi - lo, dtype=dtype)
             for i, name in enumerate(names):
                 if name in stack.offsets:
-                    lo, hi = stack.offsets[name]
-                    blocks[i, lo:hi] = 1
-            mask = blocks.to(device)[row_ids]  # [rows, Σr]
-            # every row uses the one adapter stacked: an all-ones mask, skipped in forward
-            shared = (mask, len(present) == 1 and bool((mask == 1).all()), {})
+                    c0, c1 = stack.offsets[name]
+                    blocks[i, c0 - lo : c1 - lo] = 1
+            mask = blocks.to(device)[row_ids]  # [rows, span]
+            # every row uses the one adapter in the span: an all-ones mask, skipped in forward
+            shared = (mask, bool((mask == 1).all()), {})
             if masks is not None:
                 masks[layout] = shared
         self.mask, self.uniform, self._lowered_masks = shared
@@ -214,14 +231,16 @@ class AdapterGroups:
             self.g = g[row_ids]
         self.n_rows = len(row_ids)
 
-    def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
+        """Mask, output factor and segments for a batch of `n` rows."""
         if n == self.n_rows:
-            return self.mask, self.g
+            return self.mask, self.g, self.segments
         if n % self.n_rows:
             raise ValueError(f"a mixed-adapter batch of {self.n_rows} rows met a batch of {n}")
         k = n // self.n_rows  # generate repeats each row for beams / return sequences
         g = None if self.g is None else self.g.repeat_interleave(k, 0)
-        return self.mask.repeat_interleave(k, 0), g
+        segments = self.segments and [(r0 * k, r1 * k, c0, c1) for r0, r1, c0, c1 in self.segments]
+        return self.mask.repeat_interleave(k, 0), g, segments
 
     def __call__(
         self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module
@@ -229,26 +248,27 @@ class AdapterGroups:
         if self.empty:
             return result
         n = x.shape[0]
-        mask, g = self._rows(n)
+        mask, g, segments = self._rows(n)
         if g is not None or torch.is_grad_enabled() or not result.is_contiguous():
             return self._general(x, result, base_layer, mask, g)
         # inference: the update is added into the base layer's fresh output, in as few kernels
         # as possible (decoding calls this ~200 times per step with tiny products)
-        x2 = x.reshape(-1, x.shape[-1])
-        a, b_t = self.a, self.b_t
-        if x.dtype != a.dtype:
-            if x2.shape[0] * a.shape[0] >= LOW_PRECISION_WORK:
-                a, b_t = self.stack.in_dtype(x.dtype)
-            else:
-                x2 = x2.to(a.dtype)
-        h = x2 @ a.t()  # [tokens, Σr]
+        tokens = x.numel() // x.shape[-1]
+        dtype = self.a.dtype
+        if x.dtype != dtype and tokens * self.a.shape[0] >= LOW_PRECISION_WORK:
+            dtype = x.dtype
+        a, b_t = (t[self.span] for t in self.stack.in_dtype(dtype))
+        x2 = x.reshape(n, -1, x.shape[-1]).to(dtype)
+        out = result.view(n, -1, result.shape[-1])
+        if segments is not None and x2.shape[1] > 1:  # a prefill grouped by adapter
+            for r0, r1, c0, c1 in segments:
+                h = x2[r0:r1].flatten(0, 1) @ a[c0:c1].t()
+                _add_product(out[r0:r1].flatten(0, 1), h, b_t[c0:c1])
+            return result
+        h = x2.flatten(0, 1) @ a.t()  # [tokens, span]
         if not self.uniform:
             h.view(n, -1, h.shape[-1]).mul_(self._mask_in(mask, h.dtype).unsqueeze(1))
-        out = result.view(-1, result.shape[-1])
-        if h.dtype == out.dtype:
-            out.addmm_(h, b_t)
-        else:
-            out.add_(h @ b_t)
+        _add_product(out.flatten(0, 1), h, b_t)
         return result
 
     def _mask_in(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -271,6 +291,14 @@ class AdapterGroups:
             base_out = res if bias is None else res - bias
             delta = delta + (g - 1).unsqueeze(1) * base_out
         return (res + delta.to(res.dtype)).view(result.shape)
+
+
+def _add_product(out: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor) -> None:
+    """out += h @ b_t, fused when the dtypes agree."""
+    if h.dtype == out.dtype:
+        out.addmm_(h, b_t)
+    else:
+        out.add_(h @ b_t)
 
 
 class LoraLayer(nn.Module):

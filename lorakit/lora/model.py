@@ -26,6 +26,7 @@ from lorakit.lora.layer import (
     ModulesToSave,
     adapters_disabled,
     lora_layers,
+    row_segments,
     saved_modules,
     wrapped_modules,
 )
@@ -111,10 +112,11 @@ class LoraModel(nn.Module):
         unique = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER]
         slot = {n: i for i, n in enumerate(unique)}
         row_ids = torch.tensor([slot.get(n, len(unique)) for n in names])
+        segments = row_segments(row_ids)
         masks: dict = {}
         try:
             for layer in layers:
-                layer.groups = AdapterGroups(layer, unique, row_ids, stacks, masks)
+                layer.groups = AdapterGroups(layer, unique, row_ids, stacks, masks, segments)
             for module in saved:
                 module.set_groups(unique, row_ids)
             yield

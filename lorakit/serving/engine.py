@@ -294,7 +294,9 @@ class Engine:
 
     def _prefill(self, requests: list[Request]) -> None:
         """Prefill the prompts in one forward (left-padded when their lengths differ), add the
-        rows to the batch and pick their first tokens."""
+        rows to the batch and pick their first tokens. The rows are grouped by adapter, so
+        that each adapter's update is computed on its own rows only (see `AdapterGroups`)."""
+        requests = sorted(requests, key=lambda r: r.adapter or "")
         for request in requests:
             if request.sampling.seed is not None:
                 request.generator = torch.Generator().manual_seed(request.sampling.seed)
