@@ -146,32 +146,48 @@ def one_request(port: int, model: str, text: str, max_tokens: int) -> dict:
     if resp.status != 200:
         raise RuntimeError(f"status {resp.status}: {resp.read()[:200]!r}")
     first = None
-    tokens = 0
+    tokens = finishes = done = 0
     for raw in resp:
         line = raw.decode().strip()
+        if line == "data: [DONE]":
+            done += 1
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         chunk = json.loads(line[6:])
         if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
             first = time.perf_counter()
+        if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
+            finishes += 1
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
     conn.close()
-    return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens}
+    # answered once: one finish reason and one [DONE]; anything else counts as lost
+    return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens,
+            "complete": finishes == 1 and done == 1}
 
 
-def run_point(port: int, models: list[str], clients: int, seconds: float) -> dict:
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb / 1024
+
+
+def run_point(server: Server, models: list[str], clients: int, seconds: float) -> dict:
     reqs = requests_list()
     results: list[dict] = []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
+    rss_start = rss_mb(server.proc.pid)
 
     def client(c: int) -> None:
         i = c
         while time.perf_counter() < deadline:
             text, max_tokens = reqs[i % len(reqs)]
-            r = one_request(port, models[i % len(models)], text, max_tokens)
+            try:
+                r = one_request(server.port, models[i % len(models)], text, max_tokens)
+            except Exception as e:  # counted as lost, never silently dropped
+                r = {"latency": 0.0, "ttft": 0.0, "tokens": 0, "complete": False, "error": e}
             r["first"] = i == c  # the client's first request: all clients start at once
             with lock:
                 results.append(r)
@@ -184,6 +200,8 @@ def run_point(port: int, models: list[str], clients: int, seconds: float) -> dic
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    lost = [r for r in results if not r["complete"]]
+    results = [r for r in results if r["complete"]]
     lat = sorted(r["latency"] for r in results)
     ttft = sorted(r["ttft"] for r in results)
     later = sorted(r["ttft"] for r in results if not r["first"]) or ttft
@@ -195,6 +213,9 @@ def run_point(port: int, models: list[str], clients: int, seconds: float) -> dic
         "later50": pct(later, 50), "later99": pct(later, 99),
         "mean_tokens": statistics.mean(r["tokens"] for r in results),
         "n": len(results),
+        "lost": len(lost),
+        "rss_start": rss_start,
+        "rss_end": rss_mb(server.proc.pid),
     }
 
 
@@ -219,6 +240,7 @@ def main() -> None:
 
     print(f"serve_load: {machine_summary()}; load {os.getloadavg()[0]:.1f}", flush=True)
     runs: dict[tuple[str, int, int], list[dict]] = {}
+    memory: list[tuple[str, float, float]] = []  # per server run: RSS after warm-up, at the end
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(Path(tmp), max(args.adapters))
         common = ["--dtype", args.dtype, "--max-batch", str(args.max_batch)]
@@ -233,18 +255,23 @@ def main() -> None:
                                                       args.max_batch), [max(args.adapters), 0]))
         for kind, start, ks in [p for _ in range(args.repeats) for p in plans]:
             server = start()
+            points: list[dict] = []
             try:
                 for k in ks:
                     models = [f"a{i}" for i in range(k)] or ["SmolLM2-135M-Instruct"]
-                    one_request(server.port, models[0], "Hi", 4)  # warm-up
+                    for model in models:  # warm-up: vLLM's first batch with an adapter is slow
+                        one_request(server.port, model, "Hi", 4)
                     for n in args.clients if kind != "vllm" else [max(args.clients)]:
-                        r = run_point(server.port, models, n, args.seconds)
+                        r = run_point(server, models, n, args.seconds)
                         runs.setdefault((kind, k, n), []).append(r)
+                        points.append(r)
                         print(f"{kind:8s} K={k} N={n:2d}: {r['tok_s']:6.1f} tok/s "
                               f"{r['req_s']:5.2f} req/s  latency p50 {r['p50']:5.2f} s "
                               f"p99 {r['p99']:5.2f} s  TTFT p50 {r['ttft50']:5.2f} s "
                               f"p99 {r['ttft99']:5.2f} s  {r['mean_tokens']:.1f} tok/req "
-                              f"({r['n']} requests)", flush=True)
+                              f"({r['n']} requests, {r['lost']} lost; RSS "
+                              f"{r['rss_start']:.0f} -> {r['rss_end']:.0f} MB)", flush=True)
+                memory.append((kind, points[0]["rss_start"], points[-1]["rss_end"]))
             finally:
                 server.stop()
 
@@ -279,6 +306,12 @@ def main() -> None:
         print(f"{'  the same without each first request':42s} "
               f"{point['later99'] / point['later50']:5.2f}  (p50 {point['later50']:.2f} s, "
               f"p99 {point['later99']:.2f} s: the start is a burst of {nmax} prompts)")
+    lost = sum(r["lost"] for rs in runs.values() for r in rs)
+    answered = sum(r["n"] for rs in runs.values() for r in rs)
+    print(f"\nrequests answered completely: {answered}, lost or answered twice: {lost}")
+    for kind, first, last in memory:
+        print(f"RSS of a {kind} server: {first:.0f} MB after warm-up, {last:.0f} MB at the end "
+              f"({(last / first - 1) * 100:+.1f} %)")
     vllm = get("vllm", kmax, nmax)
     if vllm:
         print(f"{'lorakit vs vLLM-CPU, adapters K=%d N=%d' % (kmax, nmax):42s} "

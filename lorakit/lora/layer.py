@@ -230,17 +230,30 @@ class AdapterGroups:
                     g[i] = stack.g[name]
             self.g = g[row_ids]
         self.n_rows = len(row_ids)
+        self._by_dtype: dict[torch.dtype, tuple] = {}
 
-    def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
-        """Mask, output factor and segments for a batch of `n` rows."""
+    def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mask and output factor for a batch of `n` rows."""
         if n == self.n_rows:
-            return self.mask, self.g, self.segments
+            return self.mask, self.g
         if n % self.n_rows:
             raise ValueError(f"a mixed-adapter batch of {self.n_rows} rows met a batch of {n}")
         k = n // self.n_rows  # generate repeats each row for beams / return sequences
         g = None if self.g is None else self.g.repeat_interleave(k, 0)
-        segments = self.segments and [(r0 * k, r1 * k, c0, c1) for r0, r1, c0, c1 in self.segments]
-        return self.mask.repeat_interleave(k, 0), g, segments
+        return self.mask.repeat_interleave(k, 0), g
+
+    def _weights(self, dtype: torch.dtype):
+        """(A_span^T, B_span^T, per-segment (rows, A^T, B^T) or None) in `dtype`, made once."""
+        w = self._by_dtype.get(dtype)
+        if w is None:
+            a, b_t = (t[self.span] for t in self.stack.in_dtype(dtype))
+            segs = None
+            if self.segments is not None and len(self.segments) > 1:
+                segs = [
+                    (slice(r0, r1), a[c0:c1].t(), b_t[c0:c1]) for r0, r1, c0, c1 in self.segments
+                ]
+            w = self._by_dtype[dtype] = (a.t(), b_t, segs)
+        return w
 
     def __call__(
         self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module
@@ -248,36 +261,40 @@ class AdapterGroups:
         if self.empty:
             return result
         n = x.shape[0]
-        mask, g, segments = self._rows(n)
-        if g is not None or torch.is_grad_enabled() or not result.is_contiguous():
-            return self._general(x, result, base_layer, mask, g)
-        # inference: the update is added into the base layer's fresh output, in as few kernels
-        # as possible (decoding calls this ~200 times per step with tiny products)
-        tokens = x.numel() // x.shape[-1]
-        dtype = self.a.dtype
-        if x.dtype != dtype and tokens * self.a.shape[0] >= LOW_PRECISION_WORK:
-            dtype = x.dtype
-        a, b_t = (t[self.span] for t in self.stack.in_dtype(dtype))
-        x2 = x.reshape(n, -1, x.shape[-1]).to(dtype)
-        out = result.view(n, -1, result.shape[-1])
-        if segments is not None and x2.shape[1] > 1:  # a prefill grouped by adapter
-            for r0, r1, c0, c1 in segments:
-                h = x2[r0:r1].flatten(0, 1) @ a[c0:c1].t()
-                _add_product(out[r0:r1].flatten(0, 1), h, b_t[c0:c1])
+        if (
+            n != self.n_rows
+            or self.g is not None
+            or torch.is_grad_enabled()
+            or not result.is_contiguous()
+        ):
+            return self._general(x, result, base_layer, *self._rows(n))
+        # inference: the update is added into the base layer's fresh output with as few calls as
+        # possible (a decoding step makes ~200 of them, each with tiny products)
+        width = self.a.shape[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        low = x.dtype != self.a.dtype and x2.shape[0] * width >= LOW_PRECISION_WORK
+        a_t, b_t, segs = self._weights(x.dtype if low else self.a.dtype)
+        if x2.dtype != a_t.dtype:
+            x2 = x2.to(a_t.dtype)
+        out = result.view(-1, result.shape[-1])
+        if segs is not None and x2.shape[0] > n:  # a prefill grouped by adapter
+            x3, out3 = x2.view(n, -1, x2.shape[-1]), out.view(n, -1, out.shape[-1])
+            for rows, a_i, b_i in segs:
+                h = torch.mm(x3[rows].flatten(0, 1), a_i)
+                _add_product(out3[rows].flatten(0, 1), h, b_i)
             return result
-        h = x2.flatten(0, 1) @ a.t()  # [tokens, span]
+        h = torch.mm(x2, a_t)  # [tokens, span]
         if not self.uniform:
-            h.view(n, -1, h.shape[-1]).mul_(self._mask_in(mask, h.dtype).unsqueeze(1))
-        _add_product(out.flatten(0, 1), h, b_t)
+            h.view(n, -1, width).mul_(self._mask_in(h.dtype).unsqueeze(1))
+        _add_product(out, h, b_t)
         return result
 
-    def _mask_in(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if mask.dtype == dtype:
-            return mask
-        key = (dtype, mask.shape[0])
-        if key not in self._lowered_masks:
-            self._lowered_masks[key] = mask.to(dtype)
-        return self._lowered_masks[key]
+    def _mask_in(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.mask.dtype == dtype:
+            return self.mask
+        if dtype not in self._lowered_masks:
+            self._lowered_masks[dtype] = self.mask.to(dtype)
+        return self._lowered_masks[dtype]
 
     def _general(self, x, result, base_layer, mask, g) -> torch.Tensor:
         """Out of place in the adapters' dtype: autograd, and DoRA's output factor."""
@@ -298,7 +315,7 @@ def _add_product(out: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor) -> None:
     if h.dtype == out.dtype:
         out.addmm_(h, b_t)
     else:
-        out.add_(h @ b_t)
+        out.add_(torch.mm(h, b_t))
 
 
 class LoraLayer(nn.Module):
