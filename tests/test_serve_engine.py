@@ -18,7 +18,8 @@ from peft import PeftModel
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.serving.adapters import AdapterPool
-from lorakit.serving.engine import Engine, Request, Sampling
+from lorakit.serving.batch import length_groups
+from lorakit.serving.engine import PREFILL_PADDING_SLACK, Engine, Request, Sampling
 
 MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
@@ -172,3 +173,33 @@ def test_seeded_sampling_repeats_and_stop_strings_cut(setup):
     assert runs[0] == runs[1]  # the same seed gives the same tokens, whatever else runs
     assert stopped.last[0].finish_reason == "stop"
     assert stopped.text[0] == greedy.text[0][: greedy.text[0].index(third)]
+
+
+def test_length_groups_bound_the_padding():
+    # 10, 11, 12 padded to 12 add 3 tokens; 100 and 101 add 1; 40 is alone
+    assert length_groups([10, 100, 12, 11, 101, 40], slack=4) == [[0, 3, 2], [5], [1, 4]]
+    assert length_groups([5, 5, 5], slack=0) == [[0, 1, 2]]
+    assert length_groups([5, 6], slack=0) == [[0], [1]]
+
+
+def test_prompts_admitted_together_in_several_forwards_equal_each_alone(setup):
+    """Requests waiting before the loop starts are admitted in one step: prompts of far-apart
+    lengths are prefilled in separate forwards and joined into one batch."""
+    kind, paths = setup
+    engine = engine_for(kind, paths, max_loras=3, max_batch=8)
+    g = torch.Generator().manual_seed(1)
+    lengths = [3, 40, 4, 25, 41, 2, 60, 26]
+    jobs = [(torch.randint(3, 128, (n,), generator=g).tolist(), [None, "a0", "a1", "a2"][i % 4],
+             4 + i % 3) for i, n in enumerate(lengths)]
+    assert len(length_groups(lengths, PREFILL_PADDING_SLACK)) > 1
+    out = Collector(len(jobs))
+    for i, (prompt, adapter, n) in enumerate(jobs):
+        engine.submit(Request(prompt, adapter, Sampling(max_tokens=n, temperature=0), out.sink(i)))
+    engine.start()
+    try:
+        assert out.all_done.wait(120)
+    finally:
+        engine.stop()
+    for i, (prompt, adapter, n) in enumerate(jobs):
+        assert out.last[i].error is None, out.last[i].error
+        assert tokens(out.text[i]) == reference(kind, paths, adapter, prompt, n), (i, adapter)

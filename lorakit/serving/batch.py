@@ -29,6 +29,36 @@ class Prefilled:
     logits: torch.Tensor  # [rows, vocab]
 
 
+def join_prefilled(parts: list[Prefilled]) -> Prefilled:
+    """Prompts prefilled in separate forwards as one `Prefilled` (left-padded to the longest),
+    so that the running batch's cache is extended once."""
+    if len(parts) == 1:
+        return parts[0]
+    length = max(p.mask.shape[1] for p in parts)
+    layers = [kv_layers(p.cache) for p in parts]
+    for i, layer in enumerate(layers[0]):
+        layer.keys = torch.cat([_pad_left(ls[i].keys, length) for ls in layers])
+        layer.values = torch.cat([_pad_left(ls[i].values, length) for ls in layers])
+    mask = torch.cat([_pad_left(p.mask, length, 1) for p in parts])
+    return Prefilled(parts[0].cache, mask, torch.cat([p.logits for p in parts]))
+
+
+def length_groups(lengths: list[int], slack: int) -> list[list[int]]:
+    """Indices of prompts grouped by length (shortest first) so that left-padding a group to
+    its longest prompt adds at most `slack` tokens."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        n = lengths[i]
+        if groups and n * (len(groups[-1]) + 1) - (real + n) <= slack:
+            groups[-1].append(i)
+            real += n
+        else:
+            groups.append([i])
+            real = n
+    return groups
+
+
 @dataclass
 class DecodeBatch:
     """KV cache, attention mask [rows, length] and next position [rows] of the running rows."""

@@ -32,7 +32,11 @@ from lorakit.errors import UserError
 from lorakit.lora import LoraModel
 from lorakit.lora.model import BASE_ADAPTER
 from lorakit.serving.adapters import AdapterFiles, AdapterNotFound, AdapterPool
-from lorakit.serving.batch import DecodeBatch, Prefilled
+from lorakit.serving.batch import DecodeBatch, Prefilled, join_prefilled, length_groups
+
+# Padding tokens a prefill forward may carry to share it with another prompt: about what one
+# more forward costs in fixed overhead on the default model (a few ms, ~5-20 prompt tokens).
+PREFILL_PADDING_SLACK = 16
 
 
 class QueueFull(UserError):
@@ -233,6 +237,7 @@ class Engine:
         step's token budget last; a request whose adapter is not resident starts its load and
         lets others pass."""
         budget = self.prefill_tokens_per_step
+        tokens = 0
         chosen: list[Request] = []
         kept: deque[Request] = deque()
         slot_wanted = False  # an older request waits for an adapter slot
@@ -241,9 +246,8 @@ class Engine:
             if request.cancelled:
                 self._left_queue()
                 continue
-            # padded tokens of the prefill with this request; the first always fits
-            longest = max([len(request.prompt_ids)] + [len(r.prompt_ids) for r in chosen])
-            over_budget = chosen and longest * (len(chosen) + 1) > budget
+            # prompt tokens prefilled this step with this request; the first always fits
+            over_budget = chosen and tokens + len(request.prompt_ids) > budget
             # once a request waits for a slot, later ones may not pin adapters (they would
             # keep the slots busy for ever); base-model rows pin nothing and still pass
             if (
@@ -267,6 +271,7 @@ class Engine:
             if request.adapter is not None:
                 self.adapters.use(request.adapter)  # pinned now: no later load evicts it
             chosen.append(request)
+            tokens += len(request.prompt_ids)
         self.waiting = kept
         if chosen:
             try:
@@ -293,14 +298,33 @@ class Engine:
         return "ready"
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Prefill the prompts in one forward (left-padded when their lengths differ), add the
-        rows to the batch and pick their first tokens. The rows are grouped by adapter, so
-        that each adapter's update is computed on its own rows only (see `AdapterGroups`)."""
-        requests = sorted(requests, key=lambda r: r.adapter or "")
+        """Prefill the prompts, pick their first tokens and add their rows to the batch.
+
+        Prompts of about the same length share one left-padded forward; the others get their
+        own: a prompt padded to a longer one pays for every padding token, while another
+        forward costs only a few tokens' worth (PREFILL_PADDING_SLACK). Within a forward the
+        rows are grouped by adapter, so each adapter's update is computed on its own rows only
+        (see `AdapterGroups`)."""
         for request in requests:
             if request.sampling.seed is not None:
                 request.generator = torch.Generator().manual_seed(request.sampling.seed)
         self._close_groups()
+        rows: list[Request] = []
+        parts: list[Prefilled] = []
+        lengths = [len(r.prompt_ids) for r in requests]
+        for group in length_groups(lengths, PREFILL_PADDING_SLACK):
+            group_rows = sorted((requests[i] for i in group), key=lambda r: r.adapter or "")
+            prefilled = self._forward_prompts(group_rows)
+            # first tokens go out before the next group's forward
+            for request, token in zip(group_rows, self._pick(prefilled.logits, group_rows)):
+                self._accept(request, token)
+            rows += group_rows
+            parts.append(prefilled)
+        self.batch.add(rows, join_prefilled(parts))
+        if any(r.done for r in rows):
+            self._retire()
+
+    def _forward_prompts(self, requests: list[Request]) -> Prefilled:
         lengths = [len(r.prompt_ids) for r in requests]
         longest = max(lengths)
         ids = torch.tensor(
@@ -326,12 +350,7 @@ class Engine:
                 **{self._cache_argument: cache},
                 **self._last_only,
             )
-        logits = out.logits[:, -1].float()
-        self.batch.add(requests, Prefilled(cache, mask, logits))
-        for request, token in zip(requests, self._pick(logits, requests)):
-            self._accept(request, token)
-        if any(r.done for r in requests):
-            self._retire()
+        return Prefilled(cache, mask, out.logits[:, -1].float())
 
     def _decode_step(self) -> None:
         rows = self.batch.rows
