@@ -415,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-prefill-tokens",
         dest="max_prefill_tokens",
         type=int,
-        default=2048,
-        help="prompt tokens (padded) prefilled between two decoding steps",
+        default=512,
+        help="prompt tokens prefilled between two decoding steps (running rows wait meanwhile)",
     )
     s.add_argument(
         "--max-waiting",

@@ -203,3 +203,23 @@ def test_prompts_admitted_together_in_several_forwards_equal_each_alone(setup):
     for i, (prompt, adapter, n) in enumerate(jobs):
         assert out.last[i].error is None, out.last[i].error
         assert tokens(out.text[i]) == reference(kind, paths, adapter, prompt, n), (i, adapter)
+
+
+def test_prefill_budget_bounds_the_prompt_tokens_of_a_step(setup):
+    kind, paths = setup
+    engine = engine_for(kind, paths, max_loras=3, max_batch=8)
+    engine.prefill_tokens_per_step = 100
+    seen = []
+    prefill = engine._prefill
+    engine._prefill = lambda requests: seen.append([len(r.prompt_ids) for r in requests]) \
+        or prefill(requests)
+    out = Collector(5)
+    # the third 40 waits, the 10 behind it fits; a prompt over the budget goes alone
+    for i, n in enumerate([40, 40, 40, 150, 10]):
+        engine.submit(Request(list(range(3, 3 + n)), None, Sampling(max_tokens=2), out.sink(i)))
+    engine.start()
+    try:
+        assert out.all_done.wait(60)
+    finally:
+        engine.stop()
+    assert seen == [[40, 40, 10], [40], [150]], seen

@@ -141,6 +141,17 @@ def lorakit(tmp: Path, *args: Any, cwd: Path | None = None, env: dict[str, str] 
 # ---------------------------------------------------------------------------- what a run left
 
 
+def train_args(model: Path, data: Path, out: Path, steps: int, keep: int | str, *extra: Any,
+               r: int = 4, alpha: int = 8) -> list:
+    """`lorakit train` as the fault suite runs it: fp32, batch 4, a log line and a checkpoint
+    every step (`keep` of them at most; "null" keeps all), no samples."""
+    return ["train", "--model", model, "--data", data, "--output", out, "--max-steps", steps,
+            "--batch-size", 4, "--lr", "5e-3", "--lora-r", r, "--lora-alpha", alpha,
+            "--set", "training.logging_steps=1", "--set", "training.save_steps=1",
+            "--set", f"training.save_total_limit={keep}", "--set", "training.bf16=false",
+            "--set", "output.samples=0", *extra]
+
+
 def checkpoint_problems(out: Path) -> list[str]:
     """Checkpoints under `out` that are not complete (every file there and readable)."""
     problems = []

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_sum_rows
+import harness
 from harness import checkpoint_problems, lorakit, one_line_error, record, temporaries, zygote
 
 from lorakit.atomic import TMP_PREFIX
@@ -31,11 +32,7 @@ LIMIT = 24 * 1024
 
 
 def train_args(model: Path, data: Path, out: Path, *extra) -> list:
-    return ["train", "--model", model, "--data", data, "--output", out, "--max-steps", STEPS,
-            "--batch-size", 4, "--lr", "5e-3", "--lora-r", 16, "--lora-alpha", 16,
-            "--set", "training.logging_steps=1", "--set", "training.save_steps=1",
-            "--set", "training.save_total_limit=3", "--set", "training.bf16=false",
-            "--set", "output.samples=0", *extra]
+    return harness.train_args(model, data, out, STEPS, 3, *extra, r=16, alpha=16)
 
 
 def digests(out: Path) -> dict[str, str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import logged_steps, write_sum_rows
+import harness
 from harness import (
     CHILD_ENV,
     Run,
@@ -48,14 +49,11 @@ PHASES = ("start-up", "training step", "checkpoint write", "eval", "final adapte
 
 
 def train_args(model: Path, data: Path, out: Path) -> list:
-    # a checkpoint every step (pruned to 2: pruning is killed too), eval every 3 steps, fp32
-    return ["train", "--model", model, "--data", data / "train.jsonl", "--eval-data",
-            data / "eval.jsonl", "--output", out, "--max-steps", STEPS, "--batch-size", 4,
-            "--lr", "5e-3", "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0,
-            "--set", "training.logging_steps=1", "--set", "training.save_steps=1",
-            "--set", "training.save_total_limit=2", "--set", f"training.eval_steps={EVAL_STEPS}",
-            "--set", "training.per_device_eval_batch_size=4", "--set", "training.bf16=false",
-            "--set", "output.samples=0"]
+    # a checkpoint every step (pruned to 2: pruning is killed too), eval every 3 steps
+    return harness.train_args(
+        model, data / "train.jsonl", out, STEPS, 2, "--eval-data", data / "eval.jsonl",
+        "--lora-dropout", 0, "--set", f"training.eval_steps={EVAL_STEPS}",
+        "--set", "training.per_device_eval_batch_size=4")
 
 
 def metrics(out: Path) -> list[dict]:

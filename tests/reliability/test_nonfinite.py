@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_sum_rows
+import harness
 from harness import checkpoint_problems, lorakit, one_line_error, record, temporaries, zygote
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,11 +33,7 @@ POISON = "zebra"
 
 
 def train_args(model: Path, data: Path, out: Path, *extra) -> list:
-    return ["train", "--model", model, "--data", data, "--output", out, "--max-steps", STEPS,
-            "--batch-size", 4, "--lr", "5e-3", "--lora-r", 4, "--lora-alpha", 8,
-            "--set", "training.logging_steps=1", "--set", "training.save_steps=1",
-            "--set", "training.save_total_limit=null", "--set", "training.bf16=false",
-            "--set", "output.samples=0", *extra]
+    return harness.train_args(model, data, out, STEPS, "null", *extra)
 
 
 def poisoned_row() -> dict:
