@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-prefill-tokens",
         dest="max_prefill_tokens",
         type=int,
-        default=512,
+        default=2048,
         help="prompt tokens prefilled between two decoding steps (running rows wait meanwhile)",
     )
     s.add_argument(

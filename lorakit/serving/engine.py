@@ -95,7 +95,7 @@ class Engine:
         adapters: AdapterPool,
         max_batch: int = 16,
         max_waiting: int = 256,
-        prefill_tokens_per_step: int = 512,
+        prefill_tokens_per_step: int = 2048,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer

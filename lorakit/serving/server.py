@@ -404,7 +404,7 @@ def build(
     max_loras: int = 8,
     max_batch: int = 16,
     max_waiting: int = 256,
-    max_prefill_tokens: int = 512,
+    max_prefill_tokens: int = 2048,
     **config: Any,
 ) -> Server:
     """Load the base, wrap it for adapters, read `name=DIR` (or `DIR`) adapters, and return the
