@@ -10,12 +10,14 @@ VOCAB = 128
 
 
 def make_tiny_llama(attention_bias: bool = False, vocab_size: int = VOCAB, seed: int = 0,
-                    tie_word_embeddings: bool = False, **kw) -> LlamaForCausalLM:
+                    tie_word_embeddings: bool = False, max_position_embeddings: int = 256,
+                    **kw) -> LlamaForCausalLM:
     """A 2-layer Llama-style model (q/k/v/o, gate/up/down), random weights, eval mode."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, attention_bias=attention_bias,
+                      max_position_embeddings=max_position_embeddings,
+                      attention_bias=attention_bias,
                       tie_word_embeddings=tie_word_embeddings, **kw)
     return LlamaForCausalLM(cfg).eval()
 
