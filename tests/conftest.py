@@ -77,9 +77,15 @@ def smol_tokenizer(default_model_dir):
 def tiny_chat_dir(tmp_path_factory, smol_tokenizer):
     """A tiny random Llama saved as a model directory with SmolLM2's tokenizer and chat template:
     what the CLI tests pass as --model."""
-    path = tmp_path_factory.mktemp("tiny-chat-model")
-    make_tiny_llama(vocab_size=len(smol_tokenizer), initializer_range=0.2).save_pretrained(path)
-    smol_tokenizer.save_pretrained(path)
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"), smol_tokenizer)
+
+
+def save_tiny_chat_model(path, tokenizer, **model_kw):
+    """Save a tiny random Llama (make_tiny_llama's `model_kw`) sized to `tokenizer`, with the
+    tokenizer beside it, as a model directory at `path`."""
+    make_tiny_llama(vocab_size=len(tokenizer), initializer_range=0.2,
+                    **model_kw).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 

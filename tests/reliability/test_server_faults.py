@@ -163,21 +163,18 @@ def _get(s, path: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def long_context_dir(tmp_path_factory, smol_tokenizer):
-    """tiny_chat_dir's model with room for 2048 positions: streams long enough to outlast a
-    grace period however fast the machine decodes (the adapters fit it: same shapes)."""
-    from conftest import make_tiny_llama
-    path = tmp_path_factory.mktemp("tiny-long-context")
-    make_tiny_llama(vocab_size=len(smol_tokenizer), initializer_range=0.2,
-                    max_position_embeddings=2048).save_pretrained(path)
-    smol_tokenizer.save_pretrained(path)
-    return path
+    """tiny_chat_dir's model with room for 2048 positions, for streams long enough to outlast
+    a grace period however fast the machine decodes (the adapters fit it: same shapes)."""
+    from conftest import save_tiny_chat_model
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-long-context"), smol_tokenizer,
+                                max_position_embeddings=2048)
 
 
 def test_sigterm_under_load_answers_every_request_once(long_context_dir, adapters):
     """8 streams running, SIGTERM with a 0.2 s grace period: each stream ends once, with its
-    answer or with an error event (never a silent cut); the long ones (1000 tokens, 250 had
-    finished within the grace on a quiet fast machine) are told; exit status 0. Finishing
-    within a long grace period is tests/test_serve.py's SIGTERM test."""
+    answer or with an error event (never a silent cut); the long ones (1000 tokens, seconds
+    of decoding) are told; exit status 0. Finishing within a long grace period is
+    tests/test_serve.py's SIGTERM test."""
     s = ServerProcess("--model", str(long_context_dir), "--adapter", f"a0={adapters['a0']}",
                       "--max-batch", "8", "--grace", "0.2")
     results: list = [None] * 8
