@@ -80,11 +80,15 @@ def tiny_chat_dir(tmp_path_factory, smol_tokenizer):
     return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"), smol_tokenizer)
 
 
-def save_tiny_chat_model(path, tokenizer, **model_kw):
-    """Save a tiny random Llama (make_tiny_llama's `model_kw`) sized to `tokenizer`, with the
-    tokenizer beside it, as a model directory at `path`."""
-    make_tiny_llama(vocab_size=len(tokenizer), initializer_range=0.2,
-                    **model_kw).save_pretrained(path)
+def tiny_chat_model(tokenizer, **model_kw) -> LlamaForCausalLM:
+    """A tiny random Llama sized to `tokenizer` (make_tiny_llama's `model_kw`)."""
+    return make_tiny_llama(vocab_size=len(tokenizer), initializer_range=0.2, **model_kw)
+
+
+def save_tiny_chat_model(path, tokenizer, model: LlamaForCausalLM | None = None):
+    """Save `model` (default: `tiny_chat_model`) with `tokenizer` beside it as a model
+    directory at `path`."""
+    (model or tiny_chat_model(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

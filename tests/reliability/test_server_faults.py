@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+import torch
 from harness import record
 from serve_util import ServerProcess, rss_kb, wait_until, write_adapters
 
@@ -162,20 +163,29 @@ def _get(s, path: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def long_context_dir(tmp_path_factory, smol_tokenizer):
-    """tiny_chat_dir's model with room for 2048 positions, for streams long enough to outlast
-    a grace period however fast the machine decodes (the adapters fit it: same shapes)."""
-    from conftest import save_tiny_chat_model
-    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-long-context"), smol_tokenizer,
-                                max_position_embeddings=2048)
+def endless_model_dir(tmp_path_factory, smol_tokenizer):
+    """tiny_chat_dir's model with room for 2048 positions and no end of its own: greedy
+    decoding on the random model had emitted its end-of-sequence token after ~104 tokens, so
+    whether a "long" stream outlasted the grace period depended on when SIGTERM came. The
+    end-of-sequence rows of lm_head are zeroed: that logit is 0, never the argmax over
+    49 152 random logits whose largest is a few standard deviations above 0. (The adapters
+    fit this model: same shapes, and they leave lm_head alone.)"""
+    from conftest import save_tiny_chat_model, tiny_chat_model
+    model = tiny_chat_model(smol_tokenizer, max_position_embeddings=2048)
+    ends = [smol_tokenizer.eos_token_id, model.config.eos_token_id,
+            model.generation_config.eos_token_id]
+    ends = sorted({i for e in ends if e is not None for i in (e if isinstance(e, list) else [e])})
+    with torch.no_grad():
+        model.lm_head.weight[ends] = 0
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-endless"), smol_tokenizer, model)
 
 
-def test_sigterm_under_load_answers_every_request_once(long_context_dir, adapters):
+def test_sigterm_under_load_answers_every_request_once(endless_model_dir, adapters):
     """8 streams running, SIGTERM with a 0.2 s grace period: each stream ends once, with its
     answer or with an error event (never a silent cut); the long ones (1000 tokens, seconds
     of decoding) are told; exit status 0. Finishing within a long grace period is
     tests/test_serve.py's SIGTERM test."""
-    s = ServerProcess("--model", str(long_context_dir), "--adapter", f"a0={adapters['a0']}",
+    s = ServerProcess("--model", str(endless_model_dir), "--adapter", f"a0={adapters['a0']}",
                       "--max-batch", "8", "--grace", "0.2")
     results: list = [None] * 8
 
