@@ -218,10 +218,12 @@ class AdapterGroups:
 
     The layer's adapters are concatenated along r (an `AdapterStack`: A_cat [Σr, in], B_cat
     [Σr, out]); the batch uses the span of columns between its first and last adapter there.
-    - Decoding (one position per row): a row mask keeps each row's own block of columns, so the
-      update is two plain GEMMs shared by all rows, whatever the adapter mix, instead of a
-      per-row gather of A and B (which moves more bytes than the GEMMs when decoding).
-      "__base__" rows and adapters this layer lacks get an all-zero mask row.
+    - Decoding (one position per row), adapters of one rank: rows gathered by adapter into two
+      batched products (`RowGroups`), so each row meets only its own adapter's weights.
+    - Otherwise (mixed ranks, autograd, DoRA): a row mask keeps each row's own block of
+      columns, so the update is two plain GEMMs shared by all rows, whatever the adapter mix.
+      "__base__" rows and adapters this layer lacks get an all-zero mask row (no place in
+      `RowGroups`).
     - Prefills whose rows are grouped by adapter: two GEMMs per adapter on its rows, so no row
       pays for the other adapters' columns.
     Large updates on a bf16/fp16 base are computed in that dtype (LOW_PRECISION_WORK).
