@@ -284,6 +284,10 @@ class AdapterGroups:
             if masks is not None:
                 masks[layout] = shared
         self.mask, self.uniform, self._lowered_masks, self.rows = shared
+        if self.rows is not None:  # the stacked weights as [groups, in, r] and [groups, r, out]
+            k, r = self.rows.groups, self.rows.rank
+            self._a3 = self.a.view(k, r, -1).transpose(1, 2)
+            self._b3 = self.b_t.view(k, r, -1)
         self.g = None
         if stack.g:
             g = torch.ones(len(names) + 1, layer.out_features, dtype=dtype, device=device)
@@ -358,13 +362,11 @@ class AdapterGroups:
         """out += each row's own adapter update, as two batched products over the adapters'
         groups of rows, in the adapters' dtype: on a CPU, small fp32 batched products cost a
         fraction of bf16 ones, and the stacked weights are used in place (views)."""
-        a3 = self.a.view(rows.groups, rows.rank, -1).transpose(1, 2)  # [groups, in, r]
-        b3 = self.b_t.view(rows.groups, rows.rank, -1)  # [groups, r, out]
         xg = x if rows.in_order else x.index_select(0, rows.index)
-        h = torch.bmm(xg.to(a3.dtype).view(rows.groups, rows.m, -1), a3)
+        h = torch.bmm(xg.to(self._a3.dtype).view(rows.groups, rows.m, -1), self._a3)
         if rows.valid is not None:
             h.mul_(rows.valid)
-        delta = torch.bmm(h, b3).view(rows.groups * rows.m, -1).to(out.dtype)
+        delta = torch.bmm(h, self._b3).view(rows.groups * rows.m, -1).to(out.dtype)
         out.add_(delta if rows.in_order else delta.index_select(0, rows.inverse))
 
     def _mask_in(self, dtype: torch.dtype) -> torch.Tensor:
