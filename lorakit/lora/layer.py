@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.lora import backends
+from lorakit.lora.decode_kernel import decode_kernel
 from lorakit.lora.pissa import is_pissa, pissa_init
 from lorakit.lora.variants import LoraVariant
 
@@ -200,6 +201,28 @@ class RowGroups:
         )
 
 
+@dataclass
+class KernelRows:
+    """A decoding batch for the compiled kernel (decode_kernel.cpp): the rows that have an
+    adapter in the layer, sorted by adapter (a group's rows then find its weights in cache),
+    and each row's columns in the stack. Any mix of ranks."""
+
+    rows: torch.Tensor  # [n] int64
+    cols: torch.Tensor  # [n, 2] int64: (first, end) column in AdapterStack.a / .b_t
+
+    @classmethod
+    def build(cls, row_ids: torch.Tensor, names: list[str], stack: AdapterStack) -> "KernelRows":
+        order = sorted(
+            (stack.offsets[names[slot]], i)
+            for i, slot in enumerate(row_ids.tolist())
+            if slot < len(names) and names[slot] in stack.offsets
+        )
+        return cls(
+            rows=torch.tensor([i for _, i in order], dtype=torch.long),
+            cols=torch.tensor([c for c, _ in order], dtype=torch.long).view(-1, 2),
+        )
+
+
 def row_segments(row_ids: torch.Tensor) -> list[tuple[int, int, int]] | None:
     """(slot, first row, end row) of each run of equal ids, if every slot's rows are one run
     (rows grouped by adapter), else None."""
@@ -218,8 +241,10 @@ class AdapterGroups:
 
     The layer's adapters are concatenated along r (an `AdapterStack`: A_cat [Σr, in], B_cat
     [Σr, out]); the batch uses the span of columns between its first and last adapter there.
-    - Decoding (one position per row), adapters of one rank: rows gathered by adapter into two
-      batched products (`RowGroups`), so each row meets only its own adapter's weights.
+    - Decoding (one position per row) on the CPU: one call of the compiled kernel
+      (`KernelRows`, decode_kernel.cpp), each row meeting only its own adapter's weights.
+      Without the kernel, adapters of one rank: rows gathered by adapter into two batched
+      products (`RowGroups`).
     - Otherwise (mixed ranks, autograd, DoRA): a row mask keeps each row's own block of
       columns, so the update is two plain GEMMs shared by all rows, whatever the adapter mix.
       "__base__" rows and adapters this layer lacks get an all-zero mask row (no place in
@@ -280,10 +305,11 @@ class AdapterGroups:
             mask = blocks.to(device)[row_ids]  # [rows, span]
             # every row uses the one adapter in the span: an all-ones mask, skipped in forward
             rows = RowGroups.build(row_ids, names, stack, lo, hi)
-            shared = (mask, bool((mask == 1).all()), {}, rows)
+            kernel_rows = KernelRows.build(row_ids.cpu(), names, stack)
+            shared = (mask, bool((mask == 1).all()), {}, rows, kernel_rows)
             if masks is not None:
                 masks[layout] = shared
-        self.mask, self.uniform, self._lowered_masks, self.rows = shared
+        self.mask, self.uniform, self._lowered_masks, self.rows, self.kernel_rows = shared
         if self.rows is not None:  # the stacked weights as [groups, in, r] and [groups, r, out]
             k, r = self.rows.groups, self.rows.rank
             self._a3 = self.a.view(k, r, -1).transpose(1, 2)
@@ -339,8 +365,7 @@ class AdapterGroups:
         width = self.a.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         out = result.view(-1, result.shape[-1])
-        if self.rows is not None and x2.shape[0] == n:  # decoding: one position per row
-            self._decode(x2, out, self.rows)
+        if x2.shape[0] == n and self._decode(x2, out):  # decoding: one position per row
             return result
         low = x.dtype != self.a.dtype and x2.shape[0] * width >= LOW_PRECISION_WORK
         a_t, b_t, segs = self._weights(x.dtype if low else self.a.dtype)
@@ -358,16 +383,31 @@ class AdapterGroups:
         _add_product(out, h, b_t)
         return result
 
-    def _decode(self, x: torch.Tensor, out: torch.Tensor, rows: RowGroups) -> None:
-        """out += each row's own adapter update, as two batched products over the adapters'
-        groups of rows, in the adapters' dtype: on a CPU, small fp32 batched products cost a
-        fraction of bf16 ones, and the stacked weights are used in place (views)."""
+    def _decode(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """out += each row's own adapter update, in the adapters' dtype (fp32: small bf16
+        products cost several times more on a CPU): by the compiled kernel where it applies,
+        else as two batched products over the adapters' groups of rows, the stacked weights
+        used in place (views). False if neither applies (mixed ranks without the kernel)."""
+        if (
+            x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and self.stack.a.dtype == torch.float32
+        ):
+            kernel = decode_kernel()
+            if kernel is not None:
+                kr = self.kernel_rows
+                kernel(out, x.contiguous(), self.stack.a, self.stack.b_t, kr.rows, kr.cols)
+                return True
+        rows = self.rows
+        if rows is None:
+            return False
         xg = x if rows.in_order else x.index_select(0, rows.index)
         h = torch.bmm(xg.to(self._a3.dtype).view(rows.groups, rows.m, -1), self._a3)
         if rows.valid is not None:
             h.mul_(rows.valid)
         delta = torch.bmm(h, self._b3).view(rows.groups * rows.m, -1).to(out.dtype)
         out.add_(delta if rows.in_order else delta.index_select(0, rows.inverse))
+        return True
 
     def _mask_in(self, dtype: torch.dtype) -> torch.Tensor:
         if self.mask.dtype == dtype:

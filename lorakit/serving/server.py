@@ -411,6 +411,7 @@ def build(
     server (not yet serving). Every problem here is a one-line error before anything binds."""
     from lorakit.base import load_model
     from lorakit.lora import LoraModel
+    from lorakit.lora.decode_kernel import decode_kernel
     from lorakit.serving.adapters import AdapterPool
 
     pairs = [_adapter_arg(a) for a in adapters]
@@ -424,6 +425,7 @@ def build(
             file=sys.stderr,
         )
     model, tokenizer = load_model(model_name, dtype=dtype, quantization=quantization)
+    decode_kernel()  # built now (once per machine) rather than in the first request
     lora = LoraModel(model, None)
     pool = AdapterPool(lora, max_loras)
     for name, path in pairs:

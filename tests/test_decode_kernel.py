@@ -1,0 +1,146 @@
+"""The compiled decoding kernel (lorakit/lora/decode_kernel.cpp): against a float64 closed form,
+inside a model's decoding step against each row's adapter alone and against the torch path it
+replaces, and its fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import VOCAB, make_tiny_llama
+
+from lorakit import LoraConfig, get_lora_model
+from lorakit.compat import new_kv_cache
+from lorakit.lora import decode_kernel as dk
+from lorakit.lora import layer as layer_mod
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="no C++ compiler: the kernel cannot be built here (the torch path decodes)",
+)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = dk.decode_kernel()
+    assert k is not None, "the decoding kernel did not build on a machine with a compiler"
+    return k
+
+
+def reference(out, x, a, b_t, rows, cols) -> torch.Tensor:
+    """out[row] + x[row] · A[c0:c1]ᵀ · B_t[c0:c1] in float64, row by row."""
+    ref = out.double().clone()
+    for row, (c0, c1) in zip(rows.tolist(), cols.tolist()):
+        ref[row] += (x[row].double() @ a[c0:c1].double().t()) @ b_t[c0:c1].double()
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_out", [64, 70, 5])  # whole blocks of 32 columns, a tail, tail only
+def test_kernel_equals_float64_closed_form(kernel, dtype, n_out):
+    g = torch.Generator().manual_seed(0)
+    ranks = [4, 1, 5, 16]  # a multiple of the 4-wide dot products, and remainders
+    offsets = torch.tensor([0] + ranks).cumsum(0).tolist()
+    n_in, n_rows = 37, 9
+    a = torch.randn(offsets[-1], n_in, generator=g)
+    b_t = torch.randn(offsets[-1], n_out, generator=g)
+    x = torch.randn(n_rows, n_in, generator=g).to(dtype)
+    out = torch.randn(n_rows, n_out, generator=g).to(dtype)
+    # uneven groups, rows 3 and 7 without an adapter, rows not in order
+    use = {0: 3, 1: 0, 2: 3, 4: 1, 5: 3, 6: 2, 8: 0}
+    rows = torch.tensor(list(use), dtype=torch.long)
+    cols = torch.tensor([[offsets[s], offsets[s + 1]] for s in use.values()], dtype=torch.long)
+    expected = reference(out, x, a, b_t, rows, cols)
+    before = out.clone()
+    kernel(out, x, a, b_t, rows, cols)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
+    else:  # one bf16 rounding of the sum (8 bits of mantissa)
+        torch.testing.assert_close(out.double(), expected, atol=0, rtol=2**-8)
+    assert torch.equal(out[[3, 7]], before[[3, 7]])  # rows without an adapter are untouched
+    kernel(out, x, a, b_t, rows[:0], cols[:0])  # no rows: nothing to do
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernel(out.half(), x.half(), a, b_t, rows, cols)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel(out, x.t().contiguous().t(), a, b_t, rows, cols)
+
+
+def decode_step(model, ids: torch.Tensor, step: torch.Tensor, **kw) -> torch.Tensor:
+    """The logits of one decoding step after prefilling `ids`."""
+    with torch.no_grad():
+        cache = new_kv_cache()
+        model(input_ids=ids, past_key_values=cache, use_cache=True, **kw)
+        return model(input_ids=step, past_key_values=cache, use_cache=True, **kw).logits
+
+
+ROWS = ["b", "__base__", "a", "c", "a", "b", "a"]
+
+
+def three_adapter_model(dtype: torch.dtype):
+    model = get_lora_model(make_tiny_llama().to(dtype),
+                           LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), "a")
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=3, init_lora_weights=False,
+                                      target_modules=["q_proj", "down_proj"]))
+    model.add_adapter("c", LoraConfig(r=6, lora_alpha=6, use_rslora=True,
+                                      init_lora_weights=False, target_modules="all-linear"))
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_step_with_and_without_the_kernel(kernel, dtype, monkeypatch):
+    """A decoding step over adapters of three ranks (and a base row): each row equals its adapter
+    alone, and the kernel is what computed it (the torch path, forced, agrees)."""
+    model = three_adapter_model(dtype)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, VOCAB, (len(ROWS), 6), generator=g)
+    step = torch.randint(3, VOCAB, (len(ROWS), 1), generator=g)
+    calls = []
+    monkeypatch.setattr(layer_mod, "decode_kernel",
+                        lambda: (lambda *a: (calls.append(1), kernel(*a))[1]))
+    mixed = decode_step(model, ids, step, adapter_names=ROWS)
+    n_layers = sum(isinstance(m, layer_mod.LoraLayer) for m in model.modules())
+    assert len(calls) == n_layers  # the step's updates, one kernel call per layer
+    monkeypatch.setenv(dk.ENV, "0")
+    monkeypatch.setattr(layer_mod, "decode_kernel", dk.decode_kernel)
+    by_torch = decode_step(model, ids, step, adapter_names=ROWS)
+    tol = dict(atol=1e-5, rtol=0) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(mixed.float(), by_torch.float(), **tol)
+    for i, name in enumerate(ROWS):
+        if name == "__base__":
+            with model.disable_adapters():
+                alone = decode_step(model, ids[i:i + 1], step[i:i + 1])
+        else:
+            model.set_adapter(name)
+            alone = decode_step(model, ids[i:i + 1], step[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1].float(), alone.float(), **tol)
+
+
+def test_greedy_generation_is_the_same_with_and_without_the_kernel(kernel, monkeypatch):
+    model = three_adapter_model(torch.float32)
+    ids = torch.randint(3, VOCAB, (len(ROWS), 5), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, adapter_names=ROWS)
+    with_kernel = model.generate(input_ids=ids, **kw)
+    monkeypatch.setenv(dk.ENV, "0")
+    assert torch.equal(model.generate(input_ids=ids, **kw), with_kernel)
+
+
+def test_a_kernel_that_does_not_build_falls_back_with_a_message(monkeypatch, capsys, tmp_path):
+    from torch.utils import cpp_extension
+
+    def fail(**kw):
+        raise RuntimeError("Error building extension 'x'\nc++: fatal error: simulated")
+
+    monkeypatch.setattr(dk, "_kernel", dk._UNSET)
+    monkeypatch.setattr(dk, "lorakit_home", lambda: tmp_path)
+    monkeypatch.setattr(dk, "_build_key", lambda: "test-fails-to-build")
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    assert dk.decode_kernel() is None
+    assert dk.decode_kernel() is None  # tried once per process
+    err = capsys.readouterr().err
+    assert err.count("did not build") == 1 and "simulated" in err
+    # decoding still works, through the torch path
+    model = three_adapter_model(torch.float32)
+    ids = torch.randint(3, VOCAB, (len(ROWS), 4), generator=torch.Generator().manual_seed(1))
+    step = ids[:, -1:]
+    assert decode_step(model, ids, step, adapter_names=ROWS).shape == (len(ROWS), 1, VOCAB)
