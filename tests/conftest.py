@@ -31,6 +31,13 @@ def make_tiny_gpt2(vocab_size: int = VOCAB, seed: int = 0, **kw) -> GPT2LMHeadMo
     return GPT2LMHeadModel(cfg).eval()
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the CPU decoding kernel once, up front (on a fresh machine it takes about a
+    minute), so that no test's time limit, or the first server a test starts, pays for it."""
+    from lorakit.lora.decode_kernel import decode_kernel
+    decode_kernel()
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     """The machine under the results: CPU vector features decide bf16 autocast and 4-bit paths."""
     from lorakit.base.loading import machine_summary

@@ -4,7 +4,10 @@ replaces, and its fallback when it cannot be built."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,23 +45,26 @@ def test_kernel_equals_float64_closed_form(kernel, dtype, n_out):
     g = torch.Generator().manual_seed(0)
     ranks = [4, 1, 5, 16]  # a multiple of the 4-wide dot products, and remainders
     offsets = torch.tensor([0] + ranks).cumsum(0).tolist()
-    n_in, n_rows = 37, 9
+    n_in, n_rows = 37, 14
     a = torch.randn(offsets[-1], n_in, generator=g)
     b_t = torch.randn(offsets[-1], n_out, generator=g)
     x = torch.randn(n_rows, n_in, generator=g).to(dtype)
     out = torch.randn(n_rows, n_out, generator=g).to(dtype)
-    # uneven groups, rows 3 and 7 without an adapter, rows not in order
-    use = {0: 3, 1: 0, 2: 3, 4: 1, 5: 3, 6: 2, 8: 0}
+    # uneven groups (one of five: four at once, then one), rows 3 and 7 without an adapter,
+    # rows not sorted by adapter
+    use = {0: 3, 1: 0, 2: 3, 4: 1, 5: 3, 6: 3, 8: 3, 9: 0, 10: 2, 11: 0, 12: 0, 13: 0}
     rows = torch.tensor(list(use), dtype=torch.long)
     cols = torch.tensor([[offsets[s], offsets[s + 1]] for s in use.values()], dtype=torch.long)
     expected = reference(out, x, a, b_t, rows, cols)
-    before = out.clone()
-    kernel(out, x, a, b_t, rows, cols)
-    if dtype == torch.float32:
-        torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
-    else:  # one bf16 rounding of the sum (8 bits of mantissa)
-        torch.testing.assert_close(out.double(), expected, atol=0, rtol=2**-8)
-    assert torch.equal(out[[3, 7]], before[[3, 7]])  # rows without an adapter are untouched
+    order = torch.argsort(cols[:, 0], stable=True)  # as KernelRows passes them
+    for rows_in, cols_in in [(rows, cols), (rows[order], cols[order])]:
+        result = out.clone()
+        kernel(result, x, a, b_t, rows_in, cols_in)
+        if dtype == torch.float32:
+            torch.testing.assert_close(result.double(), expected, atol=1e-4, rtol=1e-5)
+        else:  # one bf16 rounding of the sum (8 bits of mantissa)
+            torch.testing.assert_close(result.double(), expected, atol=0, rtol=2**-8)
+        assert torch.equal(result[[3, 7]], out[[3, 7]])  # rows without an adapter: untouched
     kernel(out, x, a, b_t, rows[:0], cols[:0])  # no rows: nothing to do
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernel(out.half(), x.half(), a, b_t, rows, cols)
@@ -87,10 +93,13 @@ def three_adapter_model(dtype: torch.dtype):
     return model.eval()
 
 
+@pytest.mark.parametrize("short_prefill", [True, False], ids=["prefill-too", "decode-only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decoding_step_with_and_without_the_kernel(kernel, dtype, monkeypatch):
+def test_decoding_step_with_and_without_the_kernel(kernel, dtype, short_prefill, monkeypatch):
     """A decoding step over adapters of three ranks (and a base row): each row equals its adapter
-    alone, and the kernel is what computed it (the torch path, forced, agrees)."""
+    alone, and the kernel is what computed it (the torch path, forced, agrees). Short prefills
+    (KERNEL_PREFILL_TOKENS) go through the kernel too, one row per token."""
+    monkeypatch.setattr(layer_mod, "KERNEL_PREFILL_TOKENS", 10**6 if short_prefill else 0)
     model = three_adapter_model(dtype)
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(3, VOCAB, (len(ROWS), 6), generator=g)
@@ -100,7 +109,8 @@ def test_decoding_step_with_and_without_the_kernel(kernel, dtype, monkeypatch):
                         lambda: (lambda *a: (calls.append(1), kernel(*a))[1]))
     mixed = decode_step(model, ids, step, adapter_names=ROWS)
     n_layers = sum(isinstance(m, layer_mod.LoraLayer) for m in model.modules())
-    assert len(calls) == n_layers  # the step's updates, one kernel call per layer
+    # one kernel call per layer for the step, and as many for the prefill if it is short
+    assert len(calls) == n_layers * (2 if short_prefill else 1)
     monkeypatch.setenv(dk.ENV, "0")
     monkeypatch.setattr(layer_mod, "decode_kernel", dk.decode_kernel)
     by_torch = decode_step(model, ids, step, adapter_names=ROWS)
@@ -144,3 +154,20 @@ def test_a_kernel_that_does_not_build_falls_back_with_a_message(monkeypatch, cap
     ids = torch.randint(3, VOCAB, (len(ROWS), 4), generator=torch.Generator().manual_seed(1))
     step = ids[:, -1:]
     assert decode_step(model, ids, step, adapter_names=ROWS).shape == (len(ROWS), 1, VOCAB)
+
+
+@pytest.mark.slow
+def test_a_fresh_machine_builds_the_kernel_once_and_says_so(tmp_path):
+    """As a user meets it: the first process on a machine (an empty lorakit cache) builds the
+    kernel and says so on stderr; the next one loads it silently."""
+    env = {**os.environ, "LORAKIT_HOME": str(tmp_path)}
+    env.pop(dk.ENV, None)
+    code = "from lorakit.lora.decode_kernel import decode_kernel; assert decode_kernel()"
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "building the CPU decoding kernel" in first.stderr and "kernel built" in first.stderr
+    assert list((tmp_path / "kernels").glob("lorakit_decode_*/lorakit_decode_*.so"))
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0 and "building" not in again.stderr, again.stderr

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.lora.files import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.lora import decode_kernel
 from lorakit.lora import layer as layer_mod
 from lorakit.lora.layer import LoraLayer
 
@@ -323,9 +324,17 @@ def batch(n: int = len(ROWS), seq: int = 7) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, seq), generator=g)
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def update_path(request, monkeypatch):
+    """Mixed-batch updates by the compiled kernel (where it applies) or by torch alone."""
+    if request.param == "torch":
+        monkeypatch.setenv(decode_kernel.ENV, "0")
+    return request.param
+
+
 @pytest.mark.parametrize("rows", [ROWS, GROUPED], ids=["interleaved", "grouped"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_mixed_batch_rows_equal_single_adapter_runs(kind, rows):
+def test_mixed_batch_rows_equal_single_adapter_runs(kind, rows, update_path):
     model = mixed_model(kind)
     ids = batch(len(rows))
     mixed = logits(model, ids, adapter_names=rows)
@@ -347,7 +356,7 @@ def test_mixed_batch_logits_equal_peft_mixed_batch(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_mixed_batch_generation_keeps_each_rows_adapter(kind, tmp_path):
+def test_mixed_batch_generation_keeps_each_rows_adapter(kind, tmp_path, update_path):
     model = ours_with_three(kind).eval()
     theirs = peft_twin(model, kind, tmp_path).eval()
     rows = ["second", "__base__", "default", "third"]
@@ -432,8 +441,10 @@ def test_mixed_batch_on_bf16_base():
 def test_mixed_batch_on_bf16_base_in_either_precision(work, rows, monkeypatch):
     """Small updates on a bf16 base are computed in fp32, large ones in bf16
     (LOW_PRECISION_WORK); both give each row its own adapter, and a batch of one adapter (whose
-    row mask is skipped) equals that adapter alone."""
+    row mask is skipped) equals that adapter alone. (Torch's path: short prefills would go
+    through the compiled kernel, tested in test_decode_kernel.py.)"""
     monkeypatch.setattr(layer_mod, "LOW_PRECISION_WORK", work)
+    monkeypatch.setattr(layer_mod, "KERNEL_PREFILL_TOKENS", 0)
     lowered = []
     in_dtype = layer_mod.AdapterStack.in_dtype
     monkeypatch.setattr(layer_mod.AdapterStack, "in_dtype",

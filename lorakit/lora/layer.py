@@ -104,6 +104,9 @@ class LoraAdapter(nn.Module):
 # where the stacked adapters' bytes dominate. Smaller products (decoding a few rows) stay in the
 # adapters' fp32, where small bf16 GEMMs cost several times more in fixed overhead.
 LOW_PRECISION_WORK = 1024
+# Prefills of at most this many tokens (all rows together) go through the compiled kernel too, as
+# one row per token: below it the kernel beats torch's small GEMMs (bench/RESULTS.md).
+KERNEL_PREFILL_TOKENS = 128
 
 
 @dataclass
@@ -209,6 +212,7 @@ class KernelRows:
 
     rows: torch.Tensor  # [n] int64
     cols: torch.Tensor  # [n, 2] int64: (first, end) column in AdapterStack.a / .b_t
+    _by_seq: dict[int, "KernelRows"] = field(default_factory=dict)
 
     @classmethod
     def build(cls, row_ids: torch.Tensor, names: list[str], stack: AdapterStack) -> "KernelRows":
@@ -221,6 +225,17 @@ class KernelRows:
             rows=torch.tensor([i for _, i in order], dtype=torch.long),
             cols=torch.tensor([c for c, _ in order], dtype=torch.long).view(-1, 2),
         )
+
+    def positions(self, seq: int) -> "KernelRows":
+        """The same for a prefill of `seq` positions per row: every position is a kernel row."""
+        if seq == 1:
+            return self
+        cached = self._by_seq.get(seq)
+        if cached is None:
+            rows = (self.rows[:, None] * seq + torch.arange(seq)).flatten()
+            cached = KernelRows(rows, self.cols.repeat_interleave(seq, 0))
+            self._by_seq[seq] = cached
+        return cached
 
 
 def row_segments(row_ids: torch.Tensor) -> list[tuple[int, int, int]] | None:
@@ -365,7 +380,11 @@ class AdapterGroups:
         width = self.a.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         out = result.view(-1, result.shape[-1])
-        if x2.shape[0] == n and self._decode(x2, out):  # decoding: one position per row
+        tokens = x2.shape[0]
+        if (tokens == n or tokens <= KERNEL_PREFILL_TOKENS) and self._by_kernel(x2, out, n):
+            return result
+        if tokens == n and self.rows is not None:  # decoding without the kernel
+            self._decode(x2, out, self.rows)
             return result
         low = x.dtype != self.a.dtype and x2.shape[0] * width >= LOW_PRECISION_WORK
         a_t, b_t, segs = self._weights(x.dtype if low else self.a.dtype)
@@ -383,31 +402,33 @@ class AdapterGroups:
         _add_product(out, h, b_t)
         return result
 
-    def _decode(self, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """out += each row's own adapter update, in the adapters' dtype (fp32: small bf16
-        products cost several times more on a CPU): by the compiled kernel where it applies,
-        else as two batched products over the adapters' groups of rows, the stacked weights
-        used in place (views). False if neither applies (mixed ranks without the kernel)."""
-        if (
+    def _by_kernel(self, x: torch.Tensor, out: torch.Tensor, n: int) -> bool:
+        """out += each row's own adapter update by the compiled kernel, in the adapters' fp32
+        (each row reads only its adapter's weights; one call instead of 6-8 torch calls).
+        False where it does not apply: not built, not on the CPU, or other dtypes."""
+        if not (
             x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16)
             and self.stack.a.dtype == torch.float32
         ):
-            kernel = decode_kernel()
-            if kernel is not None:
-                kr = self.kernel_rows
-                kernel(out, x.contiguous(), self.stack.a, self.stack.b_t, kr.rows, kr.cols)
-                return True
-        rows = self.rows
-        if rows is None:
             return False
+        kernel = decode_kernel()
+        if kernel is None:
+            return False
+        kr = self.kernel_rows.positions(x.shape[0] // n)
+        kernel(out, x.contiguous(), self.stack.a, self.stack.b_t, kr.rows, kr.cols)
+        return True
+
+    def _decode(self, x: torch.Tensor, out: torch.Tensor, rows: RowGroups) -> None:
+        """out += each row's own adapter update, as two batched products over the adapters'
+        groups of rows, in the adapters' dtype: on a CPU, small fp32 batched products cost a
+        fraction of bf16 ones, and the stacked weights are used in place (views)."""
         xg = x if rows.in_order else x.index_select(0, rows.index)
         h = torch.bmm(xg.to(self._a3.dtype).view(rows.groups, rows.m, -1), self._a3)
         if rows.valid is not None:
             h.mul_(rows.valid)
         delta = torch.bmm(h, self._b3).view(rows.groups * rows.m, -1).to(out.dtype)
         out.add_(delta if rows.in_order else delta.index_select(0, rows.inverse))
-        return True
 
     def _mask_in(self, dtype: torch.dtype) -> torch.Tensor:
         if self.mask.dtype == dtype:
@@ -434,8 +455,8 @@ def _add_product(out: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor) -> None:
     """out += h @ b_t, fused when the dtypes agree."""
     if h.dtype == out.dtype:
         out.addmm_(h, b_t)
-    else:
-        out.add_(torch.mm(h, b_t))
+    else:  # a bf16 += fp32 add_ takes a slow mixed-dtype path: 4x a cast then an add at 140 rows
+        out.add_(torch.mm(h, b_t).to(out.dtype))
 
 
 class LoraLayer(nn.Module):
