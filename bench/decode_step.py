@@ -8,7 +8,9 @@ decoding steps (median, the first two dropped); variants are interleaved, --repe
 - base:   a second copy of the model, never wrapped (what a server without adapters runs);
 - mixed:  row i uses adapter i mod K (`mixed_adapter_batch`, the path `lorakit serve` decodes
           with);
-- single: every row uses adapter a0 through the same path.
+- single: every row uses adapter a0 through the same path;
+- mixed-torch: as mixed, with the compiled kernel switched off (LORAKIT_DECODE_KERNEL=0: the
+          torch path a machine without a C++ compiler decodes with).
 This isolates the adapter cost per step from HTTP, prefill and scheduling (bench/serve_load.py
 measures those); the target ratio base/mixed is the issue's 0.8.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 
@@ -26,6 +29,7 @@ from lorakit import LoraConfig, get_lora_model
 from lorakit.base import load_model
 from lorakit.base.loading import machine_summary
 from lorakit.compat import new_kv_cache
+from lorakit.lora.decode_kernel import ENV, decode_kernel
 
 
 def step_ms(model, ctx, ids: torch.Tensor, steps: int) -> float:
@@ -42,6 +46,20 @@ def step_ms(model, ctx, ids: torch.Tensor, steps: int) -> float:
     return statistics.median(times[2:]) * 1000
 
 
+@contextlib.contextmanager
+def without_kernel(inner):
+    old = os.environ.get(ENV)
+    os.environ[ENV] = "0"
+    try:
+        with inner():
+            yield
+    finally:
+        if old is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = old
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="bfloat16")
@@ -52,6 +70,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args()
     print(machine_summary())
+    print("compiled decoding kernel:", "yes" if decode_kernel() else "no (torch path only)")
     torch.manual_seed(0)
     plain, _ = load_model(None, dtype=args.dtype)
     wrapped, _ = load_model(None, dtype=args.dtype)
@@ -71,6 +90,10 @@ def main() -> None:
         "base": (plain, contextlib.nullcontext),
         "mixed": (lora, lambda: lora.mixed_adapter_batch(mixed, args.rows, stacks)),
         "single": (lora, lambda: lora.mixed_adapter_batch(["a0"] * args.rows, args.rows, stacks)),
+        "mixed-torch": (
+            lora,
+            lambda: without_kernel(lambda: lora.mixed_adapter_batch(mixed, args.rows, stacks)),
+        ),
     }
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
@@ -80,7 +103,7 @@ def main() -> None:
     for name, values in runs.items():
         med = statistics.median(values)
         print(
-            f"{name:7s} {med:7.1f} ms/step  base/this {base / med:.3f}  "
+            f"{name:11s} {med:7.1f} ms/step  base/this {base / med:.3f}  "
             f"runs {[round(v, 1) for v in values]}"
         )
 

@@ -256,10 +256,10 @@ class AdapterGroups:
 
     The layer's adapters are concatenated along r (an `AdapterStack`: A_cat [Σr, in], B_cat
     [Σr, out]); the batch uses the span of columns between its first and last adapter there.
-    - Decoding (one position per row) on the CPU: one call of the compiled kernel
-      (`KernelRows`, decode_kernel.cpp), each row meeting only its own adapter's weights.
-      Without the kernel, adapters of one rank: rows gathered by adapter into two batched
-      products (`RowGroups`).
+    - Decoding (one position per row) on the CPU, and prefills of up to KERNEL_PREFILL_TOKENS
+      tokens: one call of the compiled kernel (`KernelRows`, decode_kernel.cpp), each row (or
+      token) meeting only its own adapter's weights. Decoding without the kernel, adapters of
+      one rank: rows gathered by adapter into two batched products (`RowGroups`).
     - Otherwise (mixed ranks, autograd, DoRA): a row mask keeps each row's own block of
       columns, so the update is two plain GEMMs shared by all rows, whatever the adapter mix.
       "__base__" rows and adapters this layer lacks get an all-zero mask row (no place in
