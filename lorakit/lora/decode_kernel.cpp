@@ -34,6 +34,22 @@ inline void store(float v, uint16_t* p) {  // round to nearest even, as torch do
   *p = v != v ? uint16_t(0x7FC0) : uint16_t(rounded);
 }
 
+// s[m] = a[m] · x[m] for m < 4, over `in` elements: four independent FMA chains, so the
+// vector units are not waiting on one accumulator.
+inline void dot4(const float* const a[4], const float* const x[4], int64_t in, float* s) {
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < in; ++i) {
+    s0 += a0[i] * x0[i];
+    s1 += a1[i] * x1[i];
+    s2 += a2[i] * x2[i];
+    s3 += a3[i] * x3[i];
+  }
+  s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
+}
+
 // out_row += (x_row · Aᵀ) · B_t for one row; a: [rank, in], b_t: [rank, n_out].
 template <typename X>
 void update_row(X* out_row, const X* x_row, const float* a, const float* b_t, int64_t rank,
@@ -41,17 +57,10 @@ void update_row(X* out_row, const X* x_row, const float* a, const float* b_t, in
 #pragma omp simd
   for (int64_t i = 0; i < in; ++i) xf[i] = to_float(x_row[i]);
   int64_t k = 0;
-  for (; k + 4 <= rank; k += 4) {  // four dot products at once: independent FMA chains
-    const float *a0 = a + k * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t i = 0; i < in; ++i) {
-      s0 += a0[i] * xf[i];
-      s1 += a1[i] * xf[i];
-      s2 += a2[i] * xf[i];
-      s3 += a3[i] * xf[i];
-    }
-    h[k] = s0, h[k + 1] = s1, h[k + 2] = s2, h[k + 3] = s3;
+  for (; k + 4 <= rank; k += 4) {  // four rows of A against the one x
+    const float* ak[4] = {a + k * in, a + (k + 1) * in, a + (k + 2) * in, a + (k + 3) * in};
+    const float* xs[4] = {xf, xf, xf, xf};
+    dot4(ak, xs, in, h + k);
   }
   for (; k < rank; ++k) {
     const float* ak = a + k * in;
@@ -93,18 +102,12 @@ void update_four_rows(X* out, const X* x, const int64_t* rows, const float* a, c
 #pragma omp simd
     for (int64_t i = 0; i < in; ++i) xf[m * in + i] = to_float(x_row[i]);
   }
-  const float *x0 = xf, *x1 = xf + in, *x2 = xf + 2 * in, *x3 = xf + 3 * in;
-  for (int64_t k = 0; k < rank; ++k) {
-    const float* ak = a + k * in;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t i = 0; i < in; ++i) {
-      s0 += ak[i] * x0[i];
-      s1 += ak[i] * x1[i];
-      s2 += ak[i] * x2[i];
-      s3 += ak[i] * x3[i];
-    }
-    h[k] = s0, h[rank + k] = s1, h[2 * rank + k] = s2, h[3 * rank + k] = s3;
+  const float* xs[4] = {xf, xf + in, xf + 2 * in, xf + 3 * in};
+  for (int64_t k = 0; k < rank; ++k) {  // one row of A against the four x
+    const float* ak[4] = {a + k * in, a + k * in, a + k * in, a + k * in};
+    float s[4];
+    dot4(ak, xs, in, s);
+    h[k] = s[0], h[rank + k] = s[1], h[2 * rank + k] = s[2], h[3 * rank + k] = s[3];
   }
   constexpr int64_t kBlock = 16;
   int64_t j0 = 0;
