@@ -43,27 +43,33 @@ def reference(out, x, a, b_t, rows, cols) -> torch.Tensor:
 @pytest.mark.parametrize("n_out", [64, 70, 5])  # whole blocks of 32 columns, a tail, tail only
 def test_kernel_equals_float64_closed_form(kernel, dtype, n_out):
     g = torch.Generator().manual_seed(0)
-    ranks = [4, 1, 5, 16]  # a multiple of the 4-wide dot products, and remainders
+    ranks = [4, 1, 5, 16]  # a multiple of the 4- and 2-wide blocks of A's rows, and remainders
     offsets = torch.tensor([0] + ranks).cumsum(0).tolist()
-    n_in, n_rows = 37, 14
+    n_in = 37  # not a multiple of the vector width (8 or 16)
+    # adapter 3 on 19 rows (as a prefill's tokens: chunks of 8, 8 and 3 rows), adapter 0 on 5,
+    # 1 and 2 on one each; rows 3 and 7 without an adapter; rows not sorted by adapter
+    use = {0: 3, 1: 0, 2: 3, 4: 1, 5: 3, 6: 3, 8: 3, 9: 0, 10: 2, 11: 0, 12: 0, 13: 0}
+    use |= {row: 3 for row in range(14, 29)}
+    n_rows = 29
     a = torch.randn(offsets[-1], n_in, generator=g)
     b_t = torch.randn(offsets[-1], n_out, generator=g)
     x = torch.randn(n_rows, n_in, generator=g).to(dtype)
     out = torch.randn(n_rows, n_out, generator=g).to(dtype)
-    # uneven groups (one of five: four at once, then one), rows 3 and 7 without an adapter,
-    # rows not sorted by adapter
-    use = {0: 3, 1: 0, 2: 3, 4: 1, 5: 3, 6: 3, 8: 3, 9: 0, 10: 2, 11: 0, 12: 0, 13: 0}
     rows = torch.tensor(list(use), dtype=torch.long)
     cols = torch.tensor([[offsets[s], offsets[s + 1]] for s in use.values()], dtype=torch.long)
     expected = reference(out, x, a, b_t, rows, cols)
     order = torch.argsort(cols[:, 0], stable=True)  # as KernelRows passes them
-    for rows_in, cols_in in [(rows, cols), (rows[order], cols[order])]:
+    # and every size of a chunk (1 to 8 rows of one adapter: the blocks of 4, 2 and 1 rows)
+    sizes = [(rows[order][:k], cols[order][:k]) for k in range(1, 9)]
+    for rows_in, cols_in in [(rows, cols), (rows[order], cols[order])] + sizes:
         result = out.clone()
         kernel(result, x, a, b_t, rows_in, cols_in)
+        want = out.double().clone()
+        want[rows_in] = expected[rows_in]
         if dtype == torch.float32:
-            torch.testing.assert_close(result.double(), expected, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(result.double(), want, atol=1e-4, rtol=1e-5)
         else:  # one bf16 rounding of the sum (8 bits of mantissa)
-            torch.testing.assert_close(result.double(), expected, atol=0, rtol=2**-8)
+            torch.testing.assert_close(result.double(), want, atol=0, rtol=2**-8)
         assert torch.equal(result[[3, 7]], out[[3, 7]])  # rows without an adapter: untouched
     kernel(out, x, a, b_t, rows[:0], cols[:0])  # no rows: nothing to do
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
@@ -93,13 +99,11 @@ def three_adapter_model(dtype: torch.dtype):
     return model.eval()
 
 
-@pytest.mark.parametrize("short_prefill", [True, False], ids=["prefill-too", "decode-only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decoding_step_with_and_without_the_kernel(kernel, dtype, short_prefill, monkeypatch):
-    """A decoding step over adapters of three ranks (and a base row): each row equals its adapter
-    alone, and the kernel is what computed it (the torch path, forced, agrees). Short prefills
-    (KERNEL_PREFILL_TOKENS) go through the kernel too, one row per token."""
-    monkeypatch.setattr(layer_mod, "KERNEL_PREFILL_TOKENS", 10**6 if short_prefill else 0)
+def test_decoding_step_with_and_without_the_kernel(kernel, dtype, monkeypatch):
+    """A prefill and a decoding step over adapters of three ranks (and a base row): each row
+    equals its adapter alone, and the kernel is what computed it, one row per prefill token (the
+    torch path, forced, agrees)."""
     model = three_adapter_model(dtype)
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(3, VOCAB, (len(ROWS), 6), generator=g)
@@ -109,8 +113,7 @@ def test_decoding_step_with_and_without_the_kernel(kernel, dtype, short_prefill,
                         lambda: (lambda *a: (calls.append(1), kernel(*a))[1]))
     mixed = decode_step(model, ids, step, adapter_names=ROWS)
     n_layers = sum(isinstance(m, layer_mod.LoraLayer) for m in model.modules())
-    # one kernel call per layer for the step, and as many for the prefill if it is short
-    assert len(calls) == n_layers * (2 if short_prefill else 1)
+    assert len(calls) == n_layers * 2  # one call per layer for the prefill, one for the step
     monkeypatch.setenv(dk.ENV, "0")
     monkeypatch.setattr(layer_mod, "decode_kernel", dk.decode_kernel)
     by_torch = decode_step(model, ids, step, adapter_names=ROWS)

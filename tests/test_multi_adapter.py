@@ -441,10 +441,10 @@ def test_mixed_batch_on_bf16_base():
 def test_mixed_batch_on_bf16_base_in_either_precision(work, rows, monkeypatch):
     """Small updates on a bf16 base are computed in fp32, large ones in bf16
     (LOW_PRECISION_WORK); both give each row its own adapter, and a batch of one adapter (whose
-    row mask is skipped) equals that adapter alone. (Torch's path: short prefills would go
-    through the compiled kernel, tested in test_decode_kernel.py.)"""
+    row mask is skipped) equals that adapter alone. (Torch's path, used without the compiled
+    kernel; the kernel is tested in test_decode_kernel.py.)"""
     monkeypatch.setattr(layer_mod, "LOW_PRECISION_WORK", work)
-    monkeypatch.setattr(layer_mod, "KERNEL_PREFILL_TOKENS", 0)
+    monkeypatch.setenv(decode_kernel.ENV, "0")
     lowered = []
     in_dtype = layer_mod.AdapterStack.in_dtype
     monkeypatch.setattr(layer_mod.AdapterStack, "in_dtype",

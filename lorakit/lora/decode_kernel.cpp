@@ -1,13 +1,16 @@
-// One decoding step's LoRA update for a mixed-adapter batch, on the CPU:
+// A mixed-adapter batch's LoRA update on the CPU:
 //   out[row] += (x[row] · A[c0:c1]ᵀ) · B_t[c0:c1]   for each listed row and its columns c0:c1,
 // where A [Σr, in] and B_t [Σr, out] are a layer's adapters stacked along r (fp32, scaling
-// folded into B_t). Built and loaded by decode_kernel.py.
+// folded into B_t). A row is a decoding step's sequence or a prefill's token. Built and loaded
+// by decode_kernel.py.
 //
 // Why a kernel: a decoding step makes ~200 such updates of a few rows each. In torch each is
 // 6-8 small calls (gather, cast, two batched products, gather back, add) whose fixed costs
-// outweigh the arithmetic; here it is one call that reads each adapter's weights once per row
-// (rows come sorted by adapter, so a group's second row finds them in cache). Rows run in
-// parallel on torch's intra-op threads.
+// outweigh the arithmetic; here it is one call that reads each adapter's weights once per chunk
+// of rows. Rows come sorted by adapter and are cut into chunks of up to kChunk rows of one
+// adapter; chunks run in parallel on torch's intra-op threads. Within a chunk both products are
+// register-blocked (several rows × several columns per pass over the weights), so a prefill's
+// tokens run at GEMM-like speed in fp32.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -17,6 +20,27 @@
 #include <vector>
 
 namespace {
+
+// Vector width and register blocks: AVX-512 has 32 registers of 16 floats, AVX2 16 of 8.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+constexpr int kChunk = 8;  // rows per chunk: the second product's block of rows
+constexpr int kRanks = 4;  // first product: rows of A per block (× up to 4 rows of x)
+#else
+constexpr int W = 8;
+constexpr int kChunk = 4;
+constexpr int kRanks = 2;
+#endif
+constexpr int kCols = 2;  // second product: vectors of output columns per block
+
+typedef float vec __attribute__((vector_size(W * sizeof(float))));
+
+inline vec loadu(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void storeu(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t bf16) {
@@ -34,134 +58,144 @@ inline void store(float v, uint16_t* p) {  // round to nearest even, as torch do
   *p = v != v ? uint16_t(0x7FC0) : uint16_t(rounded);
 }
 
-// s[m] = a[m] · x[m] for m < 4, over `in` elements: four independent FMA chains, so the
-// vector units are not waiting on one accumulator.
-inline void dot4(const float* const a[4], const float* const x[4], int64_t in, float* s) {
-  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
-  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < in; ++i) {
-    s0 += a0[i] * x0[i];
-    s1 += a1[i] * x1[i];
-    s2 += a2[i] * x2[i];
-    s3 += a3[i] * x3[i];
+// s[t * R + r] = x[t] · a[r] over `in` elements, for T rows of x and R rows of A: T × R vector
+// accumulators, each loaded x and a vector used R resp. T times.
+template <int T, int R>
+inline void dots(const float* const* x, const float* const* a, int64_t in, float* s) {
+  vec acc[T][R] = {};
+  int64_t i = 0;
+  for (; i + W <= in; i += W) {
+    vec xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = loadu(x[t] + i);
+    for (int r = 0; r < R; ++r) {
+      const vec av = loadu(a[r] + i);
+      for (int t = 0; t < T; ++t) acc[t][r] += xv[t] * av;
+    }
   }
-  s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < R; ++r) {
+      float v = 0.f;
+#pragma omp simd reduction(+ : v)
+      for (int l = 0; l < W; ++l) v += acc[t][r][l];
+      for (int64_t j = i; j < in; ++j) v += x[t][j] * a[r][j];
+      s[t * R + r] = v;
+    }
+  }
 }
 
-// out_row += (x_row · Aᵀ) · B_t for one row; a: [rank, in], b_t: [rank, n_out].
-template <typename X>
-void update_row(X* out_row, const X* x_row, const float* a, const float* b_t, int64_t rank,
-                int64_t in, int64_t n_out, float* xf, float* h) {
-#pragma omp simd
-  for (int64_t i = 0; i < in; ++i) xf[i] = to_float(x_row[i]);
+// h[t, :] = xf[t] · Aᵀ for T rows (h: stride `rank`); a: [rank, in].
+template <int T>
+void project_rows(const float* xf, int64_t in, const float* a, int64_t rank, float* h) {
+  const float* xs[T];
+  for (int t = 0; t < T; ++t) xs[t] = xf + t * in;
+  float s[T * kRanks];
   int64_t k = 0;
-  for (; k + 4 <= rank; k += 4) {  // four rows of A against the one x
-    const float* ak[4] = {a + k * in, a + (k + 1) * in, a + (k + 2) * in, a + (k + 3) * in};
-    const float* xs[4] = {xf, xf, xf, xf};
-    dot4(ak, xs, in, h + k);
+  for (; k + kRanks <= rank; k += kRanks) {
+    const float* as[kRanks];
+    for (int r = 0; r < kRanks; ++r) as[r] = a + (k + r) * in;
+    dots<T, kRanks>(xs, as, in, s);
+    for (int t = 0; t < T; ++t) {
+      for (int r = 0; r < kRanks; ++r) h[t * rank + k + r] = s[t * kRanks + r];
+    }
   }
   for (; k < rank; ++k) {
-    const float* ak = a + k * in;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < in; ++i) s += ak[i] * xf[i];
-    h[k] = s;
-  }
-  // blocks of output columns accumulated in registers over the rank, then added once
-  constexpr int64_t kBlock = 32;
-  int64_t j0 = 0;
-  for (; j0 + kBlock <= n_out; j0 += kBlock) {
-    float acc[kBlock] = {};
-    for (int64_t q = 0; q < rank; ++q) {
-      const float* bq = b_t + q * n_out + j0;
-      const float hq = h[q];
-#pragma omp simd
-      for (int64_t t = 0; t < kBlock; ++t) acc[t] += hq * bq[t];
-    }
-#pragma omp simd
-    for (int64_t t = 0; t < kBlock; ++t) {
-      store(to_float(out_row[j0 + t]) + acc[t], out_row + j0 + t);
-    }
-  }
-  for (int64_t j = j0; j < n_out; ++j) {
-    float acc = 0.f;
-    for (int64_t q = 0; q < rank; ++q) acc += h[q] * b_t[q * n_out + j];
-    store(to_float(out_row[j]) + acc, out_row + j);
+    const float* as[1] = {a + k * in};
+    dots<T, 1>(xs, as, in, s);
+    for (int t = 0; t < T; ++t) h[t * rank + k] = s[t];
   }
 }
 
-// Four rows of one adapter at once: each weight is loaded once for the four (a prefill's
-// tokens, or a decoding batch's rows of one adapter).
-template <typename X>
-void update_four_rows(X* out, const X* x, const int64_t* rows, const float* a, const float* b_t,
-                      int64_t rank, int64_t in, int64_t n_out, float* xf, float* h) {
-  for (int m = 0; m < 4; ++m) {
-    const X* x_row = x + rows[m] * in;
-#pragma omp simd
-    for (int64_t i = 0; i < in; ++i) xf[m * in + i] = to_float(x_row[i]);
+// h [nt, rank] = xf [nt, in] · Aᵀ, in blocks of 4, 2 and 1 rows (a decoding batch has a few rows
+// per adapter: no block computes rows that are not there).
+void project(const float* xf, int nt, int64_t in, const float* a, int64_t rank, float* h) {
+  int t = 0;
+  for (; t + 4 <= nt; t += 4) project_rows<4>(xf + t * in, in, a, rank, h + t * rank);
+  if (t + 2 <= nt) {
+    project_rows<2>(xf + t * in, in, a, rank, h + t * rank);
+    t += 2;
   }
-  const float* xs[4] = {xf, xf + in, xf + 2 * in, xf + 3 * in};
-  for (int64_t k = 0; k < rank; ++k) {  // one row of A against the four x
-    const float* ak[4] = {a + k * in, a + k * in, a + k * in, a + k * in};
-    float s[4];
-    dot4(ak, xs, in, s);
-    h[k] = s[0], h[rank + k] = s[1], h[2 * rank + k] = s[2], h[3 * rank + k] = s[3];
-  }
-  constexpr int64_t kBlock = 16;
+  if (t < nt) project_rows<1>(xf + t * in, in, a, rank, h + t * rank);
+}
+
+// out[t] += h[t] · B_t for N rows; b_t: [rank, n_out]. Blocks of N rows × kCols vectors of
+// columns accumulate in registers over the rank, then are added to the output once.
+template <int N, typename X>
+void expand(X* const* out, const float* h, int64_t rank, const float* b_t, int64_t n_out) {
+  constexpr int64_t C = kCols * W;
   int64_t j0 = 0;
-  for (; j0 + kBlock <= n_out; j0 += kBlock) {
-    float acc[4][kBlock] = {};
+  for (; j0 + C <= n_out; j0 += C) {
+    vec acc[N][kCols] = {};
     for (int64_t q = 0; q < rank; ++q) {
-      const float* bq = b_t + q * n_out + j0;
-      const float h0 = h[q], h1 = h[rank + q], h2 = h[2 * rank + q], h3 = h[3 * rank + q];
-#pragma omp simd
-      for (int64_t t = 0; t < kBlock; ++t) {
-        acc[0][t] += h0 * bq[t];
-        acc[1][t] += h1 * bq[t];
-        acc[2][t] += h2 * bq[t];
-        acc[3][t] += h3 * bq[t];
+      vec bv[kCols];
+      for (int c = 0; c < kCols; ++c) bv[c] = loadu(b_t + q * n_out + j0 + c * W);
+      for (int t = 0; t < N; ++t) {
+        const float hq = h[t * rank + q];
+        for (int c = 0; c < kCols; ++c) acc[t][c] += hq * bv[c];
       }
     }
-    for (int m = 0; m < 4; ++m) {
-      X* o = out + rows[m] * n_out + j0;
+    for (int t = 0; t < N; ++t) {
+      float sum[C];
+      for (int c = 0; c < kCols; ++c) storeu(sum + c * W, acc[t][c]);
+      X* o = out[t] + j0;
 #pragma omp simd
-      for (int64_t t = 0; t < kBlock; ++t) store(to_float(o[t]) + acc[m][t], o + t);
+      for (int64_t l = 0; l < C; ++l) store(to_float(o[l]) + sum[l], o + l);
     }
   }
-  for (int64_t j = j0; j < n_out; ++j) {
-    for (int m = 0; m < 4; ++m) {
+  for (int64_t j = j0; j < n_out; ++j) {  // the last columns, fewer than one block
+    for (int t = 0; t < N; ++t) {
       float acc = 0.f;
-      for (int64_t q = 0; q < rank; ++q) acc += h[m * rank + q] * b_t[q * n_out + j];
-      X* o = out + rows[m] * n_out + j;
-      store(to_float(*o) + acc, o);
+      for (int64_t q = 0; q < rank; ++q) acc += h[t * rank + q] * b_t[q * n_out + j];
+      store(to_float(out[t][j]) + acc, out[t] + j);
     }
+  }
+}
+
+template <typename X>
+void expand_rows(int nt, X* const* out, const float* h, int64_t rank, const float* b_t,
+                 int64_t n_out) {
+  switch (nt) {
+    case 1: return expand<1>(out, h, rank, b_t, n_out);
+    case 2: return expand<2>(out, h, rank, b_t, n_out);
+    case 3: return expand<3>(out, h, rank, b_t, n_out);
+    case 4: return expand<4>(out, h, rank, b_t, n_out);
+    case 5: return expand<5>(out, h, rank, b_t, n_out);
+    case 6: return expand<6>(out, h, rank, b_t, n_out);
+    case 7: return expand<7>(out, h, rank, b_t, n_out);
+    default: return expand<kChunk>(out, h, rank, b_t, n_out);
   }
 }
 
 template <typename X>
 void update_rows(X* out, const X* x, const float* a, const float* b_t, const int64_t* rows,
                  const int64_t* cols, int64_t n, int64_t in, int64_t n_out) {
-  at::parallel_for(0, n, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> xf(4 * in), h;
-    int64_t p = p0;
-    while (p < p1) {
-      const int64_t c0 = cols[2 * p], c1 = cols[2 * p + 1], rank = c1 - c0;
-      h.resize(4 * rank);
-      bool four = p + 4 <= p1;
-      for (int64_t q = p + 1; four && q < p + 4; ++q) {
-        four = cols[2 * q] == c0 && cols[2 * q + 1] == c1;
+  // chunks: runs of up to kChunk consecutive entries with the same columns (one adapter)
+  std::vector<int64_t> starts;
+  for (int64_t p = 0; p < n;) {
+    starts.push_back(p);
+    const int64_t c0 = cols[2 * p], c1 = cols[2 * p + 1];
+    int64_t q = p + 1;
+    while (q < n && q - p < kChunk && cols[2 * q] == c0 && cols[2 * q + 1] == c1) ++q;
+    p = q;
+  }
+  starts.push_back(n);
+  const int64_t chunks = int64_t(starts.size()) - 1;
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> xf(kChunk * in), h;
+    X* out_rows[kChunk];
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t p = starts[k];
+      const int nt = int(starts[k + 1] - p);
+      const int64_t c0 = cols[2 * p], rank = cols[2 * p + 1] - c0;
+      for (int t = 0; t < nt; ++t) {
+        const X* x_row = x + rows[p + t] * in;
+        float* xf_row = xf.data() + t * in;
+#pragma omp simd
+        for (int64_t i = 0; i < in; ++i) xf_row[i] = to_float(x_row[i]);
+        out_rows[t] = out + rows[p + t] * n_out;
       }
-      if (four) {  // rows sorted by adapter make this the common case
-        update_four_rows(out, x, rows + p, a + c0 * in, b_t + c0 * n_out, rank, in, n_out,
-                         xf.data(), h.data());
-        p += 4;
-      } else {
-        update_row(out + rows[p] * n_out, x + rows[p] * in, a + c0 * in, b_t + c0 * n_out, rank,
-                   in, n_out, xf.data(), h.data());
-        p += 1;
-      }
+      h.resize(size_t(nt * rank));
+      project(xf.data(), nt, in, a + c0 * in, rank, h.data());
+      expand_rows(nt, out_rows, h.data(), rank, b_t + c0 * n_out, n_out);
     }
   });
 }

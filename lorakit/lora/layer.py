@@ -99,14 +99,14 @@ class LoraAdapter(nn.Module):
         )
 
 
-# On a bf16/fp16 base, a mixed batch whose update is at least this much work (tokens × stacked
-# rank) is computed in the base's dtype: prefills, and decoding many rows over many adapters,
-# where the stacked adapters' bytes dominate. Smaller products (decoding a few rows) stay in the
-# adapters' fp32, where small bf16 GEMMs cost several times more in fixed overhead.
+# Without the compiled kernel, on a bf16/fp16 base, a mixed batch whose update is at least this
+# much work (tokens × stacked rank) is computed in the base's dtype: prefills, and decoding many
+# rows over many adapters, where the stacked adapters' bytes dominate. Smaller products (decoding a
+# few rows) stay in the adapters' fp32, where small bf16 GEMMs cost several times more in fixed
+# overhead.
 LOW_PRECISION_WORK = 1024
-# Prefills of at most this many tokens (all rows together) go through the compiled kernel too, as
-# one row per token: below it the kernel beats torch's small GEMMs (bench/RESULTS.md).
-KERNEL_PREFILL_TOKENS = 128
+# what the compiled kernel reads and writes (with fp32 adapters, on the CPU)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass
@@ -238,6 +238,71 @@ class KernelRows:
         return cached
 
 
+class _RowLayout:
+    """What a mixed batch's row→adapter assignment means for the layers whose adapters sit at
+    the same columns of their stacks (shared by those layers, built once per batch composition).
+    The parts only the torch paths use are made when first needed: with the compiled kernel a
+    batch needs only `kernel_rows`."""
+
+    def __init__(
+        self,
+        names: list[str],
+        row_ids: torch.Tensor,
+        stack: AdapterStack,
+        lo: int,
+        hi: int,
+        segments: list[tuple[int, int, int]] | None,
+    ) -> None:
+        self._names, self._row_ids, self._stack, self._lo, self._hi = names, row_ids, stack, lo, hi
+        self.kernel_rows = KernelRows.build(row_ids.cpu(), names, stack)
+        # each segment's rows and its adapter's columns (relative to the span)
+        self.segments = None
+        if segments is not None:
+            offsets = stack.offsets
+            self.segments = [
+                (r0, r1, offsets[names[slot]][0] - lo, offsets[names[slot]][1] - lo)
+                for slot, r0, r1 in segments
+                if slot < len(names) and names[slot] in offsets
+            ]
+        self._mask: torch.Tensor | None = None
+        self._lowered: dict[torch.dtype, torch.Tensor] = {}
+        self._uniform: bool | None = None
+        self._groups: RowGroups | None | bool = False  # False: not built yet
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[rows, span]: 1 on each row's own adapter's columns."""
+        if self._mask is None:
+            stack, lo, hi = self._stack, self._lo, self._hi
+            blocks = torch.zeros(len(self._names) + 1, hi - lo, dtype=stack.a.dtype)
+            for i, name in enumerate(self._names):
+                if name in stack.offsets:
+                    c0, c1 = stack.offsets[name]
+                    blocks[i, c0 - lo : c1 - lo] = 1
+            self._mask = blocks.to(stack.a.device)[self._row_ids]
+        return self._mask
+
+    def mask_in(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._lowered:
+            self._lowered[dtype] = self.mask.to(dtype)
+        return self._lowered[dtype]
+
+    @property
+    def uniform(self) -> bool:
+        """Every row uses the one adapter in the span: an all-ones mask, skipped in forward."""
+        if self._uniform is None:
+            self._uniform = bool((self.mask == 1).all())
+        return self._uniform
+
+    @property
+    def row_groups(self) -> RowGroups | None:
+        if self._groups is False:
+            self._groups = RowGroups.build(
+                self._row_ids, self._names, self._stack, self._lo, self._hi
+            )
+        return self._groups  # type: ignore[return-value]
+
+
 def row_segments(row_ids: torch.Tensor) -> list[tuple[int, int, int]] | None:
     """(slot, first row, end row) of each run of equal ids, if every slot's rows are one run
     (rows grouped by adapter), else None."""
@@ -256,21 +321,24 @@ class AdapterGroups:
 
     The layer's adapters are concatenated along r (an `AdapterStack`: A_cat [Σr, in], B_cat
     [Σr, out]); the batch uses the span of columns between its first and last adapter there.
-    - Decoding (one position per row) on the CPU, and prefills of up to KERNEL_PREFILL_TOKENS
-      tokens: one call of the compiled kernel (`KernelRows`, decode_kernel.cpp), each row (or
-      token) meeting only its own adapter's weights. Decoding without the kernel, adapters of
-      one rank: rows gathered by adapter into two batched products (`RowGroups`).
+    - Inference on the CPU with fp32 adapters (decoding steps and prefills): one call of the
+      compiled kernel (`KernelRows`, decode_kernel.cpp), each row (or prefill token) meeting only
+      its own adapter's weights.
+    - Without the kernel, decoding with adapters of one rank: rows gathered by adapter into two
+      batched products (`RowGroups`); prefills whose rows are grouped by adapter: two GEMMs per
+      adapter on its rows, so no row pays for the other adapters' columns.
     - Otherwise (mixed ranks, autograd, DoRA): a row mask keeps each row's own block of
       columns, so the update is two plain GEMMs shared by all rows, whatever the adapter mix.
       "__base__" rows and adapters this layer lacks get an all-zero mask row (no place in
-      `RowGroups`).
-    - Prefills whose rows are grouped by adapter: two GEMMs per adapter on its rows, so no row
-      pays for the other adapters' columns.
-    Large updates on a bf16/fp16 base are computed in that dtype (LOW_PRECISION_WORK).
+      `RowGroups` or `KernelRows`).
+    Without the kernel, large updates on a bf16/fp16 base are computed in that dtype
+    (LOW_PRECISION_WORK).
 
     `stacks`, if given, is a cache the caller owns (and empties when adapters change): it then
     holds one stack of all the layer's adapters, so a server whose batch changes rows every few
-    steps only rebuilds the masks.
+    steps only rebuilds what depends on the rows. `masks` (per call) shares that part between the
+    layers whose adapters sit at the same columns: a server builds this for ~200 layers every
+    few steps, so the per-layer work here is kept to a few lookups.
     """
 
     def __init__(
@@ -282,53 +350,37 @@ class AdapterGroups:
         masks: dict[Any, tuple] | None = None,
         segments: list[tuple[int, int, int]] | None = None,
     ) -> None:
-        present = [n for n in names if n in layer.adapters]
+        adapters = layer.adapters
+        if stacks is None:
+            present = tuple(n for n in names if n in adapters)
+            stack = AdapterStack.build(layer, present) if present else None
+        else:
+            key = (id(layer), tuple(adapters.keys()))
+            stack = stacks.get(key)
+            if stack is None and key[1]:
+                stack = stacks[key] = AdapterStack.build(layer, key[1])
+            present = tuple(n for n in names if stack is not None and n in stack.offsets)
         self.empty = not present
         if self.empty:
             return
-        if stacks is None:
-            stack = AdapterStack.build(layer, tuple(present))
-        else:
-            key = (id(layer), tuple(layer.adapters.keys()))
-            stack = stacks.get(key)
-            if stack is None:
-                stack = stacks[key] = AdapterStack.build(layer, key[1])
         self.stack = stack
-        lo = min(stack.offsets[n][0] for n in present)
-        hi = max(stack.offsets[n][1] for n in present)
+        offsets = stack.offsets
+        lo = min(offsets[n][0] for n in present)
+        hi = max(offsets[n][1] for n in present)
         self.span = slice(lo, hi)
         self.a, self.b_t = stack.a[lo:hi], stack.b_t[lo:hi]
         dtype, device = stack.a.dtype, stack.a.device
-        row_ids = row_ids.to(device)
-        # each segment's rows and its adapter's columns (relative to the span)
-        self.segments = None
-        if segments is not None:
-            self.segments = [
-                (r0, r1, stack.offsets[names[slot]][0] - lo, stack.offsets[names[slot]][1] - lo)
-                for slot, r0, r1 in segments
-                if slot < len(names) and names[slot] in stack.offsets
-            ]
-        # layers holding the same adapters at the same ranks share one mask (`masks`: per call)
-        layout = (tuple(stack.offsets.items()), lo, hi, dtype, device)
+        if row_ids.device != device:
+            row_ids = row_ids.to(device)
+        # layers holding the same adapters at the same ranks share what depends on the rows
+        layout = (tuple(offsets.items()), lo, hi, dtype, device)
         shared = masks.get(layout) if masks is not None else None
         if shared is None:
-            blocks = torch.zeros(len(names) + 1, hi - lo, dtype=dtype)
-            for i, name in enumerate(names):
-                if name in stack.offsets:
-                    c0, c1 = stack.offsets[name]
-                    blocks[i, c0 - lo : c1 - lo] = 1
-            mask = blocks.to(device)[row_ids]  # [rows, span]
-            # every row uses the one adapter in the span: an all-ones mask, skipped in forward
-            rows = RowGroups.build(row_ids, names, stack, lo, hi)
-            kernel_rows = KernelRows.build(row_ids.cpu(), names, stack)
-            shared = (mask, bool((mask == 1).all()), {}, rows, kernel_rows)
+            shared = _RowLayout(names, row_ids, stack, lo, hi, segments)
             if masks is not None:
                 masks[layout] = shared
-        self.mask, self.uniform, self._lowered_masks, self.rows, self.kernel_rows = shared
-        if self.rows is not None:  # the stacked weights as [groups, in, r] and [groups, r, out]
-            k, r = self.rows.groups, self.rows.rank
-            self._a3 = self.a.view(k, r, -1).transpose(1, 2)
-            self._b3 = self.b_t.view(k, r, -1)
+        self.rows_layout = shared
+        self.kernel = decode_kernel() if device.type == "cpu" and dtype == torch.float32 else None
         self.g = None
         if stack.g:
             g = torch.ones(len(names) + 1, layer.out_features, dtype=dtype, device=device)
@@ -341,24 +393,23 @@ class AdapterGroups:
 
     def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mask and output factor for a batch of `n` rows."""
+        mask = self.rows_layout.mask
         if n == self.n_rows:
-            return self.mask, self.g
+            return mask, self.g
         if n % self.n_rows:
             raise ValueError(f"a mixed-adapter batch of {self.n_rows} rows met a batch of {n}")
         k = n // self.n_rows  # generate repeats each row for beams / return sequences
         g = None if self.g is None else self.g.repeat_interleave(k, 0)
-        return self.mask.repeat_interleave(k, 0), g
+        return mask.repeat_interleave(k, 0), g
 
     def _weights(self, dtype: torch.dtype):
         """(A_span^T, B_span^T, per-segment (rows, A^T, B^T) or None) in `dtype`, made once."""
         w = self._by_dtype.get(dtype)
         if w is None:
             a, b_t = (t[self.span] for t in self.stack.in_dtype(dtype))
-            segs = None
-            if self.segments is not None and len(self.segments) > 1:
-                segs = [
-                    (slice(r0, r1), a[c0:c1].t(), b_t[c0:c1]) for r0, r1, c0, c1 in self.segments
-                ]
+            segs, segments = None, self.rows_layout.segments
+            if segments is not None and len(segments) > 1:
+                segs = [(slice(r0, r1), a[c0:c1].t(), b_t[c0:c1]) for r0, r1, c0, c1 in segments]
             w = self._by_dtype[dtype] = (a.t(), b_t, segs)
         return w
 
@@ -377,65 +428,46 @@ class AdapterGroups:
             return self._general(x, result, base_layer, *self._rows(n))
         # inference: the update is added into the base layer's fresh output with as few calls as
         # possible (a decoding step makes ~200 of them, each with tiny products)
-        width = self.a.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         out = result.view(-1, result.shape[-1])
+        if self.kernel is not None and x.dtype in _KERNEL_DTYPES:
+            kr = self.rows_layout.kernel_rows.positions(x2.shape[0] // n)
+            self.kernel(out, x2.contiguous(), self.stack.a, self.stack.b_t, kr.rows, kr.cols)
+            return result
         tokens = x2.shape[0]
-        if (tokens == n or tokens <= KERNEL_PREFILL_TOKENS) and self._by_kernel(x2, out, n):
+        if tokens == n and self.rows_layout.row_groups is not None:  # decoding, torch path
+            self._decode(x2, out, self.rows_layout.row_groups)
             return result
-        if tokens == n and self.rows is not None:  # decoding without the kernel
-            self._decode(x2, out, self.rows)
-            return result
-        low = x.dtype != self.a.dtype and x2.shape[0] * width >= LOW_PRECISION_WORK
+        width = self.a.shape[0]
+        low = x.dtype != self.a.dtype and tokens * width >= LOW_PRECISION_WORK
         a_t, b_t, segs = self._weights(x.dtype if low else self.a.dtype)
         if x2.dtype != a_t.dtype:
             x2 = x2.to(a_t.dtype)
-        if segs is not None and x2.shape[0] > n:  # a prefill grouped by adapter
+        if segs is not None and tokens > n:  # a prefill grouped by adapter
             x3, out3 = x2.view(n, -1, x2.shape[-1]), out.view(n, -1, out.shape[-1])
             for rows, a_i, b_i in segs:
                 h = torch.mm(x3[rows].flatten(0, 1), a_i)
                 _add_product(out3[rows].flatten(0, 1), h, b_i)
             return result
         h = torch.mm(x2, a_t)  # [tokens, span]
-        if not self.uniform:
-            h.view(n, -1, width).mul_(self._mask_in(h.dtype).unsqueeze(1))
+        if not self.rows_layout.uniform:
+            h.view(n, -1, width).mul_(self.rows_layout.mask_in(h.dtype).unsqueeze(1))
         _add_product(out, h, b_t)
         return result
-
-    def _by_kernel(self, x: torch.Tensor, out: torch.Tensor, n: int) -> bool:
-        """out += each row's own adapter update by the compiled kernel, in the adapters' fp32
-        (each row reads only its adapter's weights; one call instead of 6-8 torch calls).
-        False where it does not apply: not built, not on the CPU, or other dtypes."""
-        if not (
-            x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and self.stack.a.dtype == torch.float32
-        ):
-            return False
-        kernel = decode_kernel()
-        if kernel is None:
-            return False
-        kr = self.kernel_rows.positions(x.shape[0] // n)
-        kernel(out, x.contiguous(), self.stack.a, self.stack.b_t, kr.rows, kr.cols)
-        return True
 
     def _decode(self, x: torch.Tensor, out: torch.Tensor, rows: RowGroups) -> None:
         """out += each row's own adapter update, as two batched products over the adapters'
         groups of rows, in the adapters' dtype: on a CPU, small fp32 batched products cost a
-        fraction of bf16 ones, and the stacked weights are used in place (views)."""
+        fraction of bf16 ones, and the stacked weights are used in place (views): A as
+        [groups, in, r], B as [groups, r, out]."""
+        a3 = self.a.view(rows.groups, rows.rank, -1).transpose(1, 2)
+        b3 = self.b_t.view(rows.groups, rows.rank, -1)
         xg = x if rows.in_order else x.index_select(0, rows.index)
-        h = torch.bmm(xg.to(self._a3.dtype).view(rows.groups, rows.m, -1), self._a3)
+        h = torch.bmm(xg.to(a3.dtype).view(rows.groups, rows.m, -1), a3)
         if rows.valid is not None:
             h.mul_(rows.valid)
-        delta = torch.bmm(h, self._b3).view(rows.groups * rows.m, -1).to(out.dtype)
+        delta = torch.bmm(h, b3).view(rows.groups * rows.m, -1).to(out.dtype)
         out.add_(delta if rows.in_order else delta.index_select(0, rows.inverse))
-
-    def _mask_in(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.mask.dtype == dtype:
-            return self.mask
-        if dtype not in self._lowered_masks:
-            self._lowered_masks[dtype] = self.mask.to(dtype)
-        return self._lowered_masks[dtype]
 
     def _general(self, x, result, base_layer, mask, g) -> torch.Tensor:
         """Out of place in the adapters' dtype: autograd, and DoRA's output factor."""
@@ -502,6 +534,12 @@ class LoraLayer(nn.Module):
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapters]
+
+    def set_groups(self, groups: AdapterGroups | None) -> None:
+        """Start (or end, with None) a mixed-adapter batch on this layer."""
+        # a plain attribute: skip nn.Module.__setattr__'s parameter/buffer/module checks, which
+        # a server would pay on ~200 layers twice whenever its batch changes
+        object.__setattr__(self, "groups", groups)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

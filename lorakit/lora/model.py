@@ -116,13 +116,13 @@ class LoraModel(nn.Module):
         masks: dict = {}
         try:
             for layer in layers:
-                layer.groups = AdapterGroups(layer, unique, row_ids, stacks, masks, segments)
+                layer.set_groups(AdapterGroups(layer, unique, row_ids, stacks, masks, segments))
             for module in saved:
                 module.set_groups(unique, row_ids)
             yield
         finally:
             for layer in layers:
-                layer.groups = None
+                layer.set_groups(None)
             for module in saved:
                 module.groups = None
 
