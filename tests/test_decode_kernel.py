@@ -51,8 +51,9 @@ def test_kernel_equals_float64_closed_form(kernel, dtype, n_out):
     use = {0: 3, 1: 0, 2: 3, 4: 1, 5: 3, 6: 3, 8: 3, 9: 0, 10: 2, 11: 0, 12: 0, 13: 0}
     use |= {row: 3 for row in range(14, 29)}
     n_rows = 29
-    a = torch.randn(offsets[-1], n_in, generator=g)
-    b_t = torch.randn(offsets[-1], n_out, generator=g)
+    # the weights in x's dtype, as AdapterGroups passes them
+    a = torch.randn(offsets[-1], n_in, generator=g).to(dtype)
+    b_t = torch.randn(offsets[-1], n_out, generator=g).to(dtype)
     x = torch.randn(n_rows, n_in, generator=g).to(dtype)
     out = torch.randn(n_rows, n_out, generator=g).to(dtype)
     rows = torch.tensor(list(use), dtype=torch.long)
@@ -68,12 +69,15 @@ def test_kernel_equals_float64_closed_form(kernel, dtype, n_out):
         want[rows_in] = expected[rows_in]
         if dtype == torch.float32:
             torch.testing.assert_close(result.double(), want, atol=1e-4, rtol=1e-5)
-        else:  # one bf16 rounding of the sum (8 bits of mantissa)
+        else:  # products of the bf16 values summed in fp32, one bf16 rounding at the end
             torch.testing.assert_close(result.double(), want, atol=0, rtol=2**-8)
         assert torch.equal(result[[3, 7]], out[[3, 7]])  # rows without an adapter: untouched
     kernel(out, x, a, b_t, rows[:0], cols[:0])  # no rows: nothing to do
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        kernel(out.half(), x.half(), a, b_t, rows, cols)
+        kernel(out.half(), x.half(), a.half(), b_t.half(), rows, cols)
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match="x's dtype"):
+        kernel(out, x, a.to(other), b_t.to(other), rows, cols)
     with pytest.raises(RuntimeError, match="contiguous"):
         kernel(out, x.t().contiguous().t(), a, b_t, rows, cols)
 

@@ -1,8 +1,8 @@
 // A mixed-adapter batch's LoRA update on the CPU:
 //   out[row] += (x[row] · A[c0:c1]ᵀ) · B_t[c0:c1]   for each listed row and its columns c0:c1,
-// where A [Σr, in] and B_t [Σr, out] are a layer's adapters stacked along r (fp32, scaling
-// folded into B_t). A row is a decoding step's sequence or a prefill's token. Built and loaded
-// by decode_kernel.py.
+// where A [Σr, in] and B_t [Σr, out] are a layer's adapters stacked along r (scaling folded
+// into B_t), in x's dtype: fp32, or bf16 (read as fp32; products accumulate in fp32). A row is a
+// decoding step's sequence or a prefill's token. Built and loaded by decode_kernel.py.
 //
 // Why a kernel: a decoding step makes ~200 such updates of a few rows each. In torch each is
 // 6-8 small calls (gather, cast, two batched products, gather back, add) whose fixed costs
@@ -40,6 +40,16 @@ inline vec loadu(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+inline vec loadu(const uint16_t* p) {  // W bf16 values as fp32: their bits in the high half
+  typedef uint16_t narrow __attribute__((vector_size(W * sizeof(uint16_t))));
+  typedef uint32_t wide __attribute__((vector_size(W * sizeof(uint32_t))));
+  narrow n;
+  std::memcpy(&n, p, sizeof n);
+  const wide w = __builtin_convertvector(n, wide) << 16;
+  vec v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
 inline void storeu(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
 inline float to_float(float v) { return v; }
@@ -60,8 +70,8 @@ inline void store(float v, uint16_t* p) {  // round to nearest even, as torch do
 
 // s[t * R + r] = x[t] · a[r] over `in` elements, for T rows of x and R rows of A: T × R vector
 // accumulators, each loaded x and a vector used R resp. T times.
-template <int T, int R>
-inline void dots(const float* const* x, const float* const* a, int64_t in, float* s) {
+template <int T, int R, typename Wt>
+inline void dots(const float* const* x, const Wt* const* a, int64_t in, float* s) {
   vec acc[T][R] = {};
   int64_t i = 0;
   for (; i + W <= in; i += W) {
@@ -77,21 +87,21 @@ inline void dots(const float* const* x, const float* const* a, int64_t in, float
       float v = 0.f;
 #pragma omp simd reduction(+ : v)
       for (int l = 0; l < W; ++l) v += acc[t][r][l];
-      for (int64_t j = i; j < in; ++j) v += x[t][j] * a[r][j];
+      for (int64_t j = i; j < in; ++j) v += x[t][j] * to_float(a[r][j]);
       s[t * R + r] = v;
     }
   }
 }
 
 // h[t, :] = xf[t] · Aᵀ for T rows (h: stride `rank`); a: [rank, in].
-template <int T>
-void project_rows(const float* xf, int64_t in, const float* a, int64_t rank, float* h) {
+template <int T, typename Wt>
+void project_rows(const float* xf, int64_t in, const Wt* a, int64_t rank, float* h) {
   const float* xs[T];
   for (int t = 0; t < T; ++t) xs[t] = xf + t * in;
   float s[T * kRanks];
   int64_t k = 0;
   for (; k + kRanks <= rank; k += kRanks) {
-    const float* as[kRanks];
+    const Wt* as[kRanks];
     for (int r = 0; r < kRanks; ++r) as[r] = a + (k + r) * in;
     dots<T, kRanks>(xs, as, in, s);
     for (int t = 0; t < T; ++t) {
@@ -99,7 +109,7 @@ void project_rows(const float* xf, int64_t in, const float* a, int64_t rank, flo
     }
   }
   for (; k < rank; ++k) {
-    const float* as[1] = {a + k * in};
+    const Wt* as[1] = {a + k * in};
     dots<T, 1>(xs, as, in, s);
     for (int t = 0; t < T; ++t) h[t * rank + k] = s[t];
   }
@@ -107,7 +117,8 @@ void project_rows(const float* xf, int64_t in, const float* a, int64_t rank, flo
 
 // h [nt, rank] = xf [nt, in] · Aᵀ, in blocks of 4, 2 and 1 rows (a decoding batch has a few rows
 // per adapter: no block computes rows that are not there).
-void project(const float* xf, int nt, int64_t in, const float* a, int64_t rank, float* h) {
+template <typename Wt>
+void project(const float* xf, int nt, int64_t in, const Wt* a, int64_t rank, float* h) {
   int t = 0;
   for (; t + 4 <= nt; t += 4) project_rows<4>(xf + t * in, in, a, rank, h + t * rank);
   if (t + 2 <= nt) {
@@ -120,7 +131,7 @@ void project(const float* xf, int nt, int64_t in, const float* a, int64_t rank, 
 // out[t] += h[t] · B_t for N rows; b_t: [rank, n_out]. Blocks of N rows × kCols vectors of
 // columns accumulate in registers over the rank, then are added to the output once.
 template <int N, typename X>
-void expand(X* const* out, const float* h, int64_t rank, const float* b_t, int64_t n_out) {
+void expand(X* const* out, const float* h, int64_t rank, const X* b_t, int64_t n_out) {
   constexpr int64_t C = kCols * W;
   int64_t j0 = 0;
   for (; j0 + C <= n_out; j0 += C) {
@@ -144,14 +155,14 @@ void expand(X* const* out, const float* h, int64_t rank, const float* b_t, int64
   for (int64_t j = j0; j < n_out; ++j) {  // the last columns, fewer than one block
     for (int t = 0; t < N; ++t) {
       float acc = 0.f;
-      for (int64_t q = 0; q < rank; ++q) acc += h[t * rank + q] * b_t[q * n_out + j];
+      for (int64_t q = 0; q < rank; ++q) acc += h[t * rank + q] * to_float(b_t[q * n_out + j]);
       store(to_float(out[t][j]) + acc, out[t] + j);
     }
   }
 }
 
 template <typename X>
-void expand_rows(int nt, X* const* out, const float* h, int64_t rank, const float* b_t,
+void expand_rows(int nt, X* const* out, const float* h, int64_t rank, const X* b_t,
                  int64_t n_out) {
   switch (nt) {
     case 1: return expand<1>(out, h, rank, b_t, n_out);
@@ -165,8 +176,9 @@ void expand_rows(int nt, X* const* out, const float* h, int64_t rank, const floa
   }
 }
 
+// X: float, or uint16_t for bf16 (x, out and the weights alike)
 template <typename X>
-void update_rows(X* out, const X* x, const float* a, const float* b_t, const int64_t* rows,
+void update_rows(X* out, const X* x, const X* a, const X* b_t, const int64_t* rows,
                  const int64_t* cols, int64_t n, int64_t in, int64_t n_out) {
   // chunks: runs of up to kChunk consecutive entries with the same columns (one adapter)
   std::vector<int64_t> starts;
@@ -202,8 +214,8 @@ void update_rows(X* out, const X* x, const float* a, const float* b_t, const int
 
 }  // namespace
 
-// out [rows, n_out] and x [rows, in]: both float32 or both bfloat16, contiguous; a, b_t:
-// float32, contiguous; rows [n] int64: the rows to update; cols [n, 2] int64: their columns.
+// out [rows, n_out], x [rows, in], a [Σr, in], b_t [Σr, n_out]: all float32 or all bfloat16,
+// contiguous; rows [n] int64: the rows to update; cols [n, 2] int64: their columns.
 void lora_decode_(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Tensor b_t,
                   torch::Tensor rows, torch::Tensor cols) {
   TORCH_CHECK(out.dim() == 2 && x.dim() == 2 && out.size(0) == x.size(0), "out/x: [rows, *]");
@@ -212,22 +224,22 @@ void lora_decode_(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Te
   TORCH_CHECK(out.is_contiguous() && x.is_contiguous() && a.is_contiguous() &&
                   b_t.is_contiguous() && rows.is_contiguous() && cols.is_contiguous(),
               "lora_decode_ needs contiguous tensors");
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b_t.scalar_type() == at::kFloat, "a, b_t: fp32");
   TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong &&
                   cols.dim() == 2 && cols.size(0) == rows.size(0) && cols.size(1) == 2,
               "rows [n] / cols [n, 2]: int64");
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x differ in dtype");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "x: float32 or bfloat16");
+  TORCH_CHECK(out.scalar_type() == dtype && a.scalar_type() == dtype && b_t.scalar_type() == dtype,
+              "out, a and b_t must have x's dtype");
   const int64_t n = rows.size(0), in = x.size(1), n_out = out.size(1);
   const auto* r = rows.data_ptr<int64_t>();
   const auto* c = cols.data_ptr<int64_t>();
-  const auto* ap = a.data_ptr<float>();
-  const auto* bp = b_t.data_ptr<float>();
-  if (x.scalar_type() == at::kFloat) {
-    update_rows(out.data_ptr<float>(), x.data_ptr<float>(), ap, bp, r, c, n, in, n_out);
+  if (dtype == at::kFloat) {
+    update_rows(out.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(),
+                b_t.data_ptr<float>(), r, c, n, in, n_out);
   } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
-    update_rows(reinterpret_cast<uint16_t*>(out.data_ptr()),
-                reinterpret_cast<const uint16_t*>(x.data_ptr()), ap, bp, r, c, n, in, n_out);
+    auto bits = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+    update_rows(bits(out), bits(x), bits(a), bits(b_t), r, c, n, in, n_out);
   }
 }
 

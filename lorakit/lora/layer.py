@@ -105,7 +105,9 @@ class LoraAdapter(nn.Module):
 # few rows) stay in the adapters' fp32, where small bf16 GEMMs cost several times more in fixed
 # overhead.
 LOW_PRECISION_WORK = 1024
-# what the compiled kernel reads and writes (with fp32 adapters, on the CPU)
+# What the compiled kernel reads and writes, on the CPU. It reads the stacked adapters in the
+# input's dtype: on a bf16 base, a bf16 copy (made once per stack), because decoding many
+# adapters is bound by streaming their weights; the products accumulate in fp32 either way.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -321,9 +323,9 @@ class AdapterGroups:
 
     The layer's adapters are concatenated along r (an `AdapterStack`: A_cat [Σr, in], B_cat
     [Σr, out]); the batch uses the span of columns between its first and last adapter there.
-    - Inference on the CPU with fp32 adapters (decoding steps and prefills): one call of the
-      compiled kernel (`KernelRows`, decode_kernel.cpp), each row (or prefill token) meeting only
-      its own adapter's weights.
+    - Inference on the CPU (decoding steps and prefills, fp32 or bf16): one call of the compiled
+      kernel (`KernelRows`, decode_kernel.cpp), each row (or prefill token) meeting only its own
+      adapter's weights, read in the input's dtype.
     - Without the kernel, decoding with adapters of one rank: rows gathered by adapter into two
       batched products (`RowGroups`); prefills whose rows are grouped by adapter: two GEMMs per
       adapter on its rows, so no row pays for the other adapters' columns.
@@ -380,7 +382,7 @@ class AdapterGroups:
             if masks is not None:
                 masks[layout] = shared
         self.rows_layout = shared
-        self.kernel = decode_kernel() if device.type == "cpu" and dtype == torch.float32 else None
+        self.kernel = decode_kernel() if device.type == "cpu" and dtype in _KERNEL_DTYPES else None
         self.g = None
         if stack.g:
             g = torch.ones(len(names) + 1, layer.out_features, dtype=dtype, device=device)
@@ -432,7 +434,8 @@ class AdapterGroups:
         out = result.view(-1, result.shape[-1])
         if self.kernel is not None and x.dtype in _KERNEL_DTYPES:
             kr = self.rows_layout.kernel_rows.positions(x2.shape[0] // n)
-            self.kernel(out, x2.contiguous(), self.stack.a, self.stack.b_t, kr.rows, kr.cols)
+            a, b_t = self.stack.in_dtype(x.dtype)
+            self.kernel(out, x2.contiguous(), a, b_t, kr.rows, kr.cols)
             return result
         tokens = x2.shape[0]
         if tokens == n and self.rows_layout.row_groups is not None:  # decoding, torch path

@@ -35,8 +35,10 @@ from lorakit.serving.adapters import AdapterFiles, AdapterNotFound, AdapterPool
 from lorakit.serving.batch import DecodeBatch, Prefilled, join_prefilled, length_groups
 
 # Padding tokens a prefill forward may carry to share it with another prompt: about what one
-# more forward costs in fixed overhead on the default model (a few ms, ~5-20 prompt tokens).
-PREFILL_PADDING_SLACK = 16
+# more forward costs in fixed overhead, in tokens. On the default model (bf16, 2-core CPU) a
+# forward costs ~40 ms plus ~0.2 ms per token, padding included (bench/RESULTS.md), so two
+# prompts share a forward unless that pads more than ~130 tokens.
+PREFILL_PADDING_SLACK = 128
 
 
 class QueueFull(UserError):
@@ -302,7 +304,7 @@ class Engine:
 
         Prompts of about the same length share one left-padded forward; the others get their
         own: a prompt padded to a longer one pays for every padding token, while another
-        forward costs only a few tokens' worth (PREFILL_PADDING_SLACK). Within a forward the
+        forward costs a fixed overhead (PREFILL_PADDING_SLACK tokens' worth). Within a forward the
         rows are grouped by adapter, so each adapter's update is computed on its own rows only
         (see `AdapterGroups`)."""
         for request in requests:
