@@ -5,6 +5,7 @@ replaces, and its fallback when it cannot be built."""
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,27 @@ def reference(out, x, a, b_t, rows, cols) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_out", [64, 70, 5])  # whole blocks of 32 columns, a tail, tail only
 def test_kernel_equals_float64_closed_form(kernel, dtype, n_out):
+    check_closed_form(kernel, dtype, n_out)
+
+
+def avx2_only() -> bool:
+    flags = dk._cpu_flags().split()
+    return platform.machine() in ("x86_64", "AMD64") and "avx2" in flags and "fma" in flags
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not avx2_only(), reason="needs an x86-64 CPU with AVX2")
+def test_the_avx2_build_equals_float64_closed_form_too():
+    """The kernel is compiled for the machine's CPU, and its register blocks differ with the
+    vector width: on an AVX-512 machine, also build and check what an AVX2-only CPU runs."""
+    kernel = dk.build("x86-64-v3")
+    assert kernel is not None
+    for dtype in (torch.float32, torch.bfloat16):
+        for n_out in (64, 70, 5):
+            check_closed_form(kernel, dtype, n_out)
+
+
+def check_closed_form(kernel, dtype: torch.dtype, n_out: int) -> None:
     g = torch.Generator().manual_seed(0)
     ranks = [4, 1, 5, 16]  # a multiple of the 4- and 2-wide blocks of A's rows, and remainders
     offsets = torch.tensor([0] + ranks).cumsum(0).tolist()
@@ -150,7 +172,7 @@ def test_a_kernel_that_does_not_build_falls_back_with_a_message(monkeypatch, cap
 
     monkeypatch.setattr(dk, "_kernel", dk._UNSET)
     monkeypatch.setattr(dk, "lorakit_home", lambda: tmp_path)
-    monkeypatch.setattr(dk, "_build_key", lambda: "test-fails-to-build")
+    monkeypatch.setattr(dk, "_build_key", lambda arch: "test-fails-to-build")
     monkeypatch.setattr(cpp_extension, "load", fail)
     assert dk.decode_kernel() is None
     assert dk.decode_kernel() is None  # tried once per process

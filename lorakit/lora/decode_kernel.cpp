@@ -17,7 +17,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -78,6 +83,7 @@ inline void dots(const float* const* x, const Wt* const* a, int64_t in, float* s
     vec xv[T];
     for (int t = 0; t < T; ++t) xv[t] = loadu(x[t] + i);
     for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(a[r] + i + 8 * W);
       const vec av = loadu(a[r] + i);
       for (int t = 0; t < T; ++t) acc[t][r] += xv[t] * av;
     }
@@ -93,11 +99,41 @@ inline void dots(const float* const* x, const Wt* const* a, int64_t in, float* s
   }
 }
 
-// h[t, :] = xf[t] · Aᵀ for T rows (h: stride `rank`); a: [rank, in].
-template <int T, typename Wt>
-void project_rows(const float* xf, int64_t in, const Wt* a, int64_t rank, float* h) {
-  const float* xs[T];
-  for (int t = 0; t < T; ++t) xs[t] = xf + t * in;
+#if defined(__AVX512BF16__)
+// The same for bf16 x and A where the CPU multiplies bf16 pairs (AVX512-BF16): 32 products per
+// instruction, read as stored (no conversion of x or A), summed in fp32.
+template <int T, int R>
+inline void dots(const uint16_t* const* x, const uint16_t* const* a, int64_t in, float* s) {
+  __m512 acc[T][R];
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + 32 <= in; i += 32) {
+    __m512bh xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x[t] + i);
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(a[r] + i + 8 * 32);
+      const __m512bh av = (__m512bh)_mm512_loadu_si512(a[r] + i);
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv[t], av);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < R; ++r) {
+      float v = _mm512_reduce_add_ps(acc[t][r]);
+      for (int64_t j = i; j < in; ++j) v += to_float(x[t][j]) * to_float(a[r][j]);
+      s[t * R + r] = v;
+    }
+  }
+}
+constexpr bool kBf16Dots = true;
+#else
+constexpr bool kBf16Dots = false;
+#endif
+
+// h[t, :] = x[t] · Aᵀ for T rows (h: stride `rank`); a: [rank, in].
+template <int T, typename Xr, typename Wt>
+void project_rows(const Xr* const* xs, int64_t in, const Wt* a, int64_t rank, float* h) {
   float s[T * kRanks];
   int64_t k = 0;
   for (; k + kRanks <= rank; k += kRanks) {
@@ -115,17 +151,17 @@ void project_rows(const float* xf, int64_t in, const Wt* a, int64_t rank, float*
   }
 }
 
-// h [nt, rank] = xf [nt, in] · Aᵀ, in blocks of 4, 2 and 1 rows (a decoding batch has a few rows
-// per adapter: no block computes rows that are not there).
-template <typename Wt>
-void project(const float* xf, int nt, int64_t in, const Wt* a, int64_t rank, float* h) {
+// h [nt, rank] = x [nt rows] · Aᵀ, in blocks of 4, 2 and 1 rows (a decoding batch has a few
+// rows per adapter: no block computes rows that are not there).
+template <typename Xr, typename Wt>
+void project(const Xr* const* xs, int nt, int64_t in, const Wt* a, int64_t rank, float* h) {
   int t = 0;
-  for (; t + 4 <= nt; t += 4) project_rows<4>(xf + t * in, in, a, rank, h + t * rank);
+  for (; t + 4 <= nt; t += 4) project_rows<4>(xs + t, in, a, rank, h + t * rank);
   if (t + 2 <= nt) {
-    project_rows<2>(xf + t * in, in, a, rank, h + t * rank);
+    project_rows<2>(xs + t, in, a, rank, h + t * rank);
     t += 2;
   }
-  if (t < nt) project_rows<1>(xf + t * in, in, a, rank, h + t * rank);
+  if (t < nt) project_rows<1>(xs + t, in, a, rank, h + t * rank);
 }
 
 // out[t] += h[t] · B_t for N rows; b_t: [rank, n_out]. Blocks of N rows × kCols vectors of
@@ -137,6 +173,8 @@ void expand(X* const* out, const float* h, int64_t rank, const X* b_t, int64_t n
   for (; j0 + C <= n_out; j0 += C) {
     vec acc[N][kCols] = {};
     for (int64_t q = 0; q < rank; ++q) {
+      // the rank's rows of B_t are as many streams, more than the hardware prefetcher follows
+      __builtin_prefetch(b_t + q * n_out + j0 + 8 * C);
       vec bv[kCols];
       for (int c = 0; c < kCols; ++c) bv[c] = loadu(b_t + q * n_out + j0 + c * W);
       for (int t = 0; t < N; ++t) {
@@ -198,15 +236,23 @@ void update_rows(X* out, const X* x, const X* a, const X* b_t, const int64_t* ro
       const int64_t p = starts[k];
       const int nt = int(starts[k + 1] - p);
       const int64_t c0 = cols[2 * p], rank = cols[2 * p + 1] - c0;
-      for (int t = 0; t < nt; ++t) {
-        const X* x_row = x + rows[p + t] * in;
-        float* xf_row = xf.data() + t * in;
-#pragma omp simd
-        for (int64_t i = 0; i < in; ++i) xf_row[i] = to_float(x_row[i]);
-        out_rows[t] = out + rows[p + t] * n_out;
-      }
       h.resize(size_t(nt * rank));
-      project(xf.data(), nt, in, a + c0 * in, rank, h.data());
+      for (int t = 0; t < nt; ++t) out_rows[t] = out + rows[p + t] * n_out;
+      if constexpr (kBf16Dots && std::is_same_v<X, uint16_t>) {
+        const X* x_rows[kChunk];
+        for (int t = 0; t < nt; ++t) x_rows[t] = x + rows[p + t] * in;
+        project(x_rows, nt, in, a + c0 * in, rank, h.data());
+      } else {  // x as fp32, converted once per chunk
+        const float* x_rows[kChunk];
+        for (int t = 0; t < nt; ++t) {
+          const X* x_row = x + rows[p + t] * in;
+          float* xf_row = xf.data() + t * in;
+#pragma omp simd
+          for (int64_t i = 0; i < in; ++i) xf_row[i] = to_float(x_row[i]);
+          x_rows[t] = xf_row;
+        }
+        project(x_rows, nt, in, a + c0 * in, rank, h.data());
+      }
       expand_rows(nt, out_rows, h.data(), rank, b_t + c0 * n_out, n_out);
     }
   });

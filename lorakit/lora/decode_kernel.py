@@ -38,7 +38,7 @@ def decode_kernel() -> Callable[..., None] | None:
     if _kernel is _UNSET:  # one build (or one failure) per process
         with _lock:
             if _kernel is _UNSET:
-                _kernel = _build()
+                _kernel = build()
     return _kernel  # type: ignore[return-value]
 
 
@@ -52,15 +52,18 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build_key() -> str:
-    text = "\n".join([_SOURCE.read_text(), torch.__version__, sys.version, _cpu_flags()])
+def _build_key(arch: str = "native") -> str:
+    text = "\n".join([_SOURCE.read_text(), torch.__version__, sys.version, _cpu_flags(), arch])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _build() -> Callable[..., None] | None:
+def build(arch: str = "native") -> Callable[..., None] | None:
+    """Build (or load from the cache) the kernel for `-march=arch`; None if that fails.
+    `decode_kernel()` uses "native"; tests build e.g. "x86-64-v3" (AVX2 only) to check the code
+    another kind of CPU runs."""
     from torch.utils import cpp_extension
 
-    name = f"lorakit_decode_{_build_key()}"
+    name = f"lorakit_decode_{_build_key(arch)}"
     build_dir = lorakit_home() / "kernels" / name
     built = any(build_dir.glob(f"{name}*.so"))
     if not built:
@@ -82,7 +85,7 @@ def _build() -> Callable[..., None] | None:
         module = cpp_extension.load(
             name=name,
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", f"-march={arch}", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             verbose=False,

@@ -12,6 +12,7 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterator
 
 import torch
@@ -121,6 +122,12 @@ class AdapterStack:
     offsets: dict[str, tuple[int, int]]  # adapter -> its columns
     g: dict[str, torch.Tensor]  # DoRA adapters' output factor [out]
     lowered: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @cached_property
+    def layout(self) -> tuple:
+        """Equal for the stacks of layers whose adapters sit at the same columns: such layers
+        share what a batch's rows mean for them (`_RowLayout`)."""
+        return (tuple(self.offsets.items()), self.a.dtype, self.a.device)
 
     def in_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b_t) in `dtype`, made once."""
@@ -251,16 +258,24 @@ class _RowLayout:
         names: list[str],
         row_ids: torch.Tensor,
         stack: AdapterStack,
-        lo: int,
-        hi: int,
         segments: list[tuple[int, int, int]] | None,
     ) -> None:
-        self._names, self._row_ids, self._stack, self._lo, self._hi = names, row_ids, stack, lo, hi
+        offsets = stack.offsets
+        present = [n for n in names if n in offsets]
+        self.empty = not present
+        if self.empty:
+            return
+        # the span of the stack's columns between the batch's first and last adapter
+        lo = min(offsets[n][0] for n in present)
+        hi = max(offsets[n][1] for n in present)
+        if row_ids.device != stack.a.device:
+            row_ids = row_ids.to(stack.a.device)
+        self.lo, self.hi = lo, hi
+        self._names, self._row_ids, self._stack = names, row_ids, stack
         self.kernel_rows = KernelRows.build(row_ids.cpu(), names, stack)
         # each segment's rows and its adapter's columns (relative to the span)
         self.segments = None
         if segments is not None:
-            offsets = stack.offsets
             self.segments = [
                 (r0, r1, offsets[names[slot]][0] - lo, offsets[names[slot]][1] - lo)
                 for slot, r0, r1 in segments
@@ -275,7 +290,7 @@ class _RowLayout:
     def mask(self) -> torch.Tensor:
         """[rows, span]: 1 on each row's own adapter's columns."""
         if self._mask is None:
-            stack, lo, hi = self._stack, self._lo, self._hi
+            stack, lo, hi = self._stack, self.lo, self.hi
             blocks = torch.zeros(len(self._names) + 1, hi - lo, dtype=stack.a.dtype)
             for i, name in enumerate(self._names):
                 if name in stack.offsets:
@@ -300,7 +315,7 @@ class _RowLayout:
     def row_groups(self) -> RowGroups | None:
         if self._groups is False:
             self._groups = RowGroups.build(
-                self._row_ids, self._names, self._stack, self._lo, self._hi
+                self._row_ids, self._names, self._stack, self.lo, self.hi
             )
         return self._groups  # type: ignore[return-value]
 
@@ -361,27 +376,20 @@ class AdapterGroups:
             stack = stacks.get(key)
             if stack is None and key[1]:
                 stack = stacks[key] = AdapterStack.build(layer, key[1])
-            present = tuple(n for n in names if stack is not None and n in stack.offsets)
-        self.empty = not present
+        self.empty = stack is None
         if self.empty:
             return
-        self.stack = stack
-        offsets = stack.offsets
-        lo = min(offsets[n][0] for n in present)
-        hi = max(offsets[n][1] for n in present)
-        self.span = slice(lo, hi)
-        self.a, self.b_t = stack.a[lo:hi], stack.b_t[lo:hi]
-        dtype, device = stack.a.dtype, stack.a.device
-        if row_ids.device != device:
-            row_ids = row_ids.to(device)
         # layers holding the same adapters at the same ranks share what depends on the rows
-        layout = (tuple(offsets.items()), lo, hi, dtype, device)
-        shared = masks.get(layout) if masks is not None else None
+        shared = masks.get(stack.layout) if masks is not None else None
         if shared is None:
-            shared = _RowLayout(names, row_ids, stack, lo, hi, segments)
+            shared = _RowLayout(names, row_ids, stack, segments)
             if masks is not None:
-                masks[layout] = shared
-        self.rows_layout = shared
+                masks[stack.layout] = shared
+        self.empty = shared.empty
+        if self.empty:
+            return
+        self.stack, self.rows_layout = stack, shared
+        dtype, device = stack.a.dtype, stack.a.device
         self.kernel = decode_kernel() if device.type == "cpu" and dtype in _KERNEL_DTYPES else None
         self.g = None
         if stack.g:
@@ -389,9 +397,21 @@ class AdapterGroups:
             for i, name in enumerate(names):
                 if name in stack.g:
                     g[i] = stack.g[name]
-            self.g = g[row_ids]
+            self.g = g[shared._row_ids]
         self.n_rows = len(row_ids)
         self._by_dtype: dict[torch.dtype, tuple] = {}
+
+    @property
+    def span(self) -> slice:
+        return slice(self.rows_layout.lo, self.rows_layout.hi)
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self.stack.a[self.span]
+
+    @property
+    def b_t(self) -> torch.Tensor:
+        return self.stack.b_t[self.span]
 
     def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mask and output factor for a batch of `n` rows."""
