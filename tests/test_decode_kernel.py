@@ -56,8 +56,9 @@ def avx2_only() -> bool:
 def test_the_avx2_build_equals_float64_closed_form_too():
     """The kernel is compiled for the machine's CPU, and its register blocks differ with the
     vector width: on an AVX-512 machine, also build and check what an AVX2-only CPU runs."""
-    kernel = dk.build("x86-64-v3")
-    assert kernel is not None
+    module = dk.build("x86-64-v3")
+    assert module is not None and not module.tiles_available()
+    kernel = module.lora_decode_
     for dtype in (torch.float32, torch.bfloat16):
         for n_out in (64, 70, 5):
             check_closed_form(kernel, dtype, n_out)
@@ -102,6 +103,72 @@ def check_closed_form(kernel, dtype: torch.dtype, n_out: int) -> None:
         kernel(out, x, a.to(other), b_t.to(other), rows, cols)
     with pytest.raises(RuntimeError, match="contiguous"):
         kernel(out, x.t().contiguous().t(), a, b_t, rows, cols)
+
+
+needs_tiles = pytest.mark.skipif(dk.tile_kernel() is None,
+                                 reason="no AMX tiles on this CPU (or not granted by the OS)")
+
+
+@needs_tiles
+def test_tile_kernel_equals_float64_with_h_in_bf16():
+    """The AMX path: adapters of ranks 16 and 32 (one of them at columns 32..64), one of them on
+    37 rows (tile chunks of 16, 16 and 5), rows not sorted; the reference rounds x·Aᵀ to bf16
+    before the second product, as the tiles do."""
+    g = torch.Generator().manual_seed(3)
+    n_in, n_out, offsets = 64, 48, [0, 16, 32, 64]
+    a = torch.randn(64, n_in, generator=g).bfloat16()
+    b_t = torch.randn(64, n_out, generator=g).bfloat16()
+    x = torch.randn(45, n_in, generator=g).bfloat16()
+    out = torch.randn(45, n_out, generator=g).bfloat16()
+    use = {row: (2 if row % 5 else row % 3) for row in range(45) if row != 7}
+    rows = torch.tensor(list(use), dtype=torch.long)
+    cols = torch.tensor([[offsets[s], offsets[s + 1]] for s in use.values()], dtype=torch.long)
+    order = torch.argsort(cols[:, 0], stable=True)
+    rows, cols = rows[order], cols[order]
+    stack = layer_mod.AdapterStack(("p", "q", "s"), a.float(), b_t.float(),
+                                   {"p": (0, 16), "q": (16, 32), "s": (32, 64)}, {})
+    tiles = stack.tiles
+    assert tiles is not None
+    want = out.double().clone()
+    for row, (c0, c1) in zip(rows.tolist(), cols.tolist()):
+        h = (x[row].double() @ a[c0:c1].double().t()).float().bfloat16().double()
+        want[row] += h @ b_t[c0:c1].double()
+    result = out.clone()
+    dk.tile_kernel()(result, x, *tiles, rows, cols)
+    torch.testing.assert_close(result.double(), want, atol=0, rtol=2**-8)
+    assert torch.equal(result[7], out[7])
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        dk.tile_kernel()(result, x, *tiles, rows, cols - 8)
+
+
+@needs_tiles
+def test_decoding_step_through_tiles(monkeypatch):
+    """A bf16 model with adapters of ranks 16 and 32: the layers whose sizes the tiles take go
+    through them (down_proj, in 48, does not), and each row still equals its adapter alone."""
+    model = get_lora_model(make_tiny_llama().to(torch.bfloat16),
+                           LoraConfig(r=16, lora_alpha=16, init_lora_weights=False), "a")
+    model.add_adapter("b", LoraConfig(r=32, lora_alpha=8, init_lora_weights=False))
+    model.eval()
+    rows = ["b", "a", "__base__", "b", "a", "a"]
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(3, VOCAB, (len(rows), 20), generator=g)
+    step = torch.randint(3, VOCAB, (len(rows), 1), generator=g)
+    calls = []
+    tile = dk.tile_kernel()
+    monkeypatch.setattr(layer_mod, "tile_kernel",
+                        lambda: (lambda *a: (calls.append(a[1].shape[0]), tile(*a))[1]))
+    mixed = decode_step(model, ids, step, adapter_names=rows)
+    per_forward = sum(1 for m in model.modules() if isinstance(m, layer_mod.LoraLayer)
+                      and m.in_features % 32 == 0)
+    assert calls.count(len(rows) * 20) == per_forward and calls.count(len(rows)) == per_forward
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with model.disable_adapters():
+                alone = decode_step(model, ids[i:i + 1], step[i:i + 1])
+        else:
+            model.set_adapter(name)
+            alone = decode_step(model, ids[i:i + 1], step[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1].float(), alone.float(), atol=0.05, rtol=0.02)
 
 
 def decode_step(model, ids: torch.Tensor, step: torch.Tensor, **kw) -> torch.Tensor:

@@ -20,8 +20,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(__AMX_TILE__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -258,6 +262,112 @@ void update_rows(X* out, const X* x, const X* a, const X* b_t, const int64_t* ro
   });
 }
 
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// ---- AMX tiles (bf16 only): both products as 16×16 tile multiplies ----------------------------
+// Where the CPU has AMX, a chunk of up to 16 rows of one adapter (rank a multiple of 16) is two
+// tile products: H [16, r] = X [16, in] · Aᵀ, then out += H (rounded to bf16) · B_t, each tile
+// op 16×16×32 products. The weights come in the tiles' layout, made once per stack in Python:
+//   a_tiles [Σr/16, in/32, 16, 16, 2]: [nb, kb, k2, n, e] = A[16 nb + n, 32 kb + 2 k2 + e]
+//   b_tiles [Σr/16, out/16, 8, 16, 2]: [qb, ob, q2, n, e] = B_t[16 qb + 2 q2 + e, 16 ob + n]
+// (AMX's pair-interleaved B operand), so every tile is one contiguous 1 KB or 512 B block.
+
+bool tiles_allowed() {  // Linux hands out the tile state only on request, once per process
+  static const bool allowed = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return allowed;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0 H (16 × 16 fp32), 1 X (16 × 32 bf16), 2 A (16 × 16 pairs), 3 H as bf16 (16 × 16),
+// 4 B (8 × 16 pairs), 5 the output block (16 × 16 fp32).
+TileConfig lora_tiles() {
+  TileConfig c;
+  const int rows[6] = {16, 16, 16, 16, 8, 16}, bytes[6] = {64, 64, 64, 32, 64, 64};
+  for (int i = 0; i < 6; ++i) c.rows[i] = uint8_t(rows[i]), c.colsb[i] = uint16_t(bytes[i]);
+  return c;
+}
+
+void tile_chunk(uint16_t* out, const uint16_t* x, const uint16_t* a_tiles,
+                const uint16_t* b_tiles, const int64_t* rows, int nt, int64_t c0, int64_t rank,
+                int64_t in, int64_t n_out, uint16_t* xbuf, float* hf, uint16_t* hb,
+                float* block) {
+  // rows of the chunk side by side (rows beyond nt keep earlier data: their results are dropped)
+  for (int t = 0; t < nt; ++t) std::memcpy(xbuf + t * in, x + rows[t] * in, in * 2);
+  const int64_t kbs = in / 32, obs = n_out / 16, nb0 = c0 / 16, nbs = rank / 16;
+  for (int64_t nb = 0; nb < nbs; ++nb) {
+    _tile_zero(0);
+    const uint16_t* a_blk = a_tiles + (nb0 + nb) * kbs * 512;
+    for (int64_t kb = 0; kb < kbs; ++kb) {
+      _tile_loadd(1, xbuf + kb * 32, in * 2);
+      _tile_loadd(2, a_blk + kb * 512, 64);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, hf + nb * 16, rank * 4);
+  }
+  for (int64_t i = 0; i < 16 * rank; ++i) store(hf[i], hb + i);
+  for (int64_t ob = 0; ob < obs; ++ob) {
+    _tile_zero(5);
+    for (int64_t qb = 0; qb < nbs; ++qb) {
+      _tile_loadd(3, hb + qb * 16, rank * 2);
+      _tile_loadd(4, b_tiles + ((nb0 + qb) * obs + ob) * 256, 64);
+      _tile_dpbf16ps(5, 3, 4);
+    }
+    _tile_stored(5, block, 64);
+    for (int t = 0; t < nt; ++t) {
+      uint16_t* o = out + rows[t] * n_out + ob * 16;
+      const float* v = block + t * 16;
+#pragma omp simd
+      for (int l = 0; l < 16; ++l) store(to_float(o[l]) + v[l], o + l);
+    }
+  }
+}
+
+void tile_rows(uint16_t* out, const uint16_t* x, const uint16_t* a_tiles,
+               const uint16_t* b_tiles, const int64_t* rows, const int64_t* cols, int64_t n,
+               int64_t in, int64_t n_out) {
+  std::vector<int64_t> starts;  // runs of up to 16 rows of one adapter
+  for (int64_t p = 0; p < n;) {
+    starts.push_back(p);
+    int64_t q = p + 1;
+    while (q < n && q - p < 16 && cols[2 * q] == cols[2 * p] && cols[2 * q + 1] == cols[2 * p + 1])
+      ++q;
+    p = q;
+  }
+  starts.push_back(n);
+  const int64_t chunks = int64_t(starts.size()) - 1;
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    // tile state is per thread: set ours, and put back what was there (oneDNN's kernels
+    // configure their own before use, but nothing here should depend on that)
+    TileConfig saved;
+    _tile_storeconfig(&saved);
+    const TileConfig mine = lora_tiles();
+    _tile_loadconfig(&mine);
+    std::vector<uint16_t> xbuf(16 * in), hb;
+    std::vector<float> hf, block(256);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t p = starts[k], c0 = cols[2 * p], rank = cols[2 * p + 1] - c0;
+      hf.resize(size_t(16 * rank));
+      hb.resize(size_t(16 * rank));
+      tile_chunk(out, x, a_tiles, b_tiles, rows + p, int(starts[k + 1] - p), c0, rank, in, n_out,
+                 xbuf.data(), hf.data(), hb.data(), block.data());
+    }
+    if (saved.palette != 0) {
+      _tile_loadconfig(&saved);
+    } else {
+      _tile_release();
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 // out [rows, n_out], x [rows, in], a [Σr, in], b_t [Σr, n_out]: all float32 or all bfloat16,
@@ -289,6 +399,51 @@ void lora_decode_(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Te
   }
 }
 
+bool tiles_available() {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  return tiles_allowed();
+#else
+  return false;
+#endif
+}
+
+// The same update with AMX tiles: out, x bf16 [rows, *]; a_tiles, b_tiles in the layout above;
+// every adapter's first column and rank a multiple of 16, in of 32, n_out of 16.
+void lora_tiles_(torch::Tensor out, torch::Tensor x, torch::Tensor a_tiles, torch::Tensor b_tiles,
+                 torch::Tensor rows, torch::Tensor cols) {
+  TORCH_CHECK(tiles_available(), "AMX tiles are not available on this machine");
+  TORCH_CHECK(out.dim() == 2 && x.dim() == 2 && out.size(0) == x.size(0), "out/x: [rows, *]");
+  const int64_t n = rows.size(0), in = x.size(1), n_out = out.size(1);
+  TORCH_CHECK(in % 32 == 0 && n_out % 16 == 0, "tiles need in % 32 == 0 and out % 16 == 0");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
+                  a_tiles.scalar_type() == at::kBFloat16 &&
+                  b_tiles.scalar_type() == at::kBFloat16,
+              "tiles: bfloat16 only");
+  TORCH_CHECK(out.is_contiguous() && x.is_contiguous() && a_tiles.is_contiguous() &&
+                  b_tiles.is_contiguous() && rows.is_contiguous() && cols.is_contiguous(),
+              "lora_tiles_ needs contiguous tensors");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong &&
+                  cols.dim() == 2 && cols.size(0) == n && cols.size(1) == 2,
+              "rows [n] / cols [n, 2]: int64");
+  const int64_t stacked = a_tiles.numel() / in;
+  TORCH_CHECK(a_tiles.numel() == stacked * in && b_tiles.numel() == stacked * n_out &&
+                  stacked % 16 == 0,
+              "a_tiles / b_tiles do not match x / out");
+  const auto* c = cols.data_ptr<int64_t>();
+  for (int64_t p = 0; p < n; ++p) {
+    TORCH_CHECK(c[2 * p] % 16 == 0 && (c[2 * p + 1] - c[2 * p]) % 16 == 0 &&
+                    c[2 * p + 1] > c[2 * p] && c[2 * p + 1] <= stacked,
+                "tiles: every adapter's columns must start at and span multiples of 16");
+  }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  auto bits = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+  tile_rows(bits(out), bits(x), bits(a_tiles), bits(b_tiles), rows.data_ptr<int64_t>(), c, n, in,
+            n_out);
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_decode_", &lora_decode_, "out[rows] += x[rows] A[cols]^T B_t[cols], in place");
+  m.def("lora_tiles_", &lora_tiles_, "the same with AMX tiles, weights in the tile layout");
+  m.def("tiles_available", &tiles_available, "whether lora_tiles_ runs on this machine");
 }

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,11 +28,23 @@ ENV = "LORAKIT_DECODE_KERNEL"  # "0": never build or use the kernel
 _SOURCE = Path(__file__).with_name("decode_kernel.cpp")
 _lock = threading.Lock()
 _UNSET: object = object()
-_kernel: object = _UNSET  # the kernel once built, None if it failed to build
+_kernel: Any = _UNSET  # the kernel's module once built, None if it failed to build
 
 
 def decode_kernel() -> Callable[..., None] | None:
     """`lora_decode_(out, x, a, b_t, rows, cols)` (see decode_kernel.cpp), or None."""
+    module = _module()
+    return None if module is None else module.lora_decode_
+
+
+def tile_kernel() -> Callable[..., None] | None:
+    """`lora_tiles_(out, x, a_tiles, b_tiles, rows, cols)`: the same update with AMX tiles, on
+    CPUs that have them (and an OS that grants them), else None."""
+    module = _module()
+    return module.lora_tiles_ if module is not None and module.tiles_available() else None
+
+
+def _module() -> Any:
     global _kernel
     if os.environ.get(ENV, "1") == "0":
         return None
@@ -39,7 +52,7 @@ def decode_kernel() -> Callable[..., None] | None:
         with _lock:
             if _kernel is _UNSET:
                 _kernel = build()
-    return _kernel  # type: ignore[return-value]
+    return _kernel
 
 
 def _cpu_flags() -> str:
@@ -57,8 +70,8 @@ def _build_key(arch: str = "native") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build(arch: str = "native") -> Callable[..., None] | None:
-    """Build (or load from the cache) the kernel for `-march=arch`; None if that fails.
+def build(arch: str = "native") -> Any:
+    """Build (or load from the cache) the kernel's module for `-march=arch`; None if that fails.
     `decode_kernel()` uses "native"; tests build e.g. "x86-64-v3" (AVX2 only) to check the code
     another kind of CPU runs."""
     from torch.utils import cpp_extension
@@ -103,4 +116,4 @@ def build(arch: str = "native") -> Callable[..., None] | None:
         os.environ["PATH"] = old_path
     if not built:
         print(f"lorakit: kernel built in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-    return module.lora_decode_
+    return module

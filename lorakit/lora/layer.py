@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.lora import backends
-from lorakit.lora.decode_kernel import decode_kernel
+from lorakit.lora.decode_kernel import decode_kernel, tile_kernel
 from lorakit.lora.pissa import is_pissa, pissa_init
 from lorakit.lora.variants import LoraVariant
 
@@ -109,6 +109,9 @@ LOW_PRECISION_WORK = 1024
 # What the compiled kernel reads and writes, on the CPU. It reads the stacked adapters in the
 # input's dtype: on a bf16 base, a bf16 copy (made once per stack), because decoding many
 # adapters is bound by streaming their weights; the products accumulate in fp32 either way.
+# Where the CPU has AMX tiles, bf16 batches whose ranks are multiples of 16 use them instead
+# (`AdapterStack.tiles`); there x·Aᵀ is rounded to bf16 before the second product, as in
+# vLLM's LoRA kernels.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -122,6 +125,19 @@ class AdapterStack:
     offsets: dict[str, tuple[int, int]]  # adapter -> its columns
     g: dict[str, torch.Tensor]  # DoRA adapters' output factor [out]
     lowered: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @cached_property
+    def tiles(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The bf16 weights in the AMX kernel's tile layout (decode_kernel.cpp, `lora_tiles_`),
+        made once; None where that kernel cannot take them (ranks not multiples of 16, or in /
+        out not multiples of 32 / 16)."""
+        a, b_t = self.in_dtype(torch.bfloat16)
+        (stacked, n_in), n_out = a.shape, b_t.shape[1]
+        if any((c1 - c0) % 16 for c0, c1 in self.offsets.values()) or n_in % 32 or n_out % 16:
+            return None
+        a_tiles = a.view(stacked // 16, 16, n_in // 32, 16, 2).permute(0, 2, 3, 1, 4)
+        b_tiles = b_t.view(stacked // 16, 8, 2, n_out // 16, 16).permute(0, 3, 1, 4, 2)
+        return a_tiles.contiguous(), b_tiles.contiguous()
 
     @cached_property
     def layout(self) -> tuple:
@@ -390,7 +406,9 @@ class AdapterGroups:
             return
         self.stack, self.rows_layout = stack, shared
         dtype, device = stack.a.dtype, stack.a.device
-        self.kernel = decode_kernel() if device.type == "cpu" and dtype in _KERNEL_DTYPES else None
+        self.kernel = self.tile_kernel = None
+        if device.type == "cpu" and dtype in _KERNEL_DTYPES:
+            self.kernel, self.tile_kernel = decode_kernel(), tile_kernel()
         self.g = None
         if stack.g:
             g = torch.ones(len(names) + 1, layer.out_features, dtype=dtype, device=device)
@@ -454,8 +472,11 @@ class AdapterGroups:
         out = result.view(-1, result.shape[-1])
         if self.kernel is not None and x.dtype in _KERNEL_DTYPES:
             kr = self.rows_layout.kernel_rows.positions(x2.shape[0] // n)
-            a, b_t = self.stack.in_dtype(x.dtype)
-            self.kernel(out, x2.contiguous(), a, b_t, kr.rows, kr.cols)
+            tiles = self.stack.tiles if self.tile_kernel and x.dtype == torch.bfloat16 else None
+            if tiles is not None:
+                self.tile_kernel(out, x2.contiguous(), *tiles, kr.rows, kr.cols)
+            else:
+                self.kernel(out, x2.contiguous(), *self.stack.in_dtype(x.dtype), kr.rows, kr.cols)
             return result
         tokens = x2.shape[0]
         if tokens == n and self.rows_layout.row_groups is not None:  # decoding, torch path
