@@ -1,9 +1,11 @@
-"""The compiled CPU kernel for decoding a mixed-adapter batch (decode_kernel.cpp), if it builds.
+"""The compiled CPU kernel for mixed-adapter batches (decode_kernel.cpp), if it builds: the
+LoRA update of decoding steps and prefills, each row with its own adapter.
 
 `decode_kernel()` builds it with torch's extension builder the first time it is needed on a
-machine (about a minute on 2 cores, announced on stderr), caches the library under the lorakit
-cache, and returns its function; it returns None where the kernel cannot be used (no C++
-compiler, a failed build, or LORAKIT_DECODE_KERNEL=0), and the torch path decodes instead. The
+machine (about half a minute on 2 cores, announced on stderr), caches the library under the
+lorakit cache, and returns its function; it returns None where the kernel cannot be used (no C++
+compiler, a failed build, or LORAKIT_DECODE_KERNEL=0), and the torch path computes the update
+instead. `tile_kernel()` is its AMX variant, where the CPU and the OS provide the tiles. The
 build is compiled for this CPU (-march=native), so the cache directory is keyed by the CPU's
 feature flags as well as by the source and the torch version.
 """
@@ -82,7 +84,7 @@ def build(arch: str = "native") -> Any:
     if not built:
         print(
             "lorakit: building the CPU decoding kernel for mixed-adapter batches "
-            f"(once per machine, ~1 min) in {build_dir}",
+            f"(once per machine, ~30 s) in {build_dir}",
             file=sys.stderr,
             flush=True,
         )

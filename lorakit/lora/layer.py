@@ -131,10 +131,11 @@ class AdapterStack:
         """The bf16 weights in the AMX kernel's tile layout (decode_kernel.cpp, `lora_tiles_`),
         made once; None where that kernel cannot take them (ranks not multiples of 16, or in /
         out not multiples of 32 / 16)."""
-        a, b_t = self.in_dtype(torch.bfloat16)
-        (stacked, n_in), n_out = a.shape, b_t.shape[1]
+        (stacked, n_in), n_out = self.a.shape, self.b_t.shape[1]
         if any((c1 - c0) % 16 for c0, c1 in self.offsets.values()) or n_in % 32 or n_out % 16:
             return None
+        # from a transient bf16 copy: the kernel then never reads the row-major one
+        a, b_t = self.lowered.get(torch.bfloat16) or (self.a.bfloat16(), self.b_t.bfloat16())
         a_tiles = a.view(stacked // 16, 16, n_in // 32, 16, 2).permute(0, 2, 3, 1, 4)
         b_tiles = b_t.view(stacked // 16, 8, 2, n_out // 16, 16).permute(0, 3, 1, 4, 2)
         return a_tiles.contiguous(), b_tiles.contiguous()
