@@ -288,7 +288,7 @@ class _RowLayout:
         if row_ids.device != stack.a.device:
             row_ids = row_ids.to(stack.a.device)
         self.lo, self.hi = lo, hi
-        self._names, self._row_ids, self._stack = names, row_ids, stack
+        self._names, self.row_ids, self._stack = names, row_ids, stack
         self.kernel_rows = KernelRows.build(row_ids.cpu(), names, stack)
         # each segment's rows and its adapter's columns (relative to the span)
         self.segments = None
@@ -313,7 +313,7 @@ class _RowLayout:
                 if name in stack.offsets:
                     c0, c1 = stack.offsets[name]
                     blocks[i, c0 - lo : c1 - lo] = 1
-            self._mask = blocks.to(stack.a.device)[self._row_ids]
+            self._mask = blocks.to(stack.a.device)[self.row_ids]
         return self._mask
 
     def mask_in(self, dtype: torch.dtype) -> torch.Tensor:
@@ -331,9 +331,7 @@ class _RowLayout:
     @property
     def row_groups(self) -> RowGroups | None:
         if self._groups is False:
-            self._groups = RowGroups.build(
-                self._row_ids, self._names, self._stack, self.lo, self.hi
-            )
+            self._groups = RowGroups.build(self.row_ids, self._names, self._stack, self.lo, self.hi)
         return self._groups  # type: ignore[return-value]
 
 
@@ -381,7 +379,7 @@ class AdapterGroups:
         names: list[str],
         row_ids: torch.Tensor,
         stacks: dict[Any, AdapterStack] | None = None,
-        masks: dict[Any, tuple] | None = None,
+        masks: dict[Any, "_RowLayout"] | None = None,
         segments: list[tuple[int, int, int]] | None = None,
     ) -> None:
         adapters = layer.adapters
@@ -416,7 +414,7 @@ class AdapterGroups:
             for i, name in enumerate(names):
                 if name in stack.g:
                     g[i] = stack.g[name]
-            self.g = g[shared._row_ids]
+            self.g = g[shared.row_ids]
         self.n_rows = len(row_ids)
         self._by_dtype: dict[torch.dtype, tuple] = {}
 
