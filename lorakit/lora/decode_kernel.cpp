@@ -443,7 +443,11 @@ void lora_tiles_(torch::Tensor out, torch::Tensor x, torch::Tensor a_tiles, torc
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_decode_", &lora_decode_, "out[rows] += x[rows] A[cols]^T B_t[cols], in place");
-  m.def("lora_tiles_", &lora_tiles_, "the same with AMX tiles, weights in the tile layout");
+  // without the GIL, as torch's own ops: a server's HTTP thread goes on while a layer updates
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("lora_decode_", &lora_decode_, "out[rows] += x[rows] A[cols]^T B_t[cols], in place",
+        no_gil);
+  m.def("lora_tiles_", &lora_tiles_, "the same with AMX tiles, weights in the tile layout",
+        no_gil);
   m.def("tiles_available", &tiles_available, "whether lora_tiles_ runs on this machine");
 }
