@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import make_adapters, pct, requests_list  # noqa: E402
+from serve_load import make_adapters, pct, requests_list, run_clients  # noqa: E402
 
 from lorakit.base.loading import machine_summary  # noqa: E402
 from lorakit.serving.engine import Request, Sampling  # noqa: E402
@@ -93,13 +93,7 @@ def run(engine, models: list[str | None], seconds: float, clients: int = 16) -> 
                 done.append((seen["tokens"], seen["ttft"], i == c))
             i += clients
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_clients(client, clients)
     later = sorted(ttft for _, ttft, first in done if not first)
     ms = {k: 1000 * totals[k] / max(counts[k], 1) for k in ("prefill", "decode", "enter")}
     return {"tok_s": sum(n for n, _, _ in done) / wall, "requests": len(done), **ms,

@@ -173,6 +173,17 @@ def rss_mb(pid: int) -> float:
     return kb / 1024
 
 
+def run_clients(client, clients: int) -> float:
+    """Run `client(c)` for c in range(clients) on as many threads, all at once; the wall time."""
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def run_point(server: Server, models: list[str], clients: int, seconds: float) -> dict:
     reqs = requests_list()
     results: list[dict] = []
@@ -193,13 +204,7 @@ def run_point(server: Server, models: list[str], clients: int, seconds: float) -
                 results.append(r)
             i += clients
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_clients(client, clients)
     lost = [r for r in results if not r["complete"]]
     results = [r for r in results if r["complete"]]
     lat = sorted(r["latency"] for r in results)

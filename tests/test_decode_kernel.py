@@ -161,14 +161,7 @@ def test_decoding_step_through_tiles(monkeypatch):
     per_forward = sum(1 for m in model.modules() if isinstance(m, layer_mod.LoraLayer)
                       and m.in_features % 32 == 0)
     assert calls.count(len(rows) * 20) == per_forward and calls.count(len(rows)) == per_forward
-    for i, name in enumerate(rows):
-        if name == "__base__":
-            with model.disable_adapters():
-                alone = decode_step(model, ids[i:i + 1], step[i:i + 1])
-        else:
-            model.set_adapter(name)
-            alone = decode_step(model, ids[i:i + 1], step[i:i + 1])
-        torch.testing.assert_close(mixed[i:i + 1].float(), alone.float(), atol=0.05, rtol=0.02)
+    assert_rows_equal_alone(model, rows, ids, step, mixed, atol=0.05, rtol=0.02)
 
 
 def decode_step(model, ids: torch.Tensor, step: torch.Tensor, **kw) -> torch.Tensor:
@@ -177,6 +170,18 @@ def decode_step(model, ids: torch.Tensor, step: torch.Tensor, **kw) -> torch.Ten
         cache = new_kv_cache()
         model(input_ids=ids, past_key_values=cache, use_cache=True, **kw)
         return model(input_ids=step, past_key_values=cache, use_cache=True, **kw).logits
+
+
+def assert_rows_equal_alone(model, rows, ids, step, mixed, **tol) -> None:
+    """Row i of the mixed step's logits equals adapter rows[i] (or the base) run alone."""
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with model.disable_adapters():
+                alone = decode_step(model, ids[i:i + 1], step[i:i + 1])
+        else:
+            model.set_adapter(name)
+            alone = decode_step(model, ids[i:i + 1], step[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1].float(), alone.float(), **tol)
 
 
 ROWS = ["b", "__base__", "a", "c", "a", "b", "a"]
@@ -212,14 +217,7 @@ def test_decoding_step_with_and_without_the_kernel(kernel, dtype, monkeypatch):
     by_torch = decode_step(model, ids, step, adapter_names=ROWS)
     tol = dict(atol=1e-5, rtol=0) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
     torch.testing.assert_close(mixed.float(), by_torch.float(), **tol)
-    for i, name in enumerate(ROWS):
-        if name == "__base__":
-            with model.disable_adapters():
-                alone = decode_step(model, ids[i:i + 1], step[i:i + 1])
-        else:
-            model.set_adapter(name)
-            alone = decode_step(model, ids[i:i + 1], step[i:i + 1])
-        torch.testing.assert_close(mixed[i:i + 1].float(), alone.float(), **tol)
+    assert_rows_equal_alone(model, ROWS, ids, step, mixed, **tol)
 
 
 def test_greedy_generation_is_the_same_with_and_without_the_kernel(kernel, monkeypatch):
