@@ -24,6 +24,7 @@ from typing import Any
 from lorakit.base.config import DTYPE_CHOICES
 from lorakit.base.quantize import QUANT_TYPES
 from lorakit.errors import OutputExistsError, UserError
+from lorakit.serving.engine import MAX_BATCH, MAX_WAITING, PREFILL_TOKENS_PER_STEP
 from lorakit.training.run_config import SINGLE_PROCESS_ALIASES, TRAIN_FLAGS, field_type, run_config
 
 __all__ = ["SINGLE_PROCESS_ALIASES", "build_parser", "main"]
@@ -409,21 +410,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapters kept in memory (least recently used leave first)",
     )
     s.add_argument(
-        "--max-batch", dest="max_batch", type=int, default=16, help="requests decoded together"
+        "--max-batch",
+        dest="max_batch",
+        type=int,
+        default=MAX_BATCH,
+        help=f"requests decoded together ({MAX_BATCH})",
     )
     s.add_argument(
         "--max-prefill-tokens",
         dest="max_prefill_tokens",
         type=int,
-        default=2048,
-        help="prompt tokens prefilled between two decoding steps (running rows wait meanwhile)",
+        default=PREFILL_TOKENS_PER_STEP,
+        help="prompt tokens prefilled between two decoding steps: running rows wait meanwhile "
+        f"({PREFILL_TOKENS_PER_STEP}; a longer prompt is prefilled alone)",
     )
     s.add_argument(
         "--max-waiting",
         dest="max_waiting",
         type=int,
-        default=256,
-        help="requests queued beyond the batch before answering 429",
+        default=MAX_WAITING,
+        help=f"requests queued beyond the batch before answering 429 ({MAX_WAITING})",
     )
     s.add_argument(
         "--max-tokens-limit",

@@ -40,6 +40,16 @@ from lorakit.serving.batch import DecodeBatch, Prefilled, join_prefilled, length
 # prompts share a forward unless that pads more than ~130 tokens.
 PREFILL_PADDING_SLACK = 128
 
+# Defaults of `lorakit serve`'s limits (the CLI and `server.build` take these).
+MAX_BATCH = 16  # rows decoded together
+MAX_WAITING = 256  # requests submitted and not yet admitted; more get QueueFull (HTTP 429)
+# Prompt tokens prefilled between two decoding steps. It bounds how long running rows wait for
+# newcomers (~0.2-0.6 ms per token on the default model here) and splits a burst of arrivals
+# over several steps, so that rows which arrived together do not stay in lockstep and come
+# back as a burst again (closed-loop clients); 2048 gave a TTFT p99/p50 of 3.3-5.7 under 16
+# clients, 512 gave 2.5-2.8 at the same tokens/s (bench/RESULTS.md).
+PREFILL_TOKENS_PER_STEP = 512
+
 
 class QueueFull(UserError):
     """More requests are waiting than the server accepts (HTTP 429)."""
@@ -95,9 +105,9 @@ class Engine:
         model: LoraModel,
         tokenizer: Any,
         adapters: AdapterPool,
-        max_batch: int = 16,
-        max_waiting: int = 256,
-        prefill_tokens_per_step: int = 2048,
+        max_batch: int = MAX_BATCH,
+        max_waiting: int = MAX_WAITING,
+        prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer

@@ -26,7 +26,17 @@ from starlette.routing import Route
 from lorakit.errors import InputNotFoundError, UserError
 from lorakit.serving import openai_api as api
 from lorakit.serving.adapters import AdapterNotFound
-from lorakit.serving.engine import Draining, Engine, Event, QueueFull, Request, Sampling
+from lorakit.serving.engine import (
+    MAX_BATCH,
+    MAX_WAITING,
+    PREFILL_TOKENS_PER_STEP,
+    Draining,
+    Engine,
+    Event,
+    QueueFull,
+    Request,
+    Sampling,
+)
 from lorakit.serving.openai_api import ApiError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -402,9 +412,9 @@ def build(
     quantization: str | None = None,
     served_name: str | None = None,
     max_loras: int = 8,
-    max_batch: int = 16,
-    max_waiting: int = 256,
-    max_prefill_tokens: int = 2048,
+    max_batch: int = MAX_BATCH,
+    max_waiting: int = MAX_WAITING,
+    max_prefill_tokens: int = PREFILL_TOKENS_PER_STEP,
     **config: Any,
 ) -> Server:
     """Load the base, wrap it for adapters, read `name=DIR` (or `DIR`) adapters, and return the
