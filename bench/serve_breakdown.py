@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import make_adapters, pct, requests_list, run_clients  # noqa: E402
 
 from lorakit.base.loading import machine_summary  # noqa: E402
-from lorakit.serving.engine import Request, Sampling  # noqa: E402
+from lorakit.serving.engine import PREFILL_TOKENS_PER_STEP, Request, Sampling  # noqa: E402
 from lorakit.serving.server import build  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--max-prefill-tokens", type=int, default=2048)
+    ap.add_argument("--max-prefill-tokens", type=int, default=PREFILL_TOKENS_PER_STEP)
     args = ap.parse_args()
     print(machine_summary())
     results: dict[str, list[dict]] = defaultdict(list)
