@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=PREFILL_TOKENS_PER_STEP,
         help="prompt tokens prefilled between two decoding steps: running rows wait meanwhile "
-        f"({PREFILL_TOKENS_PER_STEP}; a longer prompt is prefilled alone)",
+        f"({PREFILL_TOKENS_PER_STEP}; a longer prompt is prefilled in chunks of this size)",
     )
     s.add_argument(
         "--max-waiting",

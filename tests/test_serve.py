@@ -40,11 +40,13 @@ def other_base_adapter(tmp_path_factory, smol_tokenizer):
 @pytest.fixture(scope="module")
 def server(tiny_chat_dir, adapters):
     """Two adapters at start, two slots: a third adapter loaded later evicts one. fp32, so that
-    references in other processes compute the same numbers ("auto" may pick bf16)."""
+    references in other processes compute the same numbers ("auto" may pick bf16). A prefill
+    budget of 8 tokens: chat prompts are prefilled in chunks, between decoding steps."""
     s = ServerProcess("--model", str(tiny_chat_dir), "--dtype", "float32",
                       "--adapter", f"a0={adapters['a0']}",
                       "--adapter", f"a1={adapters['a1']}", "--max-loras", "2",
-                      "--max-batch", "6", "--max-tokens-limit", "200")
+                      "--max-batch", "6", "--max-tokens-limit", "200",
+                      "--max-prefill-tokens", "8")
     yield s
     assert s.stop() == 0, s.output[-2000:]
 

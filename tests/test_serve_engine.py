@@ -205,21 +205,95 @@ def test_prompts_admitted_together_in_several_forwards_equal_each_alone(setup):
         assert tokens(out.text[i]) == reference(kind, paths, adapter, prompt, n), (i, adapter)
 
 
+def record_forwards(engine: Engine) -> list:
+    """The engine's prefill forwards (as input shapes) and decoding steps ("step"), in order."""
+    log: list = []
+    forward, step = engine._forward, engine._decode_step
+
+    def recorded_forward(ids, *args):
+        log.append(tuple(ids.shape))
+        return forward(ids, *args)
+
+    engine._forward = recorded_forward
+    engine._decode_step = lambda: log.append("step") or step()
+    return log
+
+
 def test_prefill_budget_bounds_the_prompt_tokens_of_a_step(setup):
     kind, paths = setup
     engine = engine_for(kind, paths, max_loras=3, max_batch=8)
     engine.prefill_tokens_per_step = 100
-    seen = []
-    prefill = engine._prefill
-    engine._prefill = lambda requests: seen.append([len(r.prompt_ids) for r in requests]) \
-        or prefill(requests)
+    log = record_forwards(engine)
     out = Collector(5)
-    # the third 40 waits, the 10 behind it fits; a prompt over the budget goes alone
+    # the third 40 waits, the 10 behind it fits; the 150 is prefilled in chunks of the budget;
+    # the first request decodes all along, so every forward has a decoding step after it
     for i, n in enumerate([40, 40, 40, 150, 10]):
-        engine.submit(Request(list(range(3, 3 + n)), None, Sampling(max_tokens=2), out.sink(i)))
+        sampling = Sampling(max_tokens=30 if i == 0 else 2)
+        engine.submit(Request([3 + j % 100 for j in range(n)], None, sampling, out.sink(i)))
     engine.start()
     try:
         assert out.all_done.wait(60)
     finally:
         engine.stop()
-    assert seen == [[40, 40, 10], [40], [150]], seen
+    forwards = [e for e in log if e != "step"]
+    assert forwards == [(3, 40), (1, 40), (1, 100), (1, 50)], log
+    for a, b in zip(log, log[1:]):
+        assert a == "step" or b == "step", log  # no two prefill forwards in one step
+    assert [out.last[i].error for i in range(5)] == [None] * 5
+    assert [out.last[i].completion_tokens for i in range(5)] == [30, 2, 2, 2, 2]
+
+
+def test_long_prompt_prefilled_in_chunks_equals_it_alone(setup):
+    """A prompt longer than the budget goes through the model in chunks, into its own cache,
+    while another row decodes; both answers equal generate's alone."""
+    kind, paths = setup
+    engine = engine_for(kind, paths, max_loras=3)
+    engine.prefill_tokens_per_step = 16
+    log = record_forwards(engine)
+    g = torch.Generator().manual_seed(1)
+    long_prompt = torch.randint(3, 128, (50,), generator=g).tolist()
+    jobs = [([7, 8, 9], "a0", 12), (long_prompt, "a1", 6)]
+    out = Collector(2)
+    engine.start()
+    try:
+        for i, (prompt, adapter, n) in enumerate(jobs):
+            engine.submit(Request(prompt, adapter, Sampling(max_tokens=n, temperature=0),
+                                  out.sink(i)))
+        assert out.all_done.wait(60)
+    finally:
+        engine.stop()
+    for i, (prompt, adapter, n) in enumerate(jobs):
+        assert out.last[i].error is None, out.last[i].error
+        assert out.last[i].prompt_tokens == len(prompt)
+        assert tokens(out.text[i]) == reference(kind, paths, adapter, prompt, n), (i, adapter)
+    assert [e for e in log if e != "step"][-4:] == [(1, 16), (1, 16), (1, 16), (1, 2)], log
+    assert not engine.adapters.pins and engine.partial is None
+
+
+def test_cancelled_during_chunked_prefill_frees_its_row_and_adapter(setup):
+    kind, paths = setup
+    engine = engine_for(kind, paths, max_batch=2)
+    engine.prefill_tokens_per_step = 4
+    out = Collector(2)
+    long = Request(list(range(3, 83)), "a0", Sampling(max_tokens=5), out.sink(0))
+    short = Request([8, 9], "a1", Sampling(max_tokens=6, temperature=0), out.sink(1))
+    chunk = engine._prefill_chunk
+
+    def cancel_after_two(budget):  # the client goes away after two chunks
+        if long.prefilled == 8:
+            engine.cancel(long)
+        return chunk(budget)
+
+    engine._prefill_chunk = cancel_after_two
+    engine.submit(long)
+    engine.submit(short)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while 1 not in out.last and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tokens(out.text[1]) == reference(kind, paths, "a1", [8, 9], 6)
+        assert long.prefilled == 8 and 0 not in out.last  # no answer to a gone client
+        assert engine.partial is None and not engine.adapters.pins and engine.busy == 0
+    finally:
+        engine.stop()

@@ -2,10 +2,12 @@
 decoding steps (continuous batching).
 
 At every step the loop installs adapters whose files have been read, admits waiting requests
-(each is prefilled alone, then joins the running rows whatever its adapter), runs one decoding
-step for all running rows through the mixed-adapter path, and retires rows that finished or
-whose client went away. A short request therefore never waits for a long one, and a cancelled
-one frees its row at the next step.
+(their prompts prefilled, up to a budget of tokens per step, a longer prompt in chunks over
+several steps; then each joins the running rows whatever its adapter), runs one decoding step
+for all running rows through the mixed-adapter path, and retires rows that finished or whose
+client went away. A short request therefore never waits for a long one to finish, running rows
+wait for at most one budget of prefill per step, and a cancelled request frees its row at the
+next step.
 
 Requests talk to the loop through `submit` and `cancel` (any thread) and receive `Event`s
 through the callback they carry (called on the scheduler thread: keep it short).
@@ -95,6 +97,9 @@ class Request:
     sent: int = 0  # characters of the decoded completion already sent
     generator: torch.Generator | None = None
     done: bool = False
+    # a prompt prefilled in chunks: its tokens in `cache` so far
+    prefilled: int = 0
+    cache: Any = None
 
 
 class Engine:
@@ -120,6 +125,7 @@ class Engine:
         self._pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self.waiting: deque[Request] = deque()
         self.batch = DecodeBatch()
+        self.partial: Request | None = None  # a long prompt being prefilled in chunks
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._installs: queue.SimpleQueue[tuple[AdapterFiles, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -198,7 +204,7 @@ class Engine:
 
     @property
     def busy(self) -> int:
-        return self._waiting_count + len(self.batch)
+        return self._waiting_count + self._rows()
 
     # -- scheduler thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -215,7 +221,7 @@ class Engine:
                     self._decode_step()
                 except Exception as e:  # a failing model forward: end the rows, keep serving
                     self._fail_all(e)
-            else:
+            elif self.partial is None:
                 self._wake.wait(0.05)
         self._fail_all(Draining("the server stopped before the request finished"))
 
@@ -247,8 +253,11 @@ class Engine:
     def _admit(self) -> None:
         """Prefill waiting requests (oldest first, together in one forward) while rows and the
         step's token budget last; a request whose adapter is not resident starts its load and
-        lets others pass."""
+        lets others pass. A prompt longer than the budget is prefilled in chunks of the budget,
+        one per step, alone (`_prefill_chunk`), so running rows never wait for more."""
         budget = self.prefill_tokens_per_step
+        if self.partial is not None:  # it takes the budget, or what its last chunk leaves
+            budget -= self._prefill_chunk(budget)
         tokens = 0
         chosen: list[Request] = []
         kept: deque[Request] = deque()
@@ -258,12 +267,14 @@ class Engine:
             if request.cancelled:
                 self._left_queue()
                 continue
-            # prompt tokens prefilled this step with this request; the first always fits
-            over_budget = chosen and tokens + len(request.prompt_ids) > budget
+            # a prompt over the budget is chunked, and only as the step's first prefill
+            over_budget = tokens + len(request.prompt_ids) > budget and (
+                chosen or budget < self.prefill_tokens_per_step
+            )
             # once a request waits for a slot, later ones may not pin adapters (they would
             # keep the slots busy for ever); base-model rows pin nothing and still pass
             if (
-                len(self.batch) + len(chosen) >= self.max_batch
+                self._rows() + len(chosen) >= self.max_batch
                 or over_budget
                 or (slot_wanted and request.adapter)
             ):
@@ -282,6 +293,11 @@ class Engine:
             self._left_queue()
             if request.adapter is not None:
                 self.adapters.use(request.adapter)  # pinned now: no later load evicts it
+            if len(request.prompt_ids) > budget:  # the first of this step, and too long
+                self.partial = request
+                self._prefill_chunk(budget)
+                kept.extend(self.waiting)
+                break
             chosen.append(request)
             tokens += len(request.prompt_ids)
         self.waiting = kept
@@ -290,9 +306,16 @@ class Engine:
                 self._prefill(chosen)
             except Exception as e:
                 for request in chosen:
-                    self._finish(request, error=e)
-                    if request not in self.batch.rows and request.adapter is not None:
-                        self.adapters.release(request.adapter)
+                    self._failed_prefill(request, e)
+
+    def _rows(self) -> int:
+        """Rows taken: the running ones and a prompt being prefilled in chunks."""
+        return len(self.batch) + (self.partial is not None)
+
+    def _failed_prefill(self, request: Request, error: Exception) -> None:
+        self._finish(request, error=error)
+        if request not in self.batch.rows and request.adapter is not None:
+            self.adapters.release(request.adapter)
 
     def _adapter_ready(self, name: str | None) -> str:
         """ "ready" if the adapter is in the model; else its files are read in the background
@@ -347,12 +370,53 @@ class Engine:
         padding = {}
         if min(lengths) != longest:  # a prompt alone (or equal lengths) needs neither
             padding = dict(attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
-        names = [r.adapter or BASE_ADAPTER for r in requests]
         cache = new_kv_cache()
-        stacks = self.adapters.stacks
+        logits = self._forward(ids, [r.adapter for r in requests], cache, padding)
+        return Prefilled(cache, mask, logits)
+
+    def _prefill_chunk(self, budget: int) -> int:
+        """Prefill the next `budget` tokens (at most) of `self.partial`'s prompt into its own
+        cache; after the last chunk its row joins the batch. The tokens it used."""
+        request = self.partial
+        if request.cancelled:
+            self.partial = None
+            if request.adapter is not None:
+                self.adapters.release(request.adapter)
+            return 0
+        if request.cache is None:
+            request.cache = new_kv_cache()
+            if request.sampling.seed is not None:
+                request.generator = torch.Generator().manual_seed(request.sampling.seed)
+        start = request.prefilled
+        chunk = request.prompt_ids[start : start + budget]
+        self._close_groups()
+        try:
+            # no padding: the positions and the causal mask follow from the cache's length
+            logits = self._forward(torch.tensor([chunk]), [request.adapter], request.cache, {})
+        except Exception as e:
+            self.partial = None
+            self._failed_prefill(request, e)
+            return len(chunk)
+        request.prefilled += len(chunk)
+        if request.prefilled == len(request.prompt_ids):
+            self.partial = None
+            prefilled = Prefilled(request.cache, torch.ones(1, request.prefilled).long(), logits)
+            request.cache = None  # the batch owns it now
+            self._accept(request, self._pick(logits, [request])[0])
+            self.batch.add([request], prefilled)
+            if request.done:
+                self._retire()
+        return len(chunk)
+
+    def _forward(
+        self, ids: torch.Tensor, adapters: list[str | None], cache: Any, padding: dict
+    ) -> torch.Tensor:
+        """One prefill forward of rows `ids` (each with its adapter) into `cache`; the logits
+        of each row's last position."""
+        names = [a or BASE_ADAPTER for a in adapters]
         with (
             torch.inference_mode(),
-            self.model.mixed_adapter_batch(names, len(names), stacks),
+            self.model.mixed_adapter_batch(names, len(names), self.adapters.stacks),
             contiguous_head_input(self.model.get_base_model()),
         ):
             out = self.model(
@@ -362,7 +426,7 @@ class Engine:
                 **{self._cache_argument: cache},
                 **self._last_only,
             )
-        return Prefilled(cache, mask, out.logits[:, -1].float())
+        return out.logits[:, -1].float()
 
     def _decode_step(self) -> None:
         rows = self.batch.rows
@@ -456,11 +520,13 @@ class Engine:
     def _fail_all(self, error: Exception) -> None:
         self._take_inbox()
         self._close_groups()
-        for request in list(self.batch.rows) + list(self.waiting):
+        pinned = list(self.batch.rows) + ([self.partial] if self.partial is not None else [])
+        for request in pinned + list(self.waiting):
             self._finish(request, error=error)
-            if request in self.batch.rows and request.adapter is not None:
+            if request in pinned and request.adapter is not None:
                 self.adapters.release(request.adapter)
         self.batch.keep([])
+        self.partial = None
         for _ in range(len(self.waiting)):
             self._left_queue()
         self.waiting.clear()
