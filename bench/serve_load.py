@@ -274,7 +274,10 @@ def main() -> None:
                         print(f"{kind:8s} K={k} N={n:2d}: {r['tok_s']:6.1f} tok/s "
                               f"{r['req_s']:5.2f} req/s  latency p50 {r['p50']:5.2f} s "
                               f"p99 {r['p99']:5.2f} s  TTFT p50 {r['ttft50']:5.2f} s "
-                              f"p99 {r['ttft99']:5.2f} s  {r['mean_tokens']:.1f} tok/req "
+                              f"p99 {r['ttft99']:5.2f} s (without first requests "
+                              f"{r['later50']:4.2f} / {r['later99']:4.2f} s: "
+                              f"{r['later99'] / r['later50']:4.2f})  "
+                              f"{r['mean_tokens']:.1f} tok/req "
                               f"({r['n']} requests, {r['lost']} lost; RSS "
                               f"{r['rss_start']:.0f} -> {r['rss_end']:.0f} MB)", flush=True)
                 # warm-up: the server's first point under the most clients (buffers, caches and
