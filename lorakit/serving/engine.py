@@ -45,11 +45,12 @@ PREFILL_PADDING_SLACK = 128
 # Defaults of `lorakit serve`'s limits (the CLI and `server.build` take these).
 MAX_BATCH = 16  # rows decoded together
 MAX_WAITING = 256  # requests submitted and not yet admitted; more get QueueFull (HTTP 429)
-# Prompt tokens prefilled between two decoding steps. It bounds how long running rows wait for
-# newcomers (~0.2-0.6 ms per token on the default model here) and splits a burst of arrivals
-# over several steps, so that rows which arrived together do not stay in lockstep and come
-# back as a burst again (closed-loop clients); 2048 gave a TTFT p99/p50 of 3.3-5.7 under 16
-# clients, 512 gave 2.5-2.8 at the same tokens/s (bench/RESULTS.md).
+# Prompt tokens prefilled between two decoding steps (a longer prompt goes in chunks). It bounds
+# how long running rows wait for newcomers (~0.2-0.7 ms per token on the default model on a
+# 2-core CPU) and spreads a burst of arrivals over several steps, so that requests which
+# arrived together do not finish together and come back as a burst again (closed-loop
+# clients): under 16 clients the TTFT tail is about half of what 2048 gives, at the same
+# tokens/s (bench/RESULTS.md).
 PREFILL_TOKENS_PER_STEP = 512
 
 
