@@ -38,8 +38,8 @@ from lorakit.serving.batch import DecodeBatch, Prefilled, join_prefilled, length
 
 # Padding tokens a prefill forward may carry to share it with another prompt: about what one
 # more forward costs in fixed overhead, in tokens. On the default model (bf16, 2-core CPU) a
-# forward costs ~40 ms plus ~0.2 ms per token, padding included (bench/RESULTS.md), so two
-# prompts share a forward unless that pads more than ~130 tokens.
+# forward has cost ~40 ms plus ~0.2 ms per token on a fast machine, ~15 ms plus ~0.65 ms on a
+# slow one (bench/RESULTS.md); a smaller slack lowered the median TTFT there, not the p99.
 PREFILL_PADDING_SLACK = 128
 
 # Defaults of `lorakit serve`'s limits (the CLI and `server.build` take these).
