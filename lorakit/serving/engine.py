@@ -294,6 +294,8 @@ class Engine:
             self._left_queue()
             if request.adapter is not None:
                 self.adapters.use(request.adapter)  # pinned now: no later load evicts it
+            if request.sampling.seed is not None:
+                request.generator = torch.Generator().manual_seed(request.sampling.seed)
             if len(request.prompt_ids) > budget:  # the first of this step, and too long
                 self.partial = request
                 self._prefill_chunk(budget)
@@ -315,7 +317,12 @@ class Engine:
 
     def _failed_prefill(self, request: Request, error: Exception) -> None:
         self._finish(request, error=error)
-        if request not in self.batch.rows and request.adapter is not None:
+        if request not in self.batch.rows:
+            self._unpin(request)
+
+    def _unpin(self, request: Request) -> None:
+        """Release the adapter an admitted request pinned (at its end, or its client's)."""
+        if request.adapter is not None:
             self.adapters.release(request.adapter)
 
     def _adapter_ready(self, name: str | None) -> str:
@@ -341,9 +348,6 @@ class Engine:
         forward costs a fixed overhead (PREFILL_PADDING_SLACK tokens' worth). Within a forward the
         rows are grouped by adapter, so each adapter's update is computed on its own rows only
         (see `AdapterGroups`)."""
-        for request in requests:
-            if request.sampling.seed is not None:
-                request.generator = torch.Generator().manual_seed(request.sampling.seed)
         self._close_groups()
         rows: list[Request] = []
         parts: list[Prefilled] = []
@@ -356,9 +360,7 @@ class Engine:
                 self._accept(request, token)
             rows += group_rows
             parts.append(prefilled)
-        self.batch.add(rows, join_prefilled(parts))
-        if any(r.done for r in rows):
-            self._retire()
+        self._join(rows, join_prefilled(parts))
 
     def _forward_prompts(self, requests: list[Request]) -> Prefilled:
         lengths = [len(r.prompt_ids) for r in requests]
@@ -381,13 +383,10 @@ class Engine:
         request = self.partial
         if request.cancelled:
             self.partial = None
-            if request.adapter is not None:
-                self.adapters.release(request.adapter)
+            self._unpin(request)
             return 0
         if request.cache is None:
             request.cache = new_kv_cache()
-            if request.sampling.seed is not None:
-                request.generator = torch.Generator().manual_seed(request.sampling.seed)
         start = request.prefilled
         chunk = request.prompt_ids[start : start + budget]
         self._close_groups()
@@ -404,10 +403,14 @@ class Engine:
             prefilled = Prefilled(request.cache, torch.ones(1, request.prefilled).long(), logits)
             request.cache = None  # the batch owns it now
             self._accept(request, self._pick(logits, [request])[0])
-            self.batch.add([request], prefilled)
-            if request.done:
-                self._retire()
+            self._join([request], prefilled)
         return len(chunk)
+
+    def _join(self, rows: list[Request], prefilled: Prefilled) -> None:
+        """Add prefilled rows (their first tokens already picked) to the running batch."""
+        self.batch.add(rows, prefilled)
+        if any(r.done for r in rows):  # ended at their first token
+            self._retire()
 
     def _forward(
         self, ids: torch.Tensor, adapters: list[str | None], cache: Any, padding: dict
@@ -505,8 +508,7 @@ class Engine:
         keep = []
         for i, request in enumerate(self.batch.rows):
             if request.done or request.cancelled:
-                if request.adapter is not None:
-                    self.adapters.release(request.adapter)
+                self._unpin(request)
             else:
                 keep.append(i)
         if len(keep) != len(self.batch):
@@ -524,8 +526,8 @@ class Engine:
         pinned = list(self.batch.rows) + ([self.partial] if self.partial is not None else [])
         for request in pinned + list(self.waiting):
             self._finish(request, error=error)
-            if request in pinned and request.adapter is not None:
-                self.adapters.release(request.adapter)
+            if request in pinned:
+                self._unpin(request)
         self.batch.keep([])
         self.partial = None
         for _ in range(len(self.waiting)):
