@@ -213,10 +213,12 @@ def describe_adapter(path: str | Path, allow_pickle: bool = False) -> dict[str, 
         CONFIG_NAME,
         LEGACY_WEIGHTS_NAME,
         WEIGHTS_NAME,
+        adapted_modules,
         read_adapter_config,
         read_adapter_weights,
         read_weights_header,
     )
+    from lorakit.lora.pissa import is_pissa
 
     path = Path(path)
     config = read_adapter_config(path)
@@ -232,16 +234,11 @@ def describe_adapter(path: str | Path, allow_pickle: bool = False) -> dict[str, 
     size = weights.stat().st_size
     n_params = sum(math.prod(shape) for shape, _ in header.values())
     dtypes = {dtype for _, dtype in header.values()}
-    modules = {
-        key.removeprefix("base_model.model.").split(".lora_A.")[0]
-        for key in header
-        if ".lora_A." in key
-    }
-    init = config.init_lora_weights
+    modules = adapted_modules(header)
     variant = (
         ("DoRA" if config.use_dora else "LoRA")
         + (" + rsLoRA" if config.use_rslora else "")
-        + (" (PiSSA init)" if isinstance(init, str) and init.startswith("pissa") else "")
+        + (" (PiSSA init)" if is_pissa(config.init_lora_weights) else "")
     )
     targets = config.target_modules
     return {

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -170,6 +171,12 @@ def _convert_to_plain_lora(
     config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
     config.init_lora_weights = True
     return config
+
+
+def adapted_modules(keys: Iterable[str]) -> set[str]:
+    """The module paths (in the transformers model) that the tensor names `keys` of an adapter
+    file give a LoRA pair to."""
+    return {key.removeprefix(PREFIX).split(".lora_A.")[0] for key in keys if ".lora_A." in key}
 
 
 def read_adapter_config(path: str | Path) -> LoraConfig:
