@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import make_adapters, pct, requests_list, run_clients  # noqa: E402
 
 from lorakit.base.loading import machine_summary  # noqa: E402
-from lorakit.serving.engine import PREFILL_TOKENS_PER_STEP, Request, Sampling  # noqa: E402
+from lorakit.inference.engine import PREFILL_TOKENS_PER_STEP, Request, Sampling  # noqa: E402
 from lorakit.serving.server import build  # noqa: E402
 
 

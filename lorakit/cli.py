@@ -24,7 +24,7 @@ from typing import Any
 from lorakit.base.config import DTYPE_CHOICES
 from lorakit.base.quantize import QUANT_TYPES
 from lorakit.errors import OutputExistsError, UserError
-from lorakit.serving.engine import MAX_BATCH, MAX_WAITING, PREFILL_TOKENS_PER_STEP
+from lorakit.inference.engine import MAX_BATCH, MAX_WAITING, PREFILL_TOKENS_PER_STEP
 from lorakit.training.run_config import SINGLE_PROCESS_ALIASES, TRAIN_FLAGS, field_type, run_config
 
 __all__ = ["SINGLE_PROCESS_ALIASES", "build_parser", "main"]
@@ -95,7 +95,7 @@ def _load_with_adapters(
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.data import load_records
-    from lorakit.serving.generate import completion_examples, exact_match_rate
+    from lorakit.inference.generate import completion_examples, exact_match_rate
     from lorakit.training import SFTTrainer, TrainConfig
 
     model, tokenizer, _ = _load_with_adapters(
@@ -131,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lorakit.serving.generate import generate_texts
+    from lorakit.inference.generate import generate_texts
 
     model, tokenizer, lora = _load_with_adapters(
         args.model, args.adapter or [], args.dtype, allow_pickle=args.allow_pickle

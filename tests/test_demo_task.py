@@ -13,7 +13,7 @@ import pytest
 from lorakit.demo import task
 from lorakit.demo.task import (DEMO_DEFAULTS, INSTRUCTION, STYLES, make_examples, make_task,
                                reference)
-from lorakit.serving.generate import exact_match
+from lorakit.inference.generate import exact_match
 
 MONTH = {m.lower(): i + 1 for i, m in enumerate(task.MONTHS)}
 MONTH.update({m.lower(): i + 1 for i, m in enumerate(task.MONTHS_ABBR)})
@@ -161,7 +161,7 @@ def test_generated_predictions_batched_equal_one_by_one(smol_tokenizer):
     import torch
 
     from conftest import make_tiny_llama
-    from lorakit.serving.generate import generate_texts
+    from lorakit.inference.generate import generate_texts
 
     tok = smol_tokenizer
     model = make_tiny_llama(vocab_size=len(tok), seed=0)

@@ -1,5 +1,6 @@
 """The package's imports point one way, in the order data flows:
-compat/atomic/errors → base → lora → data → training → serving → recipes → demo → cli.
+compat/atomic/errors → base → lora → data → inference → training → serving → recipes → demo →
+cli.
 
 Read from the source (every `import`, also inside functions; `if TYPE_CHECKING:` blocks are not
 imports), so a lazy import cannot hide an arrow pointing backwards.
@@ -12,10 +13,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lorakit"  # read as text, never imported
 LAYERS = [
-    ("lorakit.compat", "lorakit.atomic", "lorakit.errors"),  # import nothing of lorakit
+    ("lorakit.compat", "lorakit.atomic", "lorakit.errors", "lorakit.log"),  # nothing of lorakit
     ("lorakit.base",),
     ("lorakit.lora",),
     ("lorakit.data",),
+    ("lorakit.inference",),
     ("lorakit.training",),
     ("lorakit.serving",),
     ("lorakit.recipes",),

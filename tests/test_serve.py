@@ -263,7 +263,7 @@ def test_quantized_and_bf16_bases_serve_like_generate(flags, tiny_chat_dir, adap
 
     from lorakit.base import load_model
     from lorakit.lora import LoraModel
-    from lorakit.serving.generate import generate_texts
+    from lorakit.inference.generate import generate_texts
 
     kw = {"quantization": "nf4"} if "nf4" in flags else {"dtype": "bfloat16"}
     model, tok = load_model(str(tiny_chat_dir), **kw)

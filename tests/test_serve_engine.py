@@ -17,9 +17,9 @@ from conftest import make_tiny_gpt2, make_tiny_llama, perturb_trainables
 from peft import PeftModel
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.serving.adapters import AdapterPool
-from lorakit.serving.batch import length_groups
-from lorakit.serving.engine import PREFILL_PADDING_SLACK, Engine, Request, Sampling
+from lorakit.inference.adapters import AdapterPool
+from lorakit.inference.batch import length_groups
+from lorakit.inference.engine import PREFILL_PADDING_SLACK, Engine, Request, Sampling
 
 MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}

@@ -16,14 +16,14 @@ from pathlib import Path
 from lorakit.base.config import ModelConfig
 from lorakit.data.config import DataConfig
 from lorakit.demo.task import DEMO_DEFAULTS, INSTRUCTION, make_task
-from lorakit.lora import LoraConfig
-from lorakit.recipes import SFTRecipe
-from lorakit.serving.generate import (
+from lorakit.inference.generate import (
     completion_examples,
     exact_match,
     generate_texts,
     render_prompt,
 )
+from lorakit.lora import LoraConfig
+from lorakit.recipes import SFTRecipe
 from lorakit.training import TrainConfig
 from lorakit.training.report import OutputConfig, plot_losses, write_report
 from lorakit.training.run_config import RunConfig

@@ -24,8 +24,8 @@ from lorakit.base.loading import resolve_device, resolve_dtype
 from lorakit.data import load_records
 from lorakit.data.sources import read_records
 from lorakit.errors import OutputExistsError, UserError
+from lorakit.inference.generate import completion_examples, generate_texts, render_prompt
 from lorakit.lora import LoraModel, get_lora_model
-from lorakit.serving.generate import completion_examples, generate_texts, render_prompt
 from lorakit.training import SFTTrainer, TrainResult, list_checkpoints
 from lorakit.training.config import set_seed
 from lorakit.training.distributed import ProcessGroup, per_rank_batch_size, process_group

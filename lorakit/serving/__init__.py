@@ -1,5 +1,6 @@
-"""Serving trained adapters: batched generation (and exact match) over a base model with adapters.
+"""`lorakit serve`: the OpenAI-compatible API and the HTTP server over `lorakit.inference`'s
+engine.
 
-Owns: turning prompts into completions with a (LoRA) model. May import compat, base, lora, data
-and training; imported by demo and cli only.
+Owns: HTTP (request checking, response shapes, errors as status codes, shutdown). May import
+every layer below it (compat ... inference, training); imported by recipes, demo and cli.
 """

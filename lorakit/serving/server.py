@@ -24,9 +24,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from lorakit.errors import InputNotFoundError, UserError
-from lorakit.serving import openai_api as api
-from lorakit.serving.adapters import AdapterNotFound
-from lorakit.serving.engine import (
+from lorakit.inference.adapters import AdapterNotFound
+from lorakit.inference.engine import (
     MAX_BATCH,
     MAX_WAITING,
     PREFILL_TOKENS_PER_STEP,
@@ -37,6 +36,7 @@ from lorakit.serving.engine import (
     Request,
     Sampling,
 )
+from lorakit.serving import openai_api as api
 from lorakit.serving.openai_api import ApiError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -125,15 +125,15 @@ class Server:
         return JSONResponse(
             {
                 "status": "stopping" if self.stopping else "ok",
-                "running": len(self.engine.batch),
-                "waiting": self.engine.busy - len(self.engine.batch),
+                "running": self.engine.running,
+                "waiting": self.engine.busy - self.engine.running,
             }
         )
 
     async def _models(self, request: HttpRequest) -> Response:
         root = self.config.base_names[-1]
         cards = [api.model_card(self.base_name, root, None, self.context_length)]
-        for name, path in sorted(self.engine.adapters.known().items()):
+        for name, path in sorted(self.engine.adapter_paths().items()):
             cards.append(api.model_card(name, str(path), self.base_name, self.context_length))
         return JSONResponse({"object": "list", "data": cards})
 
@@ -151,17 +151,8 @@ class Server:
         )
         try:
             self.engine.submit(job)
-        except QueueFull as e:
-            raise ApiError(
-                429,
-                f"too many requests: {e}",
-                code="queue_full",
-                headers={"Retry-After": str(self.config.retry_after_s)},
-            ) from None
-        except Draining as e:
-            raise self._unavailable(str(e)) from None
-        except AdapterNotFound as e:
-            raise ApiError(404, str(e), "model", "model_not_found") from None
+        except UserError as e:  # full, shutting down, or an unknown model
+            raise self._error_for(e) from None
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         model = body["model"]
         if body.get("stream"):
@@ -173,7 +164,7 @@ class Server:
             return Response(status_code=499)
         text, last = result
         if last.error is not None:
-            raise _error_for(last.error)
+            raise self._error_for(last.error)
         use = api.usage(last.prompt_tokens, last.completion_tokens)
         return JSONResponse(api.completion_body(rid, model, text, last.finish_reason, use, chat))
 
@@ -210,7 +201,7 @@ class Server:
             while True:
                 event = await events.get()
                 if event.error is not None:
-                    yield _sse(_error_for(event.error).body())
+                    yield _sse(self._error_for(event.error).body())
                     break
                 if event.text or event.finish_reason:
                     yield _sse(
@@ -239,14 +230,12 @@ class Server:
         name, path = body["lora_name"], self._adapter_path(body["lora_path"])
         if name in self.config.base_names:
             raise ApiError(400, f"'{name}' is the base model's name", "lora_name")
-        if name in self.engine.adapters.known() and not body.get("load_inplace"):
+        if name in self.engine.adapter_paths() and not body.get("load_inplace"):
             raise ApiError(400, f"the LoRA adapter '{name}' has already been loaded", "lora_name")
         try:
             await asyncio.wrap_future(self.engine.load_adapter(name, str(path)))
-        except InputNotFoundError as e:
-            raise ApiError(404, str(e), "lora_path") from None
         except (UserError, ValueError) as e:
-            raise ApiError(400, str(e), "lora_path") from None
+            raise self._error_for(e, "lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def _unload_adapter(self, request: HttpRequest) -> Response:
@@ -255,10 +244,9 @@ class Server:
             body, {"lora_name": api.Field((str,), required=True), "lora_int_id": api.Field((int,))}
         )
         try:
-            self.engine.adapters.forget(body["lora_name"])
+            self.engine.unload_adapter(body["lora_name"])
         except AdapterNotFound as e:
-            raise ApiError(404, str(e), "lora_name") from None
-        self.engine.wake()
+            raise self._error_for(e, "lora_name") from None
         return PlainTextResponse(
             f"Success: LoRA adapter '{body['lora_name']}' removed successfully."
         )
@@ -283,16 +271,9 @@ class Server:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
     def _adapter_for(self, model: str) -> str | None:
-        if model in self.config.base_names:
-            return None
-        if model not in self.engine.adapters.known():
-            raise ApiError(
-                404,
-                f"the model '{model}' does not exist (GET /v1/models lists them)",
-                "model",
-                "model_not_found",
-            )
-        return model
+        """The adapter a request's `model` names; None for the base. Whether an adapter of that
+        name exists is the engine's to say, when the request is submitted."""
+        return None if model in self.config.base_names else model
 
     def _adapter_path(self, given: str) -> Path:
         path = Path(given).expanduser()
@@ -382,6 +363,23 @@ class Server:
             headers={"Retry-After": str(self.config.retry_after_s)},
         )
 
+    def _error_for(self, error: Exception, param: str = "model") -> ApiError:
+        """The HTTP answer to an error the engine raised or reported (`param`: the field of
+        the request it is about)."""
+        if isinstance(error, QueueFull):
+            retry = {"Retry-After": str(self.config.retry_after_s)}
+            return ApiError(429, f"too many requests: {error}", code="queue_full", headers=retry)
+        if isinstance(error, Draining):
+            return self._unavailable(str(error))
+        if isinstance(error, AdapterNotFound):
+            code = "model_not_found" if param == "model" else None
+            return ApiError(404, str(error), param, code)
+        if isinstance(error, InputNotFoundError) and param == "lora_path":
+            return ApiError(404, str(error), param)  # the directory given is not there
+        if isinstance(error, (UserError, ValueError)):  # e.g. an adapter that failed to load
+            return ApiError(400, str(error), param)
+        return ApiError(500, f"internal error: {type(error).__name__}: {error}")
+
     async def _not_found(self, request: HttpRequest, exc: Exception) -> Response:
         return JSONResponse(ApiError(404, f"no endpoint {request.url.path}").body(), 404)
 
@@ -392,17 +390,6 @@ class Server:
 
 def _sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\n"
-
-
-def _error_for(error: Exception) -> ApiError:
-    """The HTTP answer to an error the engine reported for a request."""
-    if isinstance(error, AdapterNotFound):
-        return ApiError(404, str(error), "model", "model_not_found")
-    if isinstance(error, Draining):
-        return ApiError(503, str(error), code="unavailable")
-    if isinstance(error, (UserError, ValueError)):  # e.g. an adapter that failed to load
-        return ApiError(400, str(error), "model")
-    return ApiError(500, f"internal error: {type(error).__name__}: {error}")
 
 
 def build(
@@ -420,9 +407,9 @@ def build(
     """Load the base, wrap it for adapters, read `name=DIR` (or `DIR`) adapters, and return the
     server (not yet serving). Every problem here is a one-line error before anything binds."""
     from lorakit.base import load_model
+    from lorakit.inference.adapters import AdapterPool
     from lorakit.lora import LoraModel
     from lorakit.lora.decode_kernel import decode_kernel
-    from lorakit.serving.adapters import AdapterPool
 
     pairs = [_adapter_arg(a) for a in adapters]
     names = [n for n, _ in pairs]

@@ -25,16 +25,17 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorakit.compat import cache_argument, contiguous_head_input, new_kv_cache
 from lorakit.errors import UserError
+from lorakit.inference.adapters import AdapterFiles, AdapterNotFound, AdapterPool
+from lorakit.inference.batch import DecodeBatch, Prefilled, join_prefilled, length_groups
 from lorakit.lora import LoraModel
 from lorakit.lora.model import BASE_ADAPTER
-from lorakit.serving.adapters import AdapterFiles, AdapterNotFound, AdapterPool
-from lorakit.serving.batch import DecodeBatch, Prefilled, join_prefilled, length_groups
 
 # Padding tokens a prefill forward may carry to share it with another prompt: about what one
 # more forward costs in fixed overhead, in tokens. On the default model (bf16, 2-core CPU) a
@@ -154,7 +155,9 @@ class Engine:
         if self._draining:
             raise Draining("the server is shutting down")
         if request.adapter is not None and request.adapter not in self.adapters.known():
-            raise AdapterNotFound(f"the model '{request.adapter}' does not exist")
+            raise AdapterNotFound(
+                f"the model '{request.adapter}' does not exist (GET /v1/models lists them)"
+            )
         with self._count_lock:
             if self._waiting_count >= self.max_waiting:
                 raise QueueFull(f"{self._waiting_count} requests are already waiting")
@@ -183,9 +186,15 @@ class Engine:
         read.add_done_callback(forward)
         return done
 
-    def wake(self) -> None:
-        """Run the loop's housekeeping now (e.g. drop an adapter the API unloaded)."""
+    def unload_adapter(self, name: str) -> None:
+        """Forget the adapter: requests may no longer name it, and it leaves the model once no
+        running row uses it (raises `AdapterNotFound` if it is not known)."""
+        self.adapters.forget(name)
         self._wake.set()
+
+    def adapter_paths(self) -> dict[str, Path]:
+        """The adapters requests may name, and the directory each is read from."""
+        return self.adapters.known()
 
     def drain(self) -> None:
         """Admit nothing new; what is waiting or decoding goes on."""
@@ -205,7 +214,13 @@ class Engine:
 
     @property
     def busy(self) -> int:
+        """Requests taken and not finished: waiting, being prefilled or decoding."""
         return self._waiting_count + self._rows()
+
+    @property
+    def running(self) -> int:
+        """Rows decoding now."""
+        return len(self.batch)
 
     # -- scheduler thread ----------------------------------------------------------------------
     def _loop(self) -> None:
