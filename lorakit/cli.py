@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,12 @@ from lorakit.base.config import DTYPE_CHOICES
 from lorakit.base.quantize import QUANT_TYPES
 from lorakit.errors import OutputExistsError, UserError
 from lorakit.inference.engine import MAX_BATCH, MAX_WAITING, PREFILL_TOKENS_PER_STEP
+from lorakit.log import get_logger
 from lorakit.training.run_config import SINGLE_PROCESS_ALIASES, TRAIN_FLAGS, field_type, run_config
 
 __all__ = ["SINGLE_PROCESS_ALIASES", "build_parser", "main"]
+
+log = get_logger("lorakit.cli")
 
 
 # ---------------------------------------------------------------------------------- sub-commands
@@ -62,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = SFTRecipe(cfg, resume=args.resume).setup()
     outcome = recipe.train()
     for line in summary_lines(outcome) if recipe.is_main else []:
-        print(f"lorakit: {line}")
+        log.info(line)
     return 0
 
 
@@ -96,7 +98,7 @@ def _load_with_adapters(
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.data import load_records
     from lorakit.inference.generate import completion_examples, exact_match_rate
-    from lorakit.training import SFTTrainer, TrainConfig
+    from lorakit.training import SFTObjective, TrainConfig, evaluate, resolve_launch
 
     model, tokenizer, _ = _load_with_adapters(
         args.model, args.adapter or [], args.dtype, allow_pickle=args.allow_pickle
@@ -105,16 +107,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from lorakit.lora.model import LoraModel
 
         model = LoraModel(model, None)
-    trainer = SFTTrainer(
-        model,
-        TrainConfig(
-            output_dir=tempfile.gettempdir(),
-            max_length=args.max_length,
-            per_device_eval_batch_size=args.batch_size,
-        ),
-        tokenizer=tokenizer,
-    )
-    metrics = trainer.evaluate(args.data)
+    settings = TrainConfig(max_length=args.max_length, per_device_eval_batch_size=args.batch_size)
+    objective = SFTObjective(model, tokenizer, settings)
+    data = objective.prepare(args.data, "eval")
+    metrics = evaluate(model, objective, data, resolve_launch(settings), args.batch_size)
     examples = completion_examples(load_records(args.data))
     if examples and not args.no_generate:
         rate, _ = exact_match_rate(

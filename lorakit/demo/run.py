@@ -2,7 +2,7 @@
 
 1. build the date-normalisation task (train rows, held-out eval rows on other dates);
 2. exact match of the base model on the held-out rows;
-3. LoRA fine-tuning with progress and checkpoints;
+3. LoRA fine-tuning with progress and checkpoints (the same recipe as `lorakit train`);
 4. exact match again with the adapter, and after merging it into the weights (same answers);
 5. a before/after table, and where the adapter, plot and report are.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from lorakit.base.config import ModelConfig
 from lorakit.data.config import DataConfig
@@ -22,15 +23,14 @@ from lorakit.inference.generate import (
     generate_texts,
     render_prompt,
 )
+from lorakit.log import get_logger
 from lorakit.lora import LoraConfig
 from lorakit.recipes import SFTRecipe
 from lorakit.training import TrainConfig
-from lorakit.training.report import OutputConfig, plot_losses, write_report
+from lorakit.training.report import OutputConfig
 from lorakit.training.run_config import RunConfig
 
-
-def _say(msg: str) -> None:
-    print(f"lorakit demo: {msg}", flush=True)
+log = get_logger(__name__)  # "lorakit demo: ..." lines
 
 
 def run_demo(
@@ -41,25 +41,60 @@ def run_demo(
 ) -> int:
     d = DEMO_DEFAULTS
     max_steps = max_steps or d["max_steps"]
-    n_eval = n_eval or d["n_eval"]
-    out = Path(output_dir)
-    t0 = time.perf_counter()
+    out, t0 = Path(output_dir), time.perf_counter()
+    examples = _write_task(out, n_eval or d["n_eval"], seed)
+    recipe = SFTRecipe(_run_config(out, max_steps, seed), echo_config=False).setup()
+    scores = _Scores(recipe, examples)
+    with recipe.model.disable_adapters():
+        scores.add("base model", recipe.model)
+    log.info(
+        f"fine-tuning: {max_steps} steps of {d['batch_size']} rows, lr {d['lr']}, "
+        f"r={d['r']} alpha={d['alpha']} on all linear layers"
+    )
+    outcome = recipe.train(report=False)
+    scores.add("with adapter", recipe.model)
+    scores.add("merged model", recipe.model.merge_and_unload())
+    outcome.samples = scores.samples(3)
+    shown = {"base": "base model", "adapter": "with adapter", "merged": "merged model"}
+    recipe.write_report(
+        outcome, {f"exact match, {k}": f"{scores.em[v]:.1%}" for k, v in shown.items()}
+    )
+    scores.print_table()
+    r = outcome.result
+    log.info(
+        f"train {r.seconds:.0f} s at {r.tokens_per_second:.0f} tokens/s, "
+        f"eval loss {r.metrics.get('eval_loss', float('nan')):.3f}; "
+        f"total {time.perf_counter() - t0:.0f} s"
+    )
+    log.info(f"adapter     -> {out / 'adapter'}  (PEFT format)")
+    log.info(f"loss plot   -> {outcome.plot}")
+    log.info(f"report      -> {outcome.report}")
+    log.info(
+        f"try it: lorakit generate --adapter {out / 'adapter'} --chat --system "
+        f'"{INSTRUCTION}" --max-new-tokens 16 "{examples[1].prompt[-1]["content"]}"'
+    )
+    return 0
 
-    # 1. the task
-    train_rows, eval_rows = make_task(d["n_train"], n_eval, seed=seed)
+
+def _write_task(out: Path, n_eval: int, seed: int) -> list:
+    """The task's rows in out/data; the held-out rows as prompt / reference examples."""
+    train_rows, eval_rows = make_task(DEMO_DEFAULTS["n_train"], n_eval, seed=seed)
     (out / "data").mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
         (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples = completion_examples(eval_rows)
-    _say(
+    log.info(
         f"task: normalise dates to YYYY-MM-DD; {len(train_rows)} training rows, "
         f"{len(eval_rows)} held-out rows on other dates -> {out / 'data'}"
     )
-    _say(f"example: {examples[0].prompt[-1]['content']!r} -> {examples[0].reference!r}")
+    log.info(f"example: {examples[0].prompt[-1]['content']!r} -> {examples[0].reference!r}")
+    return examples
 
-    # 2. the run, assembled by the same recipe as `lorakit train`: base model, adapters, data
-    data = out / "data"
-    cfg = RunConfig(
+
+def _run_config(out: Path, max_steps: int, seed: int) -> RunConfig:
+    """The demo's run, as `lorakit train` would take it from a config file."""
+    d, data = DEMO_DEFAULTS, out / "data"
+    return RunConfig(
         model=ModelConfig(),
         data=DataConfig(train=str(data / "train.jsonl"), eval=str(data / "eval.jsonl")),
         lora=LoraConfig(
@@ -80,82 +115,65 @@ def run_demo(
             seed=seed,
             per_device_eval_batch_size=d["eval_batch_size"],
         ),
+        # the demo reports its own samples; a second demo replaces the first
         output=OutputConfig(dir=str(out), samples=0, overwrite=True),
-    )  # the demo reports its own samples; a second demo replaces the first
-    recipe = SFTRecipe(cfg, echo_config=False).setup()
-    recipe.prepare_output()
-    lora, tokenizer, trainer = recipe.model, recipe.tokenizer, recipe.trainer
-    prompts = [e.prompt for e in examples]
-    refs = [e.reference for e in examples]
+    )
 
-    def score(m) -> tuple[float, list[str]]:
-        preds = generate_texts(
-            m, tokenizer, prompts, d["max_new_tokens"], batch_size=d["eval_batch_size"]
+
+class _Scores:
+    """Held-out exact match of the base, the adapter and the merged model, and their answers."""
+
+    def __init__(self, recipe: SFTRecipe, examples: list) -> None:
+        self.tokenizer = recipe.tokenizer
+        self.prompts = [e.prompt for e in examples]
+        self.refs = [e.reference for e in examples]
+        self.em: dict[str, float] = {}
+        self.answers: dict[str, list[str]] = {}
+
+    def add(self, name: str, model: Any) -> None:
+        t, d = time.perf_counter(), DEMO_DEFAULTS
+        answers = generate_texts(
+            model,
+            self.tokenizer,
+            self.prompts,
+            d["max_new_tokens"],
+            batch_size=d["eval_batch_size"],
         )
-        return sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(refs), preds
+        self.answers[name] = answers
+        self.em[name] = sum(exact_match(a, r) for a, r in zip(answers, self.refs)) / len(self.refs)
+        said = f"{name} exact match: {self.em[name]:.0%}"
+        if name == "merged model":
+            same = sum(a == b for a, b in zip(self.answers["with adapter"], answers))
+            said += f" (answers identical to the unmerged adapter's on {same}/{len(answers)} rows)"
+        else:
+            said += f" ({time.perf_counter() - t:.0f} s)"
+        log.info(said)
 
-    t = time.perf_counter()
-    with lora.disable_adapters():
-        base_em, base_preds = score(lora)
-    _say(f"base model exact match: {base_em:.0%} ({time.perf_counter() - t:.0f} s)")
-
-    # 3. LoRA fine-tuning
-    _say(
-        f"fine-tuning: {max_steps} steps of {d['batch_size']} rows, lr {d['lr']}, "
-        f"r={d['r']} alpha={d['alpha']} on all linear layers"
-    )
-    result = trainer.train()
-
-    # 4. after, with the adapter and merged
-    t = time.perf_counter()
-    tuned_em, tuned_preds = score(lora)
-    _say(f"with adapter exact match: {tuned_em:.0%} ({time.perf_counter() - t:.0f} s)")
-    merged = lora.merge_and_unload()
-    merged_em, merged_preds = score(merged)
-    same = sum(a == b for a, b in zip(tuned_preds, merged_preds))
-    _say(
-        f"merged model exact match: {merged_em:.0%} "
-        f"(answers identical to the unmerged adapter's on {same}/{len(refs)} rows)"
-    )
-
-    # 5. the table, the report
-    samples = [
-        {"prompt": render_prompt(p, tokenizer)[0], "before": b, "after": a, "reference": r}
-        for p, b, a, r in list(zip(prompts, base_preds, tuned_preds, refs))[:3]
-    ]
-    plot_losses(out)
-    extra = {
-        "exact match, base": f"{base_em:.1%}",
-        "exact match, adapter": f"{tuned_em:.1%}",
-        "exact match, merged": f"{merged_em:.1%}",
-    }
-    report = write_report(out, trainer.run_config(trainer.total_steps()), result, samples, extra)
-    rows = [
-        ("base SmolLM2-135M-Instruct", base_em),
-        ("+ LoRA adapter", tuned_em),
-        ("merged into the weights", merged_em),
-    ]
-    print()
-    print(f"  held-out exact match ({len(refs)} rows)")
-    print("  " + "-" * 40)
-    for name, em in rows:
-        print(f"  {name:30s} {em:7.1%}")
-    print("  " + "-" * 40)
-    for p, b, a, r in list(zip(prompts, base_preds, tuned_preds, refs))[:3]:
-        print(
-            f"  {p[-1]['content']!r}: base {b.strip()[:30]!r} -> tuned {a.strip()!r} (want {r!r})"
+    def samples(self, n: int) -> list[dict[str, str]]:
+        rows = zip(
+            self.prompts, self.answers["base model"], self.answers["with adapter"], self.refs
         )
-    print()
-    _say(
-        f"train {result.seconds:.0f} s at {result.tokens_per_second:.0f} tokens/s, "
-        f"eval loss {result.metrics.get('eval_loss', float('nan')):.3f}; "
-        f"total {time.perf_counter() - t0:.0f} s"
-    )
-    _say(f"adapter     -> {out / 'adapter'}  (PEFT format)")
-    _say(f"loss plot   -> {out / 'loss.png'}")
-    _say(f"report      -> {report}")
-    _say(
-        f"try it: lorakit generate --adapter {out / 'adapter'} --chat --system "
-        f'"{INSTRUCTION}" --max-new-tokens 16 "{examples[1].prompt[-1]["content"]}"'
-    )
-    return 0
+        return [
+            {"prompt": render_prompt(p, self.tokenizer)[0], "before": b, "after": a, "reference": r}
+            for p, b, a, r in list(rows)[:n]
+        ]
+
+    def print_table(self) -> None:
+        names = {
+            "base model": "base SmolLM2-135M-Instruct",
+            "with adapter": "+ LoRA adapter",
+            "merged model": "merged into the weights",
+        }
+        print()
+        print(f"  held-out exact match ({len(self.refs)} rows)")
+        print("  " + "-" * 40)
+        for key, name in names.items():
+            print(f"  {name:30s} {self.em[key]:7.1%}")
+        print("  " + "-" * 40)
+        rows = zip(
+            self.prompts, self.answers["base model"], self.answers["with adapter"], self.refs
+        )
+        for p, b, a, r in list(rows)[:3]:
+            said = f"{p[-1]['content']!r}: base {b.strip()[:30]!r} -> tuned {a.strip()!r}"
+            print(f"  {said} (want {r!r})")
+        print()

@@ -1,7 +1,7 @@
 """The SFT recipe: one LoRA / QLoRA fine-tuning run, assembled once.
 
 `lorakit train`, `lorakit demo` and scripts run this; each step is a method, in the order it
-happens, and the loop itself is `SFTTrainer.train` (lorakit.training.trainer):
+happens, and the loop itself is `Trainer.train` (lorakit.training.loop) with the SFT objective:
 
     recipe = SFTRecipe(run_config(path, flags, sets))
     recipe.setup()                       # launch, output, base model, adapters, data, trainer
@@ -20,17 +20,21 @@ import torch
 
 from lorakit.atomic import atomic_write_bytes, remove_tree, writing
 from lorakit.base import load_model, prepare_for_kbit_training
-from lorakit.base.loading import resolve_device, resolve_dtype
+from lorakit.base.loading import resolve_dtype
 from lorakit.data import load_records
 from lorakit.data.sources import read_records
 from lorakit.errors import OutputExistsError, UserError
 from lorakit.inference.generate import completion_examples, generate_texts, render_prompt
+from lorakit.log import get_logger
 from lorakit.lora import LoraModel, get_lora_model
 from lorakit.training import SFTTrainer, TrainResult, list_checkpoints
 from lorakit.training.config import set_seed
-from lorakit.training.distributed import ProcessGroup, per_rank_batch_size, process_group
+from lorakit.training.distributed import ProcessGroup
+from lorakit.training.launch import Launch, resolve_launch
 from lorakit.training.report import plot_losses, write_report
 from lorakit.training.run_config import RunConfig
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -53,20 +57,24 @@ class SFTRecipe:
         # continue the run in the output directory (True: its latest checkpoint) or from a
         # checkpoint path; known at setup, so that a clash with a previous run fails first
         self.resume = resume
-        self.group: ProcessGroup | None = None
-        self.device: torch.device | None = None
+        self.launch: Launch | None = None
         self.dtype: torch.dtype | None = None
         self.model: LoraModel | None = None
         self.tokenizer: Any = None
         self.trainer: SFTTrainer | None = None
+        self._previous: list[Path] = []  # a previous run's files this run replaces
+
+    @property
+    def group(self) -> ProcessGroup | None:
+        return self.launch.group if self.launch is not None else None
 
     @property
     def is_main(self) -> bool:
-        return self.group is None or self.group.is_main
+        return self.launch is None or self.launch.is_main
 
     def say(self, msg: str) -> None:
         if self.is_main:
-            print(f"lorakit: {msg}", flush=True)
+            log.info(msg)
 
     # -- setup, in order ----------------------------------------------------------------------
     def setup(self) -> SFTRecipe:
@@ -78,15 +86,14 @@ class SFTRecipe:
         return self
 
     def _setup_launch(self) -> None:
-        """The process group (a group of one without torchrun), this rank's device and the base
-        dtype: resolved here once, and handed to the trainer."""
+        """The process group (a group of one without torchrun), this rank's device, the batch
+        split and the base dtype: resolved here once, and handed to the trainer."""
         train = self.cfg.training
         if not self.cfg.data.train:
             raise UserError("no training data: pass --data FILE or set data.train in the config")
-        self.group = process_group(train)  # a broken torchrun environment fails on every rank
-        per_rank_batch_size(train, self.group.world_size)  # as does a batch the ranks cannot split
-        self.device = self.group.local_device(resolve_device(train.device))
-        self.dtype = resolve_dtype(self.cfg.model.dtype, self.device)
+        # a broken torchrun environment, or a batch the ranks cannot split, fails on every rank
+        self.launch = resolve_launch(train)
+        self.dtype = resolve_dtype(self.cfg.model.dtype, self.launch.device)
 
     def _check_data(self) -> None:
         """Read and check the data files before the model loads: a bad row fails in a second,
@@ -101,7 +108,7 @@ class SFTRecipe:
         if self.is_main and self.echo_config:
             text = self.cfg.to_yaml()
             self.say("resolved config\n" + "\n".join("  " + ln for ln in text.splitlines()))
-        self.check_output(self.resume)  # before the model loads: a clash fails at once
+        self._previous = self.check_output()  # before the model loads: a clash fails at once
 
     def previous_run(self) -> list[Path]:
         """What a run already in the output directory left: checkpoints and the adapter."""
@@ -109,7 +116,7 @@ class SFTRecipe:
         adapter = out / "adapter"
         return list_checkpoints(out) + ([adapter] if adapter.exists() else [])
 
-    def check_output(self, resume: str | bool | None = None) -> list[Path]:
+    def check_output(self) -> list[Path]:
         """What this run would replace in the output directory (with `output.overwrite`); an
         OutputExistsError if that is not allowed. A fresh run (no `resume`) into a directory
         holding another run's checkpoints refuses: they would mix (pruning and --resume pick
@@ -117,7 +124,7 @@ class SFTRecipe:
         out = Path(self.cfg.output.dir)
         if out.exists() and not out.is_dir():  # every rank: under torchrun all of them stop here
             raise OutputExistsError(f"output directory {out} exists and is not a directory")
-        previous = [] if resume else self.previous_run()
+        previous = [] if self.resume else self.previous_run()
         if previous and not self.cfg.output.overwrite:
             raise OutputExistsError(
                 f"{out} already holds a run ({', '.join(p.name for p in previous[:3])}"
@@ -126,14 +133,13 @@ class SFTRecipe:
             )
         return previous
 
-    def prepare_output(self, resume: str | bool | None = None) -> None:
+    def _prepare_output(self) -> None:
         """The output directory for this run, and its config.yaml, when the run starts (a run
-        that fails to set up leaves nothing); a previous run is deleted if `check_output`
-        allows it."""
+        that fails to set up leaves nothing); the previous run that `check_output` allowed to
+        be replaced is deleted."""
         out = Path(self.cfg.output.dir)
-        previous = self.check_output(resume)
         if self.is_main:
-            for p in previous:
+            for p in self._previous:
                 remove_tree(p)
             with writing(out):
                 out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +153,7 @@ class SFTRecipe:
         m, train = self.cfg.model, self.cfg.training
         # fsdp2 shards from the CPU: each rank moves only its part; quantized weights are
         # placed while loading
-        device = "cpu" if self.fsdp2 and not m.quantization else self.device
+        device = "cpu" if self.fsdp2 and not m.quantization else self.launch.device
         model, self.tokenizer = load_model(
             m.name_or_path,
             dtype=self.dtype,
@@ -170,7 +176,7 @@ class SFTRecipe:
             train_data=d.train,
             eval_data=d.eval,
             tokenizer=self.tokenizer,
-            group=self.group,
+            launch=self.launch,
         )
         stats = self.trainer.train_data.stats
         self.say(
@@ -178,18 +184,16 @@ class SFTRecipe:
             f"({stats.truncated} truncated, {stats.dropped} dropped), "
             f"{self.trainer.total_steps()} steps"
         )
+        if self.resume:  # a checkpoint that cannot continue this run fails before any write
+            self.trainer.checkpoint_to_resume(self.resume)
 
     # -- the run ------------------------------------------------------------------------------
-    def train(self, resume: str | bool | None = None) -> Outcome:
-        """resume: None keeps the recipe's own `resume`."""
+    def train(self, report: bool = True) -> Outcome:
+        """Samples before, the loop, samples after; the loss plot and report.md unless
+        `report=False` (the demo writes its own with `write_report`)."""
         if self.trainer is None:
             self.setup()
-        if resume is None:
-            resume = self.resume
-        if resume:  # a checkpoint that cannot continue this run fails before anything is written
-            self.trainer.checkpoint_to_resume(resume)
-        self.prepare_output(resume)
-        out = Path(self.cfg.output.dir)
+        self._prepare_output()
         picked = self._sample_prompts()
         samples = []
         if picked:
@@ -203,18 +207,25 @@ class SFTRecipe:
                 }
                 for e, b in zip(picked, before)
             ]
-        result = self.trainer.train(resume_from_checkpoint=resume)
-        outcome = Outcome(result, out, samples=samples)
+        result = self.trainer.train(resume_from_checkpoint=self.resume)
+        outcome = Outcome(result, Path(self.cfg.output.dir), samples=samples)
         if not self.is_main:
             return outcome
         if samples:
             for s, a in zip(samples, self._generate([e.prompt for e in picked])):
                 s["after"] = a
-        outcome.plot = plot_losses(out)
-        outcome.report = write_report(
-            out, self.trainer.run_config(self.trainer.total_steps()), result, samples
-        )
+        if report:
+            self.write_report(outcome)
         return outcome
+
+    def write_report(self, outcome: Outcome, extra: dict[str, str] | None = None) -> None:
+        """loss.png and report.md of a finished run (main process)."""
+        trainer = self.trainer
+        outcome.plot = plot_losses(outcome.output_dir)
+        config = trainer.run_config(trainer.total_steps())
+        outcome.report = write_report(
+            outcome.output_dir, config, outcome.result, outcome.samples, extra
+        )
 
     def _sample_prompts(self) -> list:
         """The report's before/after prompts: the first `output.samples` of the eval rows (or the

@@ -1,22 +1,35 @@
-"""SFT training: config, the loop, loss, checkpoints, optimisers, several processes.
+"""Training: config, the loop and its objectives (SFT), loss, checkpoints, several processes.
 
 Owns: turning a LoRA model and data into trained adapters. May import every layer below it
-(compat, atomic, errors, base, lora, data); imported by serving, demo and cli.
+(compat, atomic, errors, log, base, lora, data, inference); imported by serving, recipes, demo
+and cli.
 """
 
 from lorakit.training.checkpoint import TrainState, latest_checkpoint, list_checkpoints
 from lorakit.training.config import SFTConfig, TrainConfig
+from lorakit.training.evaluate import evaluate
+from lorakit.training.launch import Launch, resolve_launch
+from lorakit.training.loop import Trainer, TrainingDivergedError, TrainResult
+from lorakit.training.objective import Objective, Terms
 from lorakit.training.optim import create_loraplus_optimizer
-from lorakit.training.trainer import SFTTrainer, TrainingDivergedError, TrainResult
+from lorakit.training.sft import SFTObjective
+from lorakit.training.trainer import SFTTrainer
 
 __all__ = [
+    "Launch",
+    "Objective",
     "SFTConfig",
+    "SFTObjective",
     "SFTTrainer",
+    "Terms",
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "Trainer",
     "TrainingDivergedError",
     "create_loraplus_optimizer",
+    "evaluate",
     "latest_checkpoint",
     "list_checkpoints",
+    "resolve_launch",
 ]

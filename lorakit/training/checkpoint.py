@@ -45,7 +45,8 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
-    batch_index: int = 0  # next batch of `epoch`
+    batch_index: int = 0  # next global batch of `epoch`
+    global_batch: int = 0  # examples per global batch, the unit of batch_index (0: unknown)
     tokens_seen: int = 0
     skipped_steps: int = 0  # steps dropped for a NaN/inf loss (TrainConfig.nonfinite="skip")
     log_history: list[dict[str, Any]] = field(default_factory=list)

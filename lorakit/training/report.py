@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lorakit.atomic import atomic_write_bytes
-from lorakit.training.trainer import TrainResult
+from lorakit.training.loop import TrainResult
 
 
 @dataclass
