@@ -104,7 +104,7 @@ def prepare_dataset(
         stats.tokens += len(ids)
         stats.label_tokens += trained
     stats.examples = len(examples)
-    log.info("SFT data (%s): %s", fmt, stats.as_dict())
+    log.debug("SFT data (%s): %s", fmt, stats.as_dict())
     return SFTData(examples, stats, fmt)
 
 
