@@ -42,7 +42,7 @@ def quantize_model(
     """
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; use one of {', '.join(QUANT_TYPES)}")
-    bnb = compat.bitsandbytes()
+    compat.bitsandbytes()  # not installed: the error now, whatever the model holds
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     keep: set[int] = set()
     for getter in ("get_output_embeddings", "get_input_embeddings"):
@@ -57,49 +57,69 @@ def quantize_model(
         old = model.get_submodule(name)
         if name_matches(name, skip) or id(old.weight) in keep:
             continue
-        device, has_bias = old.weight.device, old.bias is not None
         if quant_type == "int8":
-            new = bnb.nn.Linear8bitLt(
-                old.in_features,
-                old.out_features,
-                bias=has_bias,
-                has_fp16_weights=False,
-                threshold=int8_threshold,
-                device="meta",
-            )
-            # Int8Params quantizes when it moves off the CPU-resident float weight
-            new.weight = bnb.nn.Int8Params(
-                old.weight.data.cpu(), requires_grad=False, has_fp16_weights=False
-            ).to(device)
+            new = _int8_layer(old, int8_threshold)
         else:
-            new = bnb.nn.Linear4bit(
-                old.in_features,
-                old.out_features,
-                bias=has_bias,
-                compute_dtype=compute_dtype or old.weight.dtype,
-                compress_statistics=double_quant,
-                quant_type=quant_type,
-                quant_storage=quant_storage,
-                device="meta",
+            new = _4bit_layer(
+                old, quant_type, compute_dtype, double_quant, blocksize, quant_storage
             )
-            new.weight = compat.quantize_params4bit(
-                bnb.nn.Params4bit(
-                    old.weight.data,
-                    requires_grad=False,
-                    blocksize=blocksize,
-                    compress_statistics=double_quant,
-                    quant_type=quant_type,
-                    quant_storage=quant_storage,
-                    module=new,
-                ),
-                device,
-            )
-            compat.keep_regular_layout(new)
-        if has_bias:
+        if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data, requires_grad=False)
         new.train(old.training)
         model.set_submodule(name, new)
     return model
+
+
+def _int8_layer(old: nn.Linear, threshold: float) -> nn.Module:
+    """LLM.int8() `Linear8bitLt` holding `old`'s weight (without its bias)."""
+    bnb = compat.bitsandbytes()
+    new = bnb.nn.Linear8bitLt(
+        old.in_features,
+        old.out_features,
+        bias=old.bias is not None,
+        has_fp16_weights=False,
+        threshold=threshold,
+        device="meta",
+    )
+    # Int8Params quantizes when it moves off the CPU-resident float weight
+    new.weight = bnb.nn.Int8Params(
+        old.weight.data.cpu(), requires_grad=False, has_fp16_weights=False
+    ).to(old.weight.device)
+    return new
+
+
+def _4bit_layer(
+    old: nn.Linear,
+    quant_type: str,
+    compute_dtype: torch.dtype | None,
+    double_quant: bool,
+    blocksize: int,
+    quant_storage: torch.dtype,
+) -> nn.Module:
+    """`Linear4bit` holding `old`'s weight (without its bias), on the regular layout."""
+    bnb = compat.bitsandbytes()
+    new = bnb.nn.Linear4bit(
+        old.in_features,
+        old.out_features,
+        bias=old.bias is not None,
+        compute_dtype=compute_dtype or old.weight.dtype,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+        device="meta",
+    )
+    params = bnb.nn.Params4bit(
+        old.weight.data,
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+        module=new,
+    )
+    new.weight = compat.quantize_params4bit(params, old.weight.device)
+    compat.keep_regular_layout(new)
+    return new
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
