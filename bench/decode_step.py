@@ -84,16 +84,15 @@ def main() -> None:
                 p.normal_(0, 0.002)
     lora.eval()
     ids = torch.randint(0, 1000, (args.rows, args.prompt))
-    stacks: dict = {}
     mixed = [f"a{i % args.adapters}" for i in range(args.rows)]
+    def batch(names: list[str]):
+        return lambda: lora.mixed_adapter_batch(names, args.rows, keep_slots=True)
+
     variants = {
         "base": (plain, contextlib.nullcontext),
-        "mixed": (lora, lambda: lora.mixed_adapter_batch(mixed, args.rows, stacks)),
-        "single": (lora, lambda: lora.mixed_adapter_batch(["a0"] * args.rows, args.rows, stacks)),
-        "mixed-torch": (
-            lora,
-            lambda: without_kernel(lambda: lora.mixed_adapter_batch(mixed, args.rows, stacks)),
-        ),
+        "mixed": (lora, batch(mixed)),
+        "single": (lora, batch(["a0"] * args.rows)),
+        "mixed-torch": (lora, lambda: without_kernel(batch(mixed))),
     }
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):

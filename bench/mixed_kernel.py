@@ -19,7 +19,7 @@ import torch
 
 from lorakit.base.loading import machine_summary
 from lorakit.lora.decode_kernel import decode_kernel, tile_kernel
-from lorakit.lora.layer import AdapterStack
+from lorakit.lora.mixed import AdapterStack
 
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # q/o, k/v, gate/up, down
 

@@ -28,6 +28,7 @@ from serve_load import make_adapters, pct, requests_list, run_clients  # noqa: E
 
 from lorakit.base.loading import machine_summary  # noqa: E402
 from lorakit.inference.engine import PREFILL_TOKENS_PER_STEP, Request, Sampling  # noqa: E402
+from lorakit.lora import BASE_ADAPTER  # noqa: E402
 from lorakit.serving.server import build  # noqa: E402
 
 
@@ -59,7 +60,7 @@ def instrument(engine, totals: dict, counts: dict) -> None:
     engine.model.mixed_adapter_batch = entered
 
 
-def run(engine, models: list[str | None], seconds: float, clients: int = 16) -> dict:
+def run(engine, models: list[str], seconds: float, clients: int = 16) -> dict:
     totals: dict = defaultdict(float)
     counts: dict = defaultdict(int)
     instrument(engine, totals, counts)
@@ -119,7 +120,7 @@ def main() -> None:
                 engine = server.engine
                 engine.start()
                 try:
-                    models = [f"a{i}" for i in range(8)] if adapters else [None]
+                    models = [f"a{i}" for i in range(8)] if adapters else [BASE_ADAPTER]
                     r = run(engine, models, args.seconds)
                 finally:
                     engine.stop()

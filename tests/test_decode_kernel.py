@@ -17,7 +17,8 @@ from conftest import VOCAB, make_tiny_llama
 from lorakit import LoraConfig, get_lora_model
 from lorakit.compat import new_kv_cache
 from lorakit.lora import decode_kernel as dk
-from lorakit.lora import layer as layer_mod
+from lorakit.lora import mixed as mixed_mod
+from lorakit.lora.layer import LoraLayer
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None,
@@ -125,7 +126,7 @@ def test_tile_kernel_equals_float64_with_h_in_bf16():
     cols = torch.tensor([[offsets[s], offsets[s + 1]] for s in use.values()], dtype=torch.long)
     order = torch.argsort(cols[:, 0], stable=True)
     rows, cols = rows[order], cols[order]
-    stack = layer_mod.AdapterStack(("p", "q", "s"), a.float(), b_t.float(),
+    stack = mixed_mod.AdapterStack(("p", "q", "s"), a.float(), b_t.float(),
                                    {"p": (0, 16), "q": (16, 32), "s": (32, 64)}, {})
     tiles = stack.tiles
     assert tiles is not None
@@ -155,10 +156,10 @@ def test_decoding_step_through_tiles(monkeypatch):
     step = torch.randint(3, VOCAB, (len(rows), 1), generator=g)
     calls = []
     tile = dk.tile_kernel()
-    monkeypatch.setattr(layer_mod, "tile_kernel",
+    monkeypatch.setattr(mixed_mod, "tile_kernel",
                         lambda: (lambda *a: (calls.append(a[1].shape[0]), tile(*a))[1]))
     mixed = decode_step(model, ids, step, adapter_names=rows)
-    per_forward = sum(1 for m in model.modules() if isinstance(m, layer_mod.LoraLayer)
+    per_forward = sum(1 for m in model.modules() if isinstance(m, LoraLayer)
                       and m.in_features % 32 == 0)
     assert calls.count(len(rows) * 20) == per_forward and calls.count(len(rows)) == per_forward
     assert_rows_equal_alone(model, rows, ids, step, mixed, atol=0.05, rtol=0.02)
@@ -207,13 +208,13 @@ def test_decoding_step_with_and_without_the_kernel(kernel, dtype, monkeypatch):
     ids = torch.randint(3, VOCAB, (len(ROWS), 6), generator=g)
     step = torch.randint(3, VOCAB, (len(ROWS), 1), generator=g)
     calls = []
-    monkeypatch.setattr(layer_mod, "decode_kernel",
+    monkeypatch.setattr(mixed_mod, "decode_kernel",
                         lambda: (lambda *a: (calls.append(1), kernel(*a))[1]))
     mixed = decode_step(model, ids, step, adapter_names=ROWS)
-    n_layers = sum(isinstance(m, layer_mod.LoraLayer) for m in model.modules())
+    n_layers = sum(isinstance(m, LoraLayer) for m in model.modules())
     assert len(calls) == n_layers * 2  # one call per layer for the prefill, one for the step
     monkeypatch.setenv(dk.ENV, "0")
-    monkeypatch.setattr(layer_mod, "decode_kernel", dk.decode_kernel)
+    monkeypatch.setattr(mixed_mod, "decode_kernel", dk.decode_kernel)
     by_torch = decode_step(model, ids, step, adapter_names=ROWS)
     tol = dict(atol=1e-5, rtol=0) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
     torch.testing.assert_close(mixed.float(), by_torch.float(), **tol)

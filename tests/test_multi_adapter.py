@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.lora.files import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.lora import decode_kernel
-from lorakit.lora import layer as layer_mod
+from lorakit.lora import mixed as mixed_mod
 from lorakit.lora.layer import LoraLayer
 
 TOL = 1e-5
@@ -342,7 +342,7 @@ def test_mixed_batch_rows_equal_single_adapter_runs(kind, rows, update_path):
         expected = single(model, name, lambda: logits(model, ids[i:i + 1]))
         torch.testing.assert_close(mixed[i:i + 1], expected, atol=TOL, rtol=0)
     # the context leaves nothing behind
-    assert all(m.groups is None for m in model.model.modules() if isinstance(m, LoraLayer))
+    assert all(m.mixed is None for m in model.model.modules() if isinstance(m, LoraLayer))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -384,12 +384,12 @@ def test_mixed_batch_is_one_grouped_computation_per_layer(monkeypatch):
     rows and adapters."""
     model = mixed_model("llama")
     built = []
-    original = layer_mod.AdapterGroups.__init__
+    original = mixed_mod.MixedUpdate.__init__
 
     def counting(self, *a, **k):
         built.append(1)
         original(self, *a, **k)
-    monkeypatch.setattr(layer_mod.AdapterGroups, "__init__", counting)
+    monkeypatch.setattr(mixed_mod.MixedUpdate, "__init__", counting)
     n_layers = sum(isinstance(m, LoraLayer) for m in model.model.modules())
     model.generate(input_ids=batch(), adapter_names=ROWS, max_new_tokens=4, do_sample=False,
                    pad_token_id=0)
@@ -443,11 +443,11 @@ def test_mixed_batch_on_bf16_base_in_either_precision(work, rows, monkeypatch):
     (LOW_PRECISION_WORK); both give each row its own adapter, and a batch of one adapter (whose
     row mask is skipped) equals that adapter alone. (Torch's path, used without the compiled
     kernel; the kernel is tested in test_decode_kernel.py.)"""
-    monkeypatch.setattr(layer_mod, "LOW_PRECISION_WORK", work)
+    monkeypatch.setattr(mixed_mod, "LOW_PRECISION_WORK", work)
     monkeypatch.setenv(decode_kernel.ENV, "0")
     lowered = []
-    in_dtype = layer_mod.AdapterStack.in_dtype
-    monkeypatch.setattr(layer_mod.AdapterStack, "in_dtype",
+    in_dtype = mixed_mod.AdapterStack.in_dtype
+    monkeypatch.setattr(mixed_mod.AdapterStack, "in_dtype",
                         lambda self, dtype: lowered.append(dtype) or in_dtype(self, dtype))
     model = LoraModel(make_tiny_llama().to(torch.bfloat16), None)
     for name, cfg in configs("llama").items():
@@ -482,6 +482,6 @@ def test_mixed_batch_errors():
     # a failure inside the call still clears the per-layer state
     with pytest.raises(Exception):
         model(input_ids=ids[:, :0].float(), adapter_names=["default"] * 3)
-    assert all(m.groups is None for m in model.model.modules() if isinstance(m, LoraLayer))
+    assert all(m.mixed is None for m in model.model.modules() if isinstance(m, LoraLayer))
     torch.testing.assert_close(logits(model, ids),
                                logits(model, ids, adapter_names=["default"] * 3), atol=TOL, rtol=0)

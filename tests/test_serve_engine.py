@@ -20,6 +20,7 @@ from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.inference.adapters import AdapterPool
 from lorakit.inference.batch import length_groups
 from lorakit.inference.engine import PREFILL_PADDING_SLACK, Engine, Request, Sampling
+from lorakit.lora import BASE_ADAPTER
 
 MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
@@ -60,9 +61,9 @@ def engine_for(kind: str, paths, max_loras: int = 2, max_batch: int = 4) -> Engi
     return Engine(lora, Tokenizer(), pool, max_batch=max_batch)
 
 
-def reference(kind: str, paths, adapter: str | None, prompt: list[int], n: int) -> list[int]:
+def reference(kind: str, paths, adapter: str, prompt: list[int], n: int) -> list[int]:
     model = MAKERS[kind]()
-    if adapter is not None:
+    if adapter != BASE_ADAPTER:
         model = PeftModel.from_pretrained(model, str(paths[adapter]))
     model.generation_config.eos_token_id = None
     ids = torch.tensor([prompt])
@@ -102,7 +103,7 @@ def test_mixed_burst_equals_each_request_alone(setup):
     for i in range(12):
         prompt = torch.randint(3, 128, (int(torch.randint(1, 20, (1,), generator=g)),),
                                generator=g).tolist()
-        adapter = [None, "a0", "a1", "a2"][i % 4]
+        adapter = [BASE_ADAPTER, "a0", "a1", "a2"][i % 4]
         jobs.append((prompt, adapter, 3 + (7 * i) % 11))
     out = Collector(len(jobs))
     engine.start()
@@ -154,18 +155,18 @@ def test_seeded_sampling_repeats_and_stop_strings_cut(setup):
     try:
         for _ in range(2):
             out = Collector(3)
-            for i, adapter in enumerate([None, "a0", "a1"]):
+            for i, adapter in enumerate([BASE_ADAPTER, "a0", "a1"]):
                 sampling = Sampling(max_tokens=12, temperature=0.9, top_p=0.8, seed=7)
                 engine.submit(Request([4, 5, 6], adapter, sampling, out.sink(i)))
             assert out.all_done.wait(60)
             runs.append(dict(out.text))
         greedy = Collector(1)
-        engine.submit(Request([4, 5, 6], None, Sampling(max_tokens=12, temperature=0),
+        engine.submit(Request([4, 5, 6], BASE_ADAPTER, Sampling(max_tokens=12, temperature=0),
                               greedy.sink(0)))
         assert greedy.all_done.wait(60)
         third = greedy.text[0].split(">")[2] + ">"
         stopped = Collector(1)
-        engine.submit(Request([4, 5, 6], None, Sampling(max_tokens=12, temperature=0,
+        engine.submit(Request([4, 5, 6], BASE_ADAPTER, Sampling(max_tokens=12, temperature=0,
                                                         stop=(third,)), stopped.sink(0)))
         assert stopped.all_done.wait(60)
     finally:
@@ -189,8 +190,9 @@ def test_prompts_admitted_together_in_several_forwards_equal_each_alone(setup):
     engine = engine_for(kind, paths, max_loras=3, max_batch=8)
     g = torch.Generator().manual_seed(1)
     lengths = [3, 40, 4, 25, 41, 2, 60, 26]
-    jobs = [(torch.randint(3, 128, (n,), generator=g).tolist(), [None, "a0", "a1", "a2"][i % 4],
-             4 + i % 3) for i, n in enumerate(lengths)]
+    names = [BASE_ADAPTER, "a0", "a1", "a2"]
+    jobs = [(torch.randint(3, 128, (n,), generator=g).tolist(), names[i % 4], 4 + i % 3)
+            for i, n in enumerate(lengths)]
     assert len(length_groups(lengths, PREFILL_PADDING_SLACK)) > 1
     out = Collector(len(jobs))
     for i, (prompt, adapter, n) in enumerate(jobs):
@@ -229,7 +231,7 @@ def test_prefill_budget_bounds_the_prompt_tokens_of_a_step(setup):
     # the first request decodes all along, so every forward has a decoding step after it
     for i, n in enumerate([40, 40, 40, 150, 10]):
         sampling = Sampling(max_tokens=30 if i == 0 else 2)
-        engine.submit(Request([3 + j % 100 for j in range(n)], None, sampling, out.sink(i)))
+        engine.submit(Request([3 + j % 100 for j in range(n)], BASE_ADAPTER, sampling, out.sink(i)))
     engine.start()
     try:
         assert out.all_done.wait(60)

@@ -51,8 +51,6 @@ class AdapterPool:
         self.resident: OrderedDict[str, None] = OrderedDict()  # in the model, oldest use first
         self.pins: Counter[str] = Counter()  # rows currently decoding with each adapter
         self._reads: dict[str, Future] = {}  # files being read for these names
-        # the resident adapters stacked per layer for mixed batches; emptied on any change
-        self.stacks: dict = {}
         self._lock = threading.Lock()  # paths and _reads are also read by the HTTP thread
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="lorakit-adapter-read")
 
@@ -100,7 +98,6 @@ class AdapterPool:
                 "try again when some finish (or raise --max-loras)"
             )
         install_adapter(self.model, files.name, files.config, files.weights, files.path)
-        self.stacks.clear()
         self.resident[files.name] = None
         with self._lock:
             self.paths[files.name] = files.path
@@ -134,7 +131,6 @@ class AdapterPool:
         if name in self.resident:
             del self.resident[name]
             self.model.delete_adapter(name)
-            self.stacks.clear()
 
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)

@@ -34,8 +34,7 @@ from lorakit.compat import cache_argument, contiguous_head_input, new_kv_cache
 from lorakit.errors import UserError
 from lorakit.inference.adapters import AdapterFiles, AdapterNotFound, AdapterPool
 from lorakit.inference.batch import DecodeBatch, Prefilled, join_prefilled, length_groups
-from lorakit.lora import LoraModel
-from lorakit.lora.model import BASE_ADAPTER
+from lorakit.lora import BASE_ADAPTER, LoraModel
 
 # Padding tokens a prefill forward may carry to share it with another prompt: about what one
 # more forward costs in fixed overhead, in tokens. On the default model (bf16, 2-core CPU) a
@@ -88,7 +87,7 @@ class Event:
 @dataclass(eq=False)
 class Request:
     prompt_ids: list[int]
-    adapter: str | None  # None: the base model
+    adapter: str  # BASE_ADAPTER: the base model
     sampling: Sampling
     on_event: Callable[[Event], None]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -154,7 +153,7 @@ class Engine:
     def submit(self, request: Request) -> None:
         if self._draining:
             raise Draining("the server is shutting down")
-        if request.adapter is not None and request.adapter not in self.adapters.known():
+        if request.adapter != BASE_ADAPTER and request.adapter not in self.adapters.known():
             raise AdapterNotFound(
                 f"the model '{request.adapter}' does not exist (GET /v1/models lists them)"
             )
@@ -292,7 +291,7 @@ class Engine:
             if (
                 self._rows() + len(chosen) >= self.max_batch
                 or over_budget
-                or (slot_wanted and request.adapter)
+                or (slot_wanted and request.adapter != BASE_ADAPTER)
             ):
                 kept.append(request)
                 continue
@@ -307,7 +306,7 @@ class Engine:
                 kept.append(request)
                 continue
             self._left_queue()
-            if request.adapter is not None:
+            if request.adapter != BASE_ADAPTER:
                 self.adapters.use(request.adapter)  # pinned now: no later load evicts it
             if request.sampling.seed is not None:
                 request.generator = torch.Generator().manual_seed(request.sampling.seed)
@@ -337,13 +336,13 @@ class Engine:
 
     def _unpin(self, request: Request) -> None:
         """Release the adapter an admitted request pinned (at its end, or its client's)."""
-        if request.adapter is not None:
+        if request.adapter != BASE_ADAPTER:
             self.adapters.release(request.adapter)
 
-    def _adapter_ready(self, name: str | None) -> str:
+    def _adapter_ready(self, name: str) -> str:
         """ "ready" if the adapter is in the model; else its files are read in the background
         ("reading") and installed once read and a slot is free ("no slot" until then)."""
-        if name is None or name in self.adapters.resident:
+        if name == BASE_ADAPTER or name in self.adapters.resident:
             return "ready"
         known = self.adapters.known()
         if name not in known:
@@ -362,13 +361,13 @@ class Engine:
         own: a prompt padded to a longer one pays for every padding token, while another
         forward costs a fixed overhead (PREFILL_PADDING_SLACK tokens' worth). Within a forward the
         rows are grouped by adapter, so each adapter's update is computed on its own rows only
-        (see `AdapterGroups`)."""
+        (see `lorakit.lora.mixed`)."""
         self._close_groups()
         rows: list[Request] = []
         parts: list[Prefilled] = []
         lengths = [len(r.prompt_ids) for r in requests]
         for group in length_groups(lengths, PREFILL_PADDING_SLACK):
-            group_rows = sorted((requests[i] for i in group), key=lambda r: r.adapter or "")
+            group_rows = sorted((requests[i] for i in group), key=lambda r: r.adapter)
             prefilled = self._forward_prompts(group_rows)
             # first tokens go out before the next group's forward
             for request, token in zip(group_rows, self._pick(prefilled.logits, group_rows)):
@@ -428,14 +427,13 @@ class Engine:
             self._retire()
 
     def _forward(
-        self, ids: torch.Tensor, adapters: list[str | None], cache: Any, padding: dict
+        self, ids: torch.Tensor, adapters: list[str], cache: Any, padding: dict
     ) -> torch.Tensor:
         """One prefill forward of rows `ids` (each with its adapter) into `cache`; the logits
         of each row's last position."""
-        names = [a or BASE_ADAPTER for a in adapters]
         with (
             torch.inference_mode(),
-            self.model.mixed_adapter_batch(names, len(names), self.adapters.stacks),
+            self.model.mixed_adapter_batch(adapters, len(adapters), keep_slots=True),
             contiguous_head_input(self.model.get_base_model()),
         ):
             out = self.model(
@@ -449,11 +447,11 @@ class Engine:
 
     def _decode_step(self) -> None:
         rows = self.batch.rows
-        names = tuple(r.adapter or BASE_ADAPTER for r in rows)
+        names = tuple(r.adapter for r in rows)
         if names != self._group_key:
             self._close_groups()
             self._groups.enter_context(
-                self.model.mixed_adapter_batch(list(names), len(names), self.adapters.stacks)
+                self.model.mixed_adapter_batch(names, len(names), keep_slots=True)
             )
             self._group_key = names
         inputs = self.batch.step_inputs([r.generated[-1] for r in rows], self._cache_argument)

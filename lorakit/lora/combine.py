@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
+from lorakit.lora.files import AdapterModel
 from lorakit.lora.layer import LoraAdapter, lora_layers
-
-if TYPE_CHECKING:
-    from lorakit.lora.model import LoraModel
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -29,7 +27,7 @@ def _max_rank(config) -> int:
 
 
 def add_weighted_adapter(
-    model: "LoraModel",
+    model: AdapterModel,
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,

@@ -15,7 +15,7 @@ import math
 import pickle
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,13 +27,24 @@ from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import lora_layers, saved_modules
 from lorakit.lora.pissa import to_lora_tensors
 
-if TYPE_CHECKING:
-    from lorakit.lora.model import LoraModel
-
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+
+
+class AdapterModel(Protocol):
+    """What reading and writing adapters needs of the model holding them (`LoraModel` is the
+    one; this module sits below it)."""
+
+    model: torch.nn.Module  # the transformers model, adapters injected
+    peft_config: dict[str, LoraConfig]
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None: ...
+
+    def delete_adapter(self, adapter_name: str) -> None: ...
+
+    def list_adapters(self) -> list[str]: ...
 
 
 class AdapterMismatchError(UserError, ValueError):
@@ -68,7 +79,7 @@ def _reason(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def peft_parameters(lora_model: "LoraModel", adapter_name: str) -> dict[str, torch.nn.Parameter]:
+def peft_parameters(lora_model: AdapterModel, adapter_name: str) -> dict[str, torch.nn.Parameter]:
     """PEFT key -> the live parameter, for everything one adapter saves (used both ways)."""
     config = lora_model.peft_config[adapter_name]
     model = lora_model.model
@@ -95,7 +106,7 @@ def peft_parameters(lora_model: "LoraModel", adapter_name: str) -> dict[str, tor
 
 
 def save_adapter(
-    lora_model: "LoraModel",
+    lora_model: AdapterModel,
     directory: str | Path,
     adapter_name: str,
     initial_weights: dict[str, torch.Tensor] | None = None,
@@ -120,7 +131,7 @@ def save_adapter(
 
 
 def _convert_to_plain_lora(
-    lora_model: "LoraModel",
+    lora_model: AdapterModel,
     adapter_name: str,
     tensors: dict[str, torch.Tensor],
     config: LoraConfig,
@@ -252,7 +263,7 @@ def read_weights_header(file: str | Path) -> dict[str, tuple[tuple[int, ...], st
 
 
 def load_adapter(
-    lora_model: "LoraModel",
+    lora_model: AdapterModel,
     path: str | Path,
     adapter_name: str,
     is_trainable: bool = False,
@@ -267,7 +278,7 @@ def load_adapter(
 
 
 def install_adapter(
-    lora_model: "LoraModel",
+    lora_model: AdapterModel,
     adapter_name: str,
     config: LoraConfig,
     weights: dict[str, torch.Tensor],
@@ -283,14 +294,14 @@ def install_adapter(
         raise
 
 
-def load_adapter_weights(lora_model: "LoraModel", path: str | Path, adapter_name: str) -> None:
+def load_adapter_weights(lora_model: AdapterModel, path: str | Path, adapter_name: str) -> None:
     """Copy saved weights into an adapter that already exists (e.g. resuming training)."""
     _copy_weights(lora_model, adapter_name, read_adapter_weights(path), path)
 
 
 @torch.no_grad()
 def _copy_weights(
-    lora_model: "LoraModel", adapter_name: str, weights: dict[str, torch.Tensor], path: str | Path
+    lora_model: AdapterModel, adapter_name: str, weights: dict[str, torch.Tensor], path: str | Path
 ) -> None:
     params = peft_parameters(lora_model, adapter_name)
     unexpected = sorted(set(weights) - set(params))

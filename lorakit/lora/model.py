@@ -21,19 +21,17 @@ from lorakit.errors import ConfigError
 from lorakit.lora import backends, combine
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import (
-    AdapterGroups,
     LoraLayer,
     ModulesToSave,
     adapters_disabled,
     lora_layers,
-    row_segments,
     saved_modules,
     wrapped_modules,
 )
+from lorakit.lora.mixed import BASE_ADAPTER, AdapterMapping
 from lorakit.lora.targeting import find_targets, resolve_target_modules
 from lorakit.lora.variants import variant_for
 
-BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed-adapter batches
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
 
@@ -98,33 +96,25 @@ class LoraModel(nn.Module):
         self,
         adapter_names: Sequence[str],
         batch_size: int | None = None,
-        stacks: dict | None = None,
+        keep_slots: bool = False,
     ) -> Iterator[None]:
         """Within the block, row i of every batch uses adapter `adapter_names[i]` ("__base__":
-        the base model). Each LoRA layer gets its adapters stacked once and the row→adapter
-        index; generate's row repetition (beams, num_return_sequences) is followed. `stacks`:
-        a cache of the stacked adapters that the caller keeps across blocks and empties
-        whenever an adapter changes (see `AdapterGroups`)."""
-        layers, saved = [], []  # one walk of the modules (a server builds this every few steps)
-        for module in wrapped_modules(self.model):
-            (layers if isinstance(module, LoraLayer) else saved).append(module)
-        names = self._check_mixed_batch(adapter_names, batch_size, layers)
-        unique = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER]
-        slot = {n: i for i, n in enumerate(unique)}
-        row_ids = torch.tensor([slot.get(n, len(unique)) for n in names])
-        segments = row_segments(row_ids)
-        masks: dict = {}
+        the base model), by one `AdapterMapping` for every layer; generate's row repetition
+        (beams, num_return_sequences) is followed. `keep_slots`: the layers keep their adapters
+        stacked after the block, until adapters are added or deleted (for a caller that does
+        not change adapter weights in place between blocks, e.g. the inference engine)."""
+        modules = list(wrapped_modules(self.model))  # one walk (a server does this every few steps)
+        layers = [m for m in modules if isinstance(m, LoraLayer)]
+        mapping = AdapterMapping(
+            self._check_mixed_batch(adapter_names, batch_size, layers), keep_slots
+        )
         try:
-            for layer in layers:
-                layer.set_groups(AdapterGroups(layer, unique, row_ids, stacks, masks, segments))
-            for module in saved:
-                module.set_groups(unique, row_ids)
+            for module in modules:
+                module.set_mixed(mapping)
             yield
         finally:
-            for layer in layers:
-                layer.set_groups(None)
-            for module in saved:
-                module.groups = None
+            for module in modules:
+                module.set_mixed(None)
 
     def _check_mixed_batch(
         self, adapter_names: Sequence[str], batch_size: int | None, layers: list[LoraLayer]
@@ -154,7 +144,7 @@ class LoraModel(nn.Module):
                 "cannot mix adapters per row while adapters are merged into the "
                 "base weights; call unmerge_adapter() first"
             )
-        if any(layer.groups is not None for layer in layers):
+        if any(layer.mixed is not None for layer in layers):
             raise RuntimeError("a mixed-adapter batch is already running on this model")
         return names
 

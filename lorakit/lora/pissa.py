@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lorakit.lora import backends
-
-if TYPE_CHECKING:
-    from lorakit.lora.layer import LoraAdapter
+from lorakit.lora.variants import AdapterParts
 
 
 def is_pissa(init: bool | str) -> bool:
@@ -27,7 +24,7 @@ def is_pissa(init: bool | str) -> bool:
 
 
 @torch.no_grad()
-def pissa_init(adapter: "LoraAdapter", base_layer: nn.Module, init: str) -> None:
+def pissa_init(adapter: AdapterParts, base_layer: nn.Module, init: str) -> None:
     """Set A, B from the SVD of the base weight and write the residual into the base layer."""
     if backends.is_linear4bit(base_layer):
         warnings.warn(

@@ -9,7 +9,7 @@ branches on the variant; it asks the adapter's variant object.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,23 @@ from torch import nn
 
 from lorakit.lora import backends
 
-if TYPE_CHECKING:
-    from lorakit.lora.layer import LoraAdapter
+
+class AdapterParts(Protocol):
+    """What variants and PiSSA read and set on an adapter (`lorakit.lora.layer.LoraAdapter`
+    is the one; this module sits below it)."""
+
+    r: int
+    scaling: float
+    lora_A: nn.Parameter  # [r, in]
+    lora_B: nn.Parameter  # [out, r]
+    dropout: nn.Module
+    training: bool
+    magnitude: nn.Parameter  # DoRA's, set by `DoraVariant.init`
+    merged_norm: torch.Tensor  # DoRA's, while merged
+
+    def register_buffer(
+        self, name: str, tensor: torch.Tensor | None, persistent: bool = True
+    ) -> None: ...
 
 
 class LoraVariant:
@@ -26,11 +41,11 @@ class LoraVariant:
 
     name = "lora"
 
-    def init(self, adapter: "LoraAdapter", base_layer: nn.Module) -> None:
+    def init(self, adapter: AdapterParts, base_layer: nn.Module) -> None:
         """Called once A and B hold their initial values (plain LoRA needs nothing more)."""
 
     def forward(
-        self, adapter: "LoraAdapter", x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module
+        self, adapter: AdapterParts, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module
     ) -> torch.Tensor:
         a, b = adapter.lora_A, adapter.lora_B
         h = F.linear(adapter.dropout(x.to(a.dtype)), a)
@@ -47,32 +62,32 @@ class LoraVariant:
         # adapter dtype, then cast it to the base output's dtype (the base is never upcast)
         return result + (F.linear(h, b) * adapter.scaling).to(result.dtype)
 
-    def lora_delta(self, adapter: "LoraAdapter") -> torch.Tensor:
+    def lora_delta(self, adapter: AdapterParts) -> torch.Tensor:
         """s · B A as an fp32 (out, in) matrix."""
         a, b = adapter.lora_A.detach().float(), adapter.lora_B.detach().float()
         return (b @ a) * adapter.scaling
 
-    def delta_weight(self, adapter: "LoraAdapter", base_weight: torch.Tensor) -> torch.Tensor:
+    def delta_weight(self, adapter: AdapterParts, base_weight: torch.Tensor) -> torch.Tensor:
         """What merging this adapter alone adds to the dense (out, in) fp32 base weight."""
         return self.lora_delta(adapter)
 
     def merge(
-        self, adapter: "LoraAdapter", weight: torch.Tensor, base_weight: torch.Tensor
+        self, adapter: AdapterParts, weight: torch.Tensor, base_weight: torch.Tensor
     ) -> torch.Tensor:
         """The dense weight with this adapter merged into `weight` (which may already hold other
         merged adapters; `base_weight` is the weight with none merged). Returns a new tensor."""
         return weight + self.lora_delta(adapter)
 
-    def unmerge(self, adapter: "LoraAdapter", weight: torch.Tensor) -> torch.Tensor:
+    def unmerge(self, adapter: AdapterParts, weight: torch.Tensor) -> torch.Tensor:
         """`weight` with this (merged) adapter taken out; a new tensor, no state changes."""
         return weight - self.lora_delta(adapter)
 
-    def output_scale(self, adapter: "LoraAdapter", base_layer: nn.Module) -> torch.Tensor | None:
+    def output_scale(self, adapter: AdapterParts, base_layer: nn.Module) -> torch.Tensor | None:
         """For grouped (mixed-batch) inference: a per-output factor g with
         y = base(x) + (g - 1)·(base(x) - bias) + g·s·B A x, or None when g = 1."""
         return None
 
-    def peft_tensors(self, adapter: "LoraAdapter") -> dict[str, nn.Parameter]:
+    def peft_tensors(self, adapter: AdapterParts) -> dict[str, nn.Parameter]:
         """Tensors beyond A and B, under PEFT's key suffixes."""
         return {}
 
@@ -88,7 +103,7 @@ class DoraVariant(LoraVariant):
 
     name = "dora"
 
-    def init(self, adapter: "LoraAdapter", base_layer: nn.Module) -> None:
+    def init(self, adapter: AdapterParts, base_layer: nn.Module) -> None:
         # the magnitude starts at the column norm of the weight the adapter starts from
         with torch.no_grad():
             norm = self._norm(backends.dense_weight(base_layer), self.lora_delta(adapter))
@@ -99,7 +114,7 @@ class DoraVariant(LoraVariant):
         return torch.linalg.norm(weight + delta, dim=1)
 
     def _factor(
-        self, adapter: "LoraAdapter", base_layer: nn.Module, dtype: torch.dtype
+        self, adapter: AdapterParts, base_layer: nn.Module, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(f = m / ‖W + s·B A‖ with the norm detached, W in `dtype`)."""
         w = backends.weight_matrix(base_layer).to(dtype)
@@ -109,7 +124,7 @@ class DoraVariant(LoraVariant):
         return adapter.magnitude / norm, w
 
     def forward(
-        self, adapter: "LoraAdapter", x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module
+        self, adapter: AdapterParts, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module
     ) -> torch.Tensor:
         a, b = adapter.lora_A, adapter.lora_B
         x = x.to(a.dtype)
@@ -126,11 +141,11 @@ class DoraVariant(LoraVariant):
         out = result + (f - 1) * base_result + f * lora_result * adapter.scaling
         return out.to(result.dtype)
 
-    def delta_weight(self, adapter: "LoraAdapter", base_weight: torch.Tensor) -> torch.Tensor:
+    def delta_weight(self, adapter: AdapterParts, base_weight: torch.Tensor) -> torch.Tensor:
         return self.merge(adapter, base_weight, base_weight) - base_weight
 
     def merge(
-        self, adapter: "LoraAdapter", weight: torch.Tensor, base_weight: torch.Tensor
+        self, adapter: AdapterParts, weight: torch.Tensor, base_weight: torch.Tensor
     ) -> torch.Tensor:
         delta = self.lora_delta(adapter)
         # the norm is the one forward uses (of the unmerged weight); keep it, since after merging
@@ -140,15 +155,15 @@ class DoraVariant(LoraVariant):
         f = adapter.magnitude.detach().float() / norm
         return f.unsqueeze(1) * (weight + delta)
 
-    def unmerge(self, adapter: "LoraAdapter", weight: torch.Tensor) -> torch.Tensor:
+    def unmerge(self, adapter: AdapterParts, weight: torch.Tensor) -> torch.Tensor:
         f = adapter.magnitude.detach().float() / adapter.merged_norm
         return weight / f.unsqueeze(1) - self.lora_delta(adapter)
 
     @torch.no_grad()
-    def output_scale(self, adapter: "LoraAdapter", base_layer: nn.Module) -> torch.Tensor:
+    def output_scale(self, adapter: AdapterParts, base_layer: nn.Module) -> torch.Tensor:
         return self._factor(adapter, base_layer, adapter.lora_A.dtype)[0]
 
-    def peft_tensors(self, adapter: "LoraAdapter") -> dict[str, nn.Parameter]:
+    def peft_tensors(self, adapter: AdapterParts) -> dict[str, nn.Parameter]:
         return {"lora_magnitude_vector": adapter.magnitude}
 
 

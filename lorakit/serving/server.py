@@ -36,6 +36,7 @@ from lorakit.inference.engine import (
     Request,
     Sampling,
 )
+from lorakit.lora import BASE_ADAPTER
 from lorakit.serving import openai_api as api
 from lorakit.serving.openai_api import ApiError
 
@@ -270,10 +271,14 @@ class Server:
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
-    def _adapter_for(self, model: str) -> str | None:
-        """The adapter a request's `model` names; None for the base. Whether an adapter of that
-        name exists is the engine's to say, when the request is submitted."""
-        return None if model in self.config.base_names else model
+    def _adapter_for(self, model: str) -> str:
+        """The adapter a request's `model` names (BASE_ADAPTER: the base). Whether an adapter of
+        that name exists is the engine's to say, when the request is submitted."""
+        if model in self.config.base_names:
+            return BASE_ADAPTER
+        if model == BASE_ADAPTER:  # the engine's own spelling, not a name clients may use
+            raise self._error_for(AdapterNotFound(f"the model '{model}' does not exist"))
+        return model
 
     def _adapter_path(self, given: str) -> Path:
         path = Path(given).expanduser()
