@@ -299,12 +299,23 @@ def _allow_pickle(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `lorakit` command: one sub-parser per command, each set up by its `_add_*`."""
     p = argparse.ArgumentParser(
         prog="lorakit", description="LoRA / QLoRA fine-tuning of causal LMs"
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    _add_merge(sub)
+    _add_inspect(sub)
+    _add_serve(sub)
+    _add_demo(sub)
+    return p
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="fine-tune with LoRA (YAML config + flag overrides)")
     t.add_argument("--config", help="YAML file with model/data/lora/training/output sections")
     for spelling, flag in TRAIN_FLAGS.items():  # one per config field, from the run config
@@ -332,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="eval loss / perplexity / token accuracy / exact match")
     e.add_argument("--model")
     e.add_argument("--adapter", action="append", help="adapter directory (repeatable)")
@@ -348,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     _allow_pickle(e)
     e.set_defaults(func=cmd_eval)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate text with the base model and adapters")
     g.add_argument("prompt", nargs="+")
     g.add_argument("--model")
@@ -363,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     _allow_pickle(g)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("merge", help="write base + adapter as one transformers model directory")
     m.add_argument("--model")
     m.add_argument("--adapter", required=True)
@@ -372,12 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     _allow_pickle(m)
     m.set_defaults(func=cmd_merge)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("inspect", help="describe an adapter directory (lorakit's or PEFT's)")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     _allow_pickle(i)
     i.set_defaults(func=cmd_inspect)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve the base and adapters over an OpenAI-compatible API")
     s.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     s.add_argument(
@@ -446,12 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantization", choices=QUANT_TYPES, default=None)
     s.set_defaults(func=cmd_serve)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="fine-tune the default model on a small task, before/after")
     d.add_argument("--output", default="lorakit-demo")
     d.add_argument("--max-steps", dest="max_steps", type=int, default=None)
     d.add_argument("--eval-rows", dest="eval_rows", type=int, default=None)
     d.set_defaults(func=cmd_demo)
-    return p
 
 
 def _rank() -> str:
