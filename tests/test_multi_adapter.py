@@ -404,6 +404,40 @@ def test_mixed_batch_is_one_grouped_computation_per_layer(monkeypatch):
     assert calls == {"bmm": 0, "baddbmm": 0, "matmul": n_layers}
 
 
+def kept(model: LoraModel, ids: torch.Tensor, rows: list[str]) -> torch.Tensor:
+    """Logits of a mixed batch whose layers keep their stacked adapters (as the engine's)."""
+    with torch.no_grad(), model.mixed_adapter_batch(rows, len(rows), keep_slots=True):
+        return model(input_ids=ids).logits
+
+
+def test_kept_slots_follow_adapters_added_and_deleted():
+    """With keep_slots each layer stacks its adapters once and keeps them between batches; an
+    adapter added or deleted since is what the next batch sees. Without keep_slots a batch sees
+    adapter weights changed in place (as between training steps)."""
+    model = mixed_model("llama")
+    layers = [m for m in model.model.modules() if isinstance(m, LoraLayer)]
+    rows = ["default", "__base__", "third"]
+    ids = batch(len(rows))
+    first = kept(model, ids, rows)
+    assert all(m.slot is not None for m in layers)
+    torch.testing.assert_close(kept(model, ids, rows), first, atol=0, rtol=0)
+    model.add_adapter("late", LoraConfig(r=5, lora_alpha=7, init_lora_weights=False))
+    late = ["late", "default", "late"]
+    mixed = kept(model, ids, late)
+    model.delete_adapter("third")
+    torch.testing.assert_close(kept(model, ids, late), mixed, atol=TOL, rtol=0)
+    for i, name in enumerate(late):
+        expected = single(model, name, lambda: logits(model, ids[i:i + 1]))
+        torch.testing.assert_close(mixed[i:i + 1], expected, atol=TOL, rtol=0)
+    before = logits(model, ids, adapter_names=late)
+    perturb(model, seed=12)
+    after = logits(model, ids, adapter_names=late)
+    assert not torch.allclose(before, after)
+    for i, name in enumerate(late):
+        expected = single(model, name, lambda: logits(model, ids[i:i + 1]))
+        torch.testing.assert_close(after[i:i + 1], expected, atol=TOL, rtol=0)
+
+
 def test_modules_to_save_copies_follow_each_row():
     model = get_lora_model(make_tiny_llama(), LoraConfig(init_lora_weights=False,
                                                          modules_to_save=["lm_head"]))
