@@ -75,7 +75,7 @@ def check_closed_form(kernel, dtype: torch.dtype, n_out: int) -> None:
     use = {0: 3, 1: 0, 2: 3, 4: 1, 5: 3, 6: 3, 8: 3, 9: 0, 10: 2, 11: 0, 12: 0, 13: 0}
     use |= {row: 3 for row in range(14, 29)}
     n_rows = 29
-    # the weights in x's dtype, as AdapterGroups passes them
+    # the weights in x's dtype, as MixedUpdate passes them
     a = torch.randn(offsets[-1], n_in, generator=g).to(dtype)
     b_t = torch.randn(offsets[-1], n_out, generator=g).to(dtype)
     x = torch.randn(n_rows, n_in, generator=g).to(dtype)
