@@ -413,7 +413,8 @@ def kept(model: LoraModel, ids: torch.Tensor, rows: list[str]) -> torch.Tensor:
 def test_kept_slots_follow_adapters_added_and_deleted():
     """With keep_slots each layer stacks its adapters once and keeps them between batches; an
     adapter added or deleted since is what the next batch sees. Without keep_slots a batch sees
-    adapter weights changed in place (as between training steps)."""
+    adapter weights changed in place (as between training steps); with them, once the slots are
+    cleared."""
     model = mixed_model("llama")
     layers = [m for m in model.model.modules() if isinstance(m, LoraLayer)]
     rows = ["default", "__base__", "third"]
@@ -436,6 +437,9 @@ def test_kept_slots_follow_adapters_added_and_deleted():
     for i, name in enumerate(late):
         expected = single(model, name, lambda: logits(model, ids[i:i + 1]))
         torch.testing.assert_close(after[i:i + 1], expected, atol=TOL, rtol=0)
+    # kept slots see weights changed in place once they are cleared
+    model.clear_adapter_slots()
+    torch.testing.assert_close(kept(model, ids, late), after, atol=TOL, rtol=0)
 
 
 def test_modules_to_save_copies_follow_each_row():

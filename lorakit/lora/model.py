@@ -116,6 +116,13 @@ class LoraModel(nn.Module):
             for module in modules:
                 module.set_mixed(None)
 
+    def clear_adapter_slots(self) -> None:
+        """Drop the adapters the layers keep stacked for mixed batches (`keep_slots`): needed
+        after adapter weights changed in place (an optimizer step, a copy) and before the next
+        batch that keeps slots."""
+        for _, layer in lora_layers(self.model):
+            layer.slot = None
+
     def _check_mixed_batch(
         self, adapter_names: Sequence[str], batch_size: int | None, layers: list[LoraLayer]
     ) -> list[str]:
