@@ -153,10 +153,8 @@ class Engine:
     def submit(self, request: Request) -> None:
         if self._draining:
             raise Draining("the server is shutting down")
-        if request.adapter != BASE_ADAPTER and request.adapter not in self.adapters.known():
-            raise AdapterNotFound(
-                f"the model '{request.adapter}' does not exist (GET /v1/models lists them)"
-            )
+        if request.adapter != BASE_ADAPTER:
+            self._adapter_path(request.adapter)
         with self._count_lock:
             if self._waiting_count >= self.max_waiting:
                 raise QueueFull(f"{self._waiting_count} requests are already waiting")
@@ -344,15 +342,22 @@ class Engine:
         ("reading") and installed once read and a slot is free ("no slot" until then)."""
         if name == BASE_ADAPTER or name in self.adapters.resident:
             return "ready"
-        known = self.adapters.known()
-        if name not in known:
-            raise AdapterNotFound(f"the model '{name}' was unloaded")
-        if not self.adapters.read(name, known[name]).done():
+        if not self.adapters.read(name, self._adapter_path(name)).done():
             return "reading"
         if not self.adapters.make_room():
             return "no slot"
         self.adapters.install(self.adapters.take_read(name))
         return "ready"
+
+    def _adapter_path(self, name: str) -> Path:
+        """Where the adapter a request names is read from: the one check of that name, when the
+        request is submitted and again when it is admitted (the API may unload it meanwhile)."""
+        path = self.adapters.known().get(name)
+        if path is None:
+            raise AdapterNotFound(
+                f"the model '{name}' does not exist or was unloaded (GET /v1/models lists them)"
+            )
+        return path
 
     def _prefill(self, requests: list[Request]) -> None:
         """Prefill the prompts, pick their first tokens and add their rows to the batch.
