@@ -133,8 +133,9 @@ class Engine:
         self._stop = threading.Event()
         self._draining = False
         self._abort_with: Exception | None = None  # set by abort(), handled by the loop
-        self._groups = contextlib.ExitStack()
-        self._group_key: tuple[str, ...] | None = None
+        # the mixed-adapter batch the decoding steps run in, and its rows' adapters
+        self._mixed = contextlib.ExitStack()
+        self._mixed_key: tuple[str, ...] | None = None
         self._thread = threading.Thread(target=self._loop, name="lorakit-scheduler", daemon=True)
         self._waiting_count = 0  # requests submitted and not yet admitted or dropped
         self._count_lock = threading.Lock()  # submit runs on other threads
@@ -367,7 +368,7 @@ class Engine:
         forward costs a fixed overhead (PREFILL_PADDING_SLACK tokens' worth). Within a forward the
         rows are grouped by adapter, so each adapter's update is computed on its own rows only
         (see `lorakit.lora.mixed`)."""
-        self._close_groups()
+        self._close_mixed()
         rows: list[Request] = []
         parts: list[Prefilled] = []
         lengths = [len(r.prompt_ids) for r in requests]
@@ -408,7 +409,7 @@ class Engine:
             request.cache = new_kv_cache()
         start = request.prefilled
         chunk = request.prompt_ids[start : start + budget]
-        self._close_groups()
+        self._close_mixed()
         try:
             # no padding: the positions and the causal mask follow from the cache's length
             logits = self._forward(torch.tensor([chunk]), [request.adapter], request.cache, {})
@@ -453,12 +454,12 @@ class Engine:
     def _decode_step(self) -> None:
         rows = self.batch.rows
         names = tuple(r.adapter for r in rows)
-        if names != self._group_key:
-            self._close_groups()
-            self._groups.enter_context(
+        if names != self._mixed_key:
+            self._close_mixed()
+            self._mixed.enter_context(
                 self.model.mixed_adapter_batch(names, len(names), keep_slots=True)
             )
-            self._group_key = names
+            self._mixed_key = names
         inputs = self.batch.step_inputs([r.generated[-1] for r in rows], self._cache_argument)
         with torch.inference_mode():
             logits = self.model(**inputs).logits[:, -1].float()
@@ -530,17 +531,17 @@ class Engine:
             else:
                 keep.append(i)
         if len(keep) != len(self.batch):
-            self._close_groups()
+            self._close_mixed()
             self.batch.keep(keep)
 
-    def _close_groups(self) -> None:
-        self._groups.close()
-        self._groups = contextlib.ExitStack()
-        self._group_key = None
+    def _close_mixed(self) -> None:
+        self._mixed.close()
+        self._mixed = contextlib.ExitStack()
+        self._mixed_key = None
 
     def _fail_all(self, error: Exception) -> None:
         self._take_inbox()
-        self._close_groups()
+        self._close_mixed()
         pinned = list(self.batch.rows) + ([self.partial] if self.partial is not None else [])
         for request in pinned + list(self.waiting):
             self._finish(request, error=error)
