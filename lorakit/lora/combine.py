@@ -38,65 +38,17 @@ def add_weighted_adapter(
     "svd" (its best rank-`svd_rank` approximation) or "linear" (PEFT's A/B mix; equal ranks).
     Also `LoraModel.add_weighted_adapter`, with the model as `self`."""
     adapters, weights = list(adapters), [float(w) for w in weights]
-    if not adapters or len(adapters) != len(weights):
-        raise ValueError(
-            f"give one weight per adapter (got {len(adapters)} adapters and {len(weights)} weights)"
-        )
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be finite numbers, got {weights}")
-    unknown = [a for a in adapters if a not in model.peft_config]
-    if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; have {model.list_adapters()}")
-    if adapter_name in model.peft_config:
-        raise ValueError(f"adapter '{adapter_name}' already exists")
-    if combination_type not in COMBINATIONS:
-        raise ValueError(f"combination_type={combination_type!r}: use one of {COMBINATIONS}")
+    _check_sources(model, adapters, weights, adapter_name, combination_type)
     configs = [model.peft_config[a] for a in adapters]
-    for name, config in zip(adapters, configs):
-        if config.use_dora:
-            raise ValueError(
-                f"adapter '{name}' is a DoRA adapter; its change to the weight is not "
-                "a low-rank product, so it cannot be combined linearly"
-            )
-        if config.modules_to_save:
-            raise ValueError(
-                f"adapter '{name}' trains full modules ({config.modules_to_save}), "
-                "which a weighted LoRA combination cannot express"
-            )
     if len(adapters) == 1:
         combination_type = "linear"  # as PEFT: every method reduces to scaling one adapter
-    ranks = [_max_rank(c) for c in configs]
-    if combination_type == "linear":
-        if len(set(ranks)) != 1:
-            raise ValueError(
-                f"combination_type='linear' needs adapters of equal rank, got "
-                f"{dict(zip(adapters, ranks))}; use 'cat' or 'svd'"
-            )
-        new_rank = ranks[0]
-    elif combination_type == "cat":
-        new_rank = sum(ranks)
-    else:
-        if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
-            raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
-        new_rank = svd_rank or max(ranks)
-
+    new_rank = _new_rank(adapters, [_max_rank(c) for c in configs], combination_type, svd_rank)
     layers = [
         (name, layer)
         for name, layer in lora_layers(model.model)
         if any(a in layer.adapters for a in adapters)
     ]
-    config = copy.deepcopy(configs[0])
-    # scaling 1 (alpha = r without rsLoRA), every layer that holds any of the adapters named
-    # explicitly, and a zero-B start whatever the sources used (a PiSSA init would rewrite the base)
-    config.r = config.lora_alpha = new_rank
-    config.use_rslora = False
-    config.rank_pattern, config.alpha_pattern = {}, {}
-    config.target_modules = sorted(name for name, _ in layers)
-    config.exclude_modules = None
-    config.layers_to_transform = config.layers_pattern = None
-    config.init_lora_weights = True
-    model.add_adapter(adapter_name, config)
-
+    model.add_adapter(adapter_name, _combined_config(configs[0], new_rank, layers))
     with torch.no_grad():
         for _, layer in layers:
             parts = [
@@ -108,6 +60,67 @@ def add_weighted_adapter(
             target.lora_B.zero_()
             target.lora_A[: a_new.shape[0]] = a_new.to(target.lora_A.dtype)
             target.lora_B[:, : b_new.shape[1]] = b_new.to(target.lora_B.dtype)
+
+
+def _check_sources(
+    model: AdapterModel, adapters: list[str], weights: list[float], new: str, kind: str
+) -> None:
+    """ValueError unless the adapters, weights, new name and combination can be combined."""
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError(
+            f"give one weight per adapter (got {len(adapters)} adapters and {len(weights)} weights)"
+        )
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {weights}")
+    unknown = [a for a in adapters if a not in model.peft_config]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; have {model.list_adapters()}")
+    if new in model.peft_config:
+        raise ValueError(f"adapter '{new}' already exists")
+    if kind not in COMBINATIONS:
+        raise ValueError(f"combination_type={kind!r}: use one of {COMBINATIONS}")
+    for name in adapters:
+        config = model.peft_config[name]
+        if config.use_dora:
+            raise ValueError(
+                f"adapter '{name}' is a DoRA adapter; its change to the weight is not "
+                "a low-rank product, so it cannot be combined linearly"
+            )
+        if config.modules_to_save:
+            raise ValueError(
+                f"adapter '{name}' trains full modules ({config.modules_to_save}), "
+                "which a weighted LoRA combination cannot express"
+            )
+
+
+def _new_rank(adapters: list[str], ranks: list[int], kind: str, svd_rank: int | None) -> int:
+    if kind == "linear":
+        if len(set(ranks)) != 1:
+            raise ValueError(
+                f"combination_type='linear' needs adapters of equal rank, got "
+                f"{dict(zip(adapters, ranks))}; use 'cat' or 'svd'"
+            )
+        return ranks[0]
+    if kind == "cat":
+        return sum(ranks)
+    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
+    return svd_rank or max(ranks)
+
+
+def _combined_config(first, rank: int, layers: list):
+    """The new adapter's config: scaling 1 (alpha = r without rsLoRA), every layer that holds
+    any of the adapters named explicitly, and a zero-B start whatever the sources used (a PiSSA
+    init would rewrite the base)."""
+    config = copy.deepcopy(first)
+    config.r = config.lora_alpha = rank
+    config.use_rslora = False
+    config.rank_pattern, config.alpha_pattern = {}, {}
+    config.target_modules = sorted(name for name, _ in layers)
+    config.exclude_modules = None
+    config.layers_to_transform = config.layers_pattern = None
+    config.init_lora_weights = True
+    return config
 
 
 def _combine(
