@@ -19,6 +19,7 @@ from test_trainer import make_trainer
 
 from lorakit import LoraConfig, LoraModel, TrainConfig, get_lora_model
 from lorakit.training import Objective, Terms, Trainer
+from lorakit.training.checkpoint import CheckpointError
 from lorakit.training.launch import split_global_batch
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -226,3 +227,20 @@ def test_a_second_objective_trains_on_two_processes_as_on_one(tmp_path):
     want = [r["loss"] for r in records(tmp_path / "one") if "loss" in r]
     assert [r["loss"] for r in records(tmp_path / "two") if "loss" in r] == pytest.approx(want,
                                                                                           rel=1e-5)
+
+
+def test_a_checkpoint_resumes_only_with_the_global_batch_it_counts(tmp_path):
+    # the data position counts global batches: 2 x 2 accumulation resumes as 4 x 1 (the same
+    # global batch), not as 2 x 1; a checkpoint of an earlier lorakit (no global batch) refuses
+    toy_trainer(tmp_path / "run", per_device_train_batch_size=2,
+                gradient_accumulation_steps=2).train()
+    toy_trainer(tmp_path / "run", max_steps=9).train(resume_from_checkpoint=True)
+    with pytest.raises(CheckpointError, match="global batches of 4, this run draws 2"):
+        toy_trainer(tmp_path / "run", max_steps=12,
+                    per_device_train_batch_size=2).train(resume_from_checkpoint=True)
+    state_file = tmp_path / "run" / "checkpoint-9" / "trainer_state.json"
+    saved = json.loads(state_file.read_text())
+    del saved["state"]["global_batch"]
+    state_file.write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="micro-batches"):
+        toy_trainer(tmp_path / "run", max_steps=12).train(resume_from_checkpoint=True)
