@@ -117,30 +117,22 @@ def worker(args: argparse.Namespace) -> None:
         trainer.train()
         seconds = time.perf_counter() - t0
         tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
-        scored = _EvalShim(trainer.model)  # PEFT's layers, lorakit's evaluator
+        from lorakit import LoraModel
+        # PEFT's layers (injected in place), scored by lorakit's evaluator: wrapped without
+        # adapters of lorakit's own, as `lorakit eval` wraps a bare base
+        scored = LoraModel(trainer.model.get_base_model(), None)
 
     train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the scoring
-    from lorakit import SFTTrainer as Scorer
-    from lorakit import TrainConfig
-    scorer = Scorer(scored,
-                    TrainConfig(output_dir=out, max_length=max_length, bf16=bf16,
-                                per_device_eval_batch_size=16),
-                    eval_data=eval_rows, tokenizer=tokenizer)
-    metrics = scorer.evaluate()
+    from lorakit.training import SFTObjective, TrainConfig, evaluate, resolve_launch
+    settings = TrainConfig(output_dir=out, max_length=max_length, bf16=bf16)
+    objective = SFTObjective(scored, tokenizer, settings)
+    metrics = evaluate(scored, objective, objective.prepare(eval_rows, "eval"),
+                       resolve_launch(settings), batch_size=16)
     print("RESULT " + json.dumps({
         "seconds": seconds, "tokens": tokens, "eval_loss": metrics["eval_loss"],
         "peak_rss_mb": train_peak,
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
         flush=True)
-
-
-class _EvalShim(torch.nn.Module):
-    """Lets lorakit's evaluator score a PEFT model: `.model` is what it calls."""
-
-    def __init__(self, peft_model):
-        super().__init__()
-        self.model = peft_model.get_base_model()  # PEFT layers are injected in place
-        self.peft_config = {}
 
 
 # ------------------------------------------------------------------------------------- ceilings
