@@ -80,11 +80,47 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return names
 
 
+def expert_weights(model: nn.Module) -> list[str]:
+    """Full names of the Mixture-of-Experts weights that are not linear layers: the experts'
+    fused 3-D parameters (transformers 5: `mlp.experts.gate_up_proj` [experts, 2·inter, hidden],
+    `down_proj`) and the routers beside them (custom modules holding a 2-D `weight`). PEFT's
+    "all-linear" adapts them through `target_parameters`; lorakit's layers cannot wrap them."""
+    experts = [
+        f"{name}.{pname}"
+        for name, module in model.named_modules()
+        if not isinstance(module, nn.modules.conv._ConvNd)
+        for pname, p in module.named_parameters(recurse=False)
+        if p.ndim == 3
+    ]
+    blocks = {name.rsplit(".", 2)[0] for name in experts}  # "model.layers.0.mlp"
+    routers = [
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if name.rpartition(".")[0] in blocks
+        and not isinstance(module, nn.Embedding)
+        and not _is_linear_like(module)
+        and getattr(getattr(module, "weight", None), "ndim", 0) == 2
+    ]
+    return experts + routers
+
+
 def resolve_target_modules(model: nn.Module, config: LoraConfig) -> TargetSpec:
-    """The config's target spec with 'all-linear' expanded to full names (as PEFT saves it)."""
-    if config.target_modules == ALL_LINEAR:
-        return sorted(linear_module_names(model))
-    return config.target_modules
+    """The config's target spec with 'all-linear' expanded to full names (as PEFT saves it).
+    'all-linear' on a Mixture-of-Experts model fails, naming the expert weights it would leave
+    frozen: lorakit does not adapt them yet, and adapting the attention alone must be asked for."""
+    if config.target_modules != ALL_LINEAR:
+        return config.target_modules
+    names = sorted(linear_module_names(model))
+    if frozen := expert_weights(model):
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ConfigError(
+            f"target_modules='all-linear' on {type(model).__name__} means its Mixture-of-Experts "
+            f"weights too ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}; PEFT "
+            "adapts them as target_parameters), which lorakit cannot adapt yet: they would stay "
+            f"frozen. Name the layers to adapt instead, e.g. target_modules={leaves} (the "
+            "linear layers only)"
+        )
+    return names
 
 
 def find_targets(model: nn.Module, config: LoraConfig, targets: TargetSpec) -> list[str]:
