@@ -84,7 +84,8 @@ def expert_weights(model: nn.Module) -> list[str]:
     """Full names of the Mixture-of-Experts weights that are not linear layers: the experts'
     fused 3-D parameters (transformers 5: `mlp.experts.gate_up_proj` [experts, 2·inter, hidden],
     `down_proj`) and the routers beside them (custom modules holding a 2-D `weight`). PEFT's
-    "all-linear" adapts them through `target_parameters`; lorakit's layers cannot wrap them."""
+    "all-linear" adapts them through `target_parameters` on the model types transformers converts
+    (Mixtral, Qwen3-MoE, OLMoE, ...; not Qwen2-MoE); lorakit's layers cannot wrap them."""
     experts = [
         f"{name}.{pname}"
         for name, module in model.named_modules()
@@ -116,9 +117,9 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> TargetSpec:
         raise ConfigError(
             f"target_modules='all-linear' on {type(model).__name__} means its Mixture-of-Experts "
             f"weights too ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}; PEFT "
-            "adapts them as target_parameters), which lorakit cannot adapt yet: they would stay "
-            f"frozen. Name the layers to adapt instead, e.g. target_modules={leaves} (the "
-            "linear layers only)"
+            "adapts those of Mixtral, Qwen3-MoE, OLMoE and others as target_parameters), which "
+            "lorakit cannot adapt yet: they would stay frozen. Name the layers to adapt instead, "
+            f"e.g. target_modules={leaves} (the linear layers only)"
         )
     return names
 
