@@ -14,14 +14,20 @@ import logging
 import sys
 
 ROOT = "lorakit"
-# loggers whose lines carry their own prefix instead of "lorakit:"
+# packages whose loggers' lines carry their own prefix instead of "lorakit:"
 _PREFIXES = {"lorakit.demo": "lorakit demo"}
 
 
 class _Prefix(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        prefix = _PREFIXES.get(record.name, ROOT)
+        prefix = next(
+            (shown for name, shown in _PREFIXES.items() if _within(record.name, name)), ROOT
+        )
         return f"{prefix}: {record.getMessage()}"
+
+
+def _within(logger: str, package: str) -> bool:
+    return logger == package or logger.startswith(package + ".")
 
 
 class _CurrentStdout(logging.StreamHandler):
