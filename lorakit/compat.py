@@ -183,6 +183,36 @@ def unquantized_config(config):
     return config
 
 
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    transposed: bool,
+) -> torch.Tensor:
+    """Rows of `x` sorted by expert (group ends `offsets`) times their expert's slice of a fused
+    3-D `weight`: transformers' private `_grouped_linear`, which its MoE experts use (the
+    torch grouped-GEMM where it runs, a loop over experts otherwise)."""
+    from transformers.integrations.moe import _grouped_linear
+
+    return _grouped_linear(x, weight, offsets, bias=bias, is_transposed=transposed)
+
+
+def moe_conversion_pattern(model_type: str | None) -> str | None:
+    """The v4 → v5 checkpoint conversion family of a model type ("mixtral", "qwen2_moe", ...)
+    if transformers converts its checkpoints (its experts were nn.Linear layers in v4): the
+    private `_MODEL_TO_CONVERSION_PATTERN`, which PEFT reads to map old target names."""
+    from transformers.conversion_mapping import (
+        _MODEL_TO_CONVERSION_PATTERN,
+        get_checkpoint_conversion_mapping,
+    )
+
+    if model_type is None or get_checkpoint_conversion_mapping(model_type) is None:
+        return None
+    # transformers 5.24 leaves mixtral itself out of the table; PEFT adds it back
+    return {**_MODEL_TO_CONVERSION_PATTERN, "mixtral": "mixtral"}.get(model_type)
+
+
 class KVLayer:
     """One decoder layer's key/value tensors, [batch, kv_heads, length, head_dim] each."""
 

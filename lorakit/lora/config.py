@@ -52,7 +52,6 @@ _PEFT_FEATURE_KEYS = {
     "layer_replication",
     "loftq_config",
     "trainable_token_indices",
-    "target_parameters",
     "megatron_config",
     "eva_config",
     "corda_config",
@@ -74,7 +73,10 @@ class LoraConfig:
 
     target_modules: a list (a module matches if its full name equals an entry or ends with
     ".<entry>"), a string (a regex, full-matched against the full module name), or
-    "all-linear" (every nn.Linear / Conv1D except the output embedding).
+    "all-linear" (every nn.Linear / Conv1D except the output embedding; on the Mixture-of-Experts
+    models whose experts PEFT converts, also their expert weights and routers, as PEFT does).
+    target_parameters: names of parameters that are not linear layers (fused 3-D expert weights,
+    routers), matched like a target_modules list against "<module>.<parameter>".
     """
 
     r: int = 8
@@ -83,6 +85,7 @@ class LoraConfig:
     bias: str = "none"
     target_modules: TargetSpec = ALL_LINEAR
     exclude_modules: TargetSpec = None
+    target_parameters: list[str] | None = None
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
@@ -105,6 +108,8 @@ class LoraConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
         self.validate()
 
     # -- validation ---------------------------------------------------------------------------
@@ -132,10 +137,16 @@ class LoraConfig:
                 continue
             if not isinstance(spec, list) or not all(isinstance(s, str) and s for s in spec):
                 raise bad(name, "must be a list of module names, a regex string or 'all-linear'")
-        if self.target_modules is None or self.target_modules == []:
+        tp = self.target_parameters
+        if tp is not None and (
+            not isinstance(tp, list) or not all(isinstance(s, str) and s for s in tp)
+        ):
+            raise bad("target_parameters", "must be a list of parameter names")
+        if (self.target_modules is None or self.target_modules == []) and not tp:
             raise bad(
                 "target_modules",
-                "name the layers to adapt, e.g. 'all-linear' or ['q_proj', 'v_proj']",
+                "name the layers to adapt, e.g. 'all-linear' or ['q_proj', 'v_proj'] "
+                "(or the parameters, target_parameters=['gate_up_proj', 'down_proj'])",
             )
         if self.modules_to_save is not None and (
             not isinstance(self.modules_to_save, list)

@@ -25,6 +25,7 @@ from lorakit.atomic import atomic_write_bytes
 from lorakit.errors import ConfigError, InputNotFoundError, UserError
 from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import lora_layers, saved_modules
+from lorakit.lora.params import ParamLoraLayer, param_layers
 from lorakit.lora.pissa import to_lora_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -91,6 +92,8 @@ def peft_parameters(lora_model: AdapterModel, adapter_name: str) -> dict[str, to
             params[f"{PREFIX}{name}.{suffix}"] = p
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             params[f"{PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
+    for name, layer in param_layers(model):
+        params.update(_parameter_adapter_keys(name, layer, adapter_name))
     for name, module in saved_modules(model):
         if adapter_name in module.copies:
             for pname, p in module.copies[adapter_name].named_parameters():
@@ -103,6 +106,23 @@ def peft_parameters(lora_model: AdapterModel, adapter_name: str) -> dict[str, to
             if pname.endswith("bias") and not inside_adapter:
                 params[f"{PREFIX}{pname}"] = p
     return params
+
+
+def _parameter_adapter_keys(
+    name: str, layer: ParamLoraLayer, adapter_name: str
+) -> dict[str, torch.nn.Parameter]:
+    """PEFT's keys for the adapters on a module's parameters: PEFT wraps each targeted
+    parameter in its own wrapper, nested in the module's parameter order (the first one
+    innermost), so the k-th of n sits under n-1-k ".base_layer" segments."""
+    if adapter_name not in layer.adapters:
+        return {}
+    order = layer.parameters_of(adapter_name)
+    keys = {}
+    for k, param in enumerate(order):
+        path = name + ".base_layer" * (len(order) - 1 - k)
+        for suffix, p in layer.adapters[adapter_name][param].peft_tensors().items():
+            keys[f"{PREFIX}{path}.{suffix}"] = p
+    return keys
 
 
 def save_adapter(

@@ -20,6 +20,7 @@ from torch import nn
 
 from lorakit.lora import backends
 from lorakit.lora.mixed import AdapterMapping, AdapterStack, LayerUpdate
+from lorakit.lora.params import ParamLoraLayer
 from lorakit.lora.pissa import is_pissa, pissa_init
 from lorakit.lora.variants import LoraVariant
 
@@ -296,11 +297,11 @@ class ModulesToSave(nn.Module):
             return getattr(self.current, name)
 
 
-def wrapped_modules(module: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
+def wrapped_modules(module: nn.Module) -> Iterator[LoraLayer | ParamLoraLayer | ModulesToSave]:
     """The LoRA layers and saved modules under `module`, without walking into them (their
     adapters are most of the module tree)."""
     for child in module.children():
-        if isinstance(child, (LoraLayer, ModulesToSave)):
+        if isinstance(child, (LoraLayer, ParamLoraLayer, ModulesToSave)):
             yield child
         else:
             yield from wrapped_modules(child)
@@ -309,6 +310,14 @@ def wrapped_modules(module: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ParamLoraLayer]]:
+    """The layers holding adapters: linear layers (`LoraLayer`) and the modules whose
+    parameters are adapted (`ParamLoraLayer`); both merge, unmerge, switch and disable alike."""
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ParamLoraLayer)):
             yield name, module
 
 
@@ -321,7 +330,7 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model: adapters off, merged adapters temporarily unmerged."""
-    layers = [m for _, m in lora_layers(model)]
+    layers = [m for _, m in adapter_layers(model)]
     saved = [m for _, m in saved_modules(model)]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     for layer in layers:

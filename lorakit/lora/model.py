@@ -6,7 +6,6 @@ model keeps its class, its forward, its `generate`, and its module names (plus "
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from contextlib import contextmanager
@@ -23,13 +22,14 @@ from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import (
     LoraLayer,
     ModulesToSave,
+    adapter_layers,
     adapters_disabled,
-    lora_layers,
     saved_modules,
     wrapped_modules,
 )
 from lorakit.lora.mixed import BASE_ADAPTER, AdapterMapping
-from lorakit.lora.targeting import find_targets, resolve_target_modules
+from lorakit.lora.params import ParamLoraLayer, check_config, param_layers
+from lorakit.lora.targeting import find_parameter_targets, find_targets, resolve_targets
 from lorakit.lora.variants import variant_for
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
@@ -104,10 +104,14 @@ class LoraModel(nn.Module):
         stacked after the block, until adapters are added or deleted (for a caller that does
         not change adapter weights in place between blocks, e.g. the inference engine)."""
         modules = list(wrapped_modules(self.model))  # one walk (a server does this every few steps)
-        layers = [m for m in modules if isinstance(m, LoraLayer)]
+        layers = [m for m in modules if isinstance(m, (LoraLayer, ParamLoraLayer))]
         mapping = AdapterMapping(
             self._check_mixed_batch(adapter_names, batch_size, layers), keep_slots
         )
+        # experts see the batch's tokens flattened: the mapping learns each forward's rows
+        hook = None
+        if any(isinstance(m, ParamLoraLayer) for m in modules):
+            hook = self.model.register_forward_pre_hook(mapping.observe, with_kwargs=True)
         try:
             for module in modules:
                 module.set_mixed(mapping)
@@ -115,16 +119,21 @@ class LoraModel(nn.Module):
         finally:
             for module in modules:
                 module.set_mixed(None)
+            if hook is not None:
+                hook.remove()
 
     def clear_adapter_slots(self) -> None:
         """Drop the adapters the layers keep stacked for mixed batches (`keep_slots`): needed
         after adapter weights changed in place (an optimizer step, a copy) and before the next
         batch that keeps slots."""
-        for _, layer in lora_layers(self.model):
+        for _, layer in adapter_layers(self.model):
             layer.slot = None
 
     def _check_mixed_batch(
-        self, adapter_names: Sequence[str], batch_size: int | None, layers: list[LoraLayer]
+        self,
+        adapter_names: Sequence[str],
+        batch_size: int | None,
+        layers: list[LoraLayer | ParamLoraLayer],
     ) -> list[str]:
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names must be a list with one adapter name per row")
@@ -177,11 +186,13 @@ class LoraModel(nn.Module):
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter '{adapter_name}' already exists")
-        config = copy.deepcopy(config)
-        config.target_modules = resolve_target_modules(self.model, config)
+        config = resolve_targets(self.model, config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.model, "name_or_path", None) or None
         targets = find_targets(self.model, config, config.target_modules)
+        parameters = find_parameter_targets(self.model, config)
+        if parameters:
+            check_config(config)
         variant = variant_for(config.use_dora)
         for name in targets:
             module = self.model.get_submodule(name)
@@ -208,6 +219,8 @@ class LoraModel(nn.Module):
                 variant,
                 self.adapter_dtype,
             )
+        for name, param in parameters:
+            self._add_parameter_adapter(adapter_name, config, name, param)
         for name in self._modules_to_save_names(config):
             module = self.model.get_submodule(name)
             if not isinstance(module, ModulesToSave):
@@ -218,6 +231,25 @@ class LoraModel(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         self._apply_active()
+
+    def _add_parameter_adapter(
+        self, adapter_name: str, config: LoraConfig, name: str, param: str
+    ) -> None:
+        module = self.model.get_submodule(name)
+        if not isinstance(module, ParamLoraLayer):
+            module = ParamLoraLayer(module)
+            self.model.set_submodule(name, module)
+        r, alpha = config.rank_and_alpha(f"{name}.{param}")
+        module.add_adapter(
+            adapter_name,
+            param,
+            f"{name}.{param}",
+            r,
+            alpha,
+            config.scaling(r, alpha),
+            config.init_lora_weights,
+            self.adapter_dtype,
+        )
 
     def _modules_to_save_names(self, config: LoraConfig) -> list[str]:
         if not config.modules_to_save:
@@ -255,7 +287,7 @@ class LoraModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter '{adapter_name}'; have {self.list_adapters()}")
-        for _, layer in lora_layers(self.model):
+        for _, layer in adapter_layers(self.model):
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
         for _, module in saved_modules(self.model):
@@ -269,7 +301,7 @@ class LoraModel(nn.Module):
 
     def _apply_active(self) -> None:
         """Route forward through the active adapters and make exactly their parameters trainable."""
-        for _, layer in lora_layers(self.model):
+        for _, layer in adapter_layers(self.model):
             layer.set_active(self.active_adapters)
         for _, module in saved_modules(self.model):
             module.set_active(self.active_adapters)
@@ -282,7 +314,7 @@ class LoraModel(nn.Module):
             config = self.peft_config[name]
             if config.inference_mode:
                 continue
-            for _, layer in lora_layers(self.model):
+            for _, layer in adapter_layers(self.model):
                 if name in layer.adapters:
                     layer.adapters[name].requires_grad_(True)
                     if (
@@ -308,12 +340,32 @@ class LoraModel(nn.Module):
             trainable += n if p.requires_grad else 0
         return trainable, total
 
+    def expert_adapter_summary(self) -> str | None:
+        """What the adapters on parameters (target_parameters: experts, routers) train, in one
+        line, or None if there are none: the report shows the experts are adapted."""
+        experts = routers = count = 0
+        for _, layer in param_layers(self.model):
+            for adapters in layer.adapters.values():
+                for adapter in adapters.values():
+                    if adapter.lora_A.requires_grad:
+                        count += adapter.lora_A.numel() + adapter.lora_B.numel()
+                        experts += adapter.shape.experts if adapter.shape.ndim == 3 else 0
+                        routers += adapter.shape.ndim == 2
+        if not experts + routers:
+            return None
+        return (
+            f"of which on Mixture-of-Experts weights: {count:,} params "
+            f"({experts:,} expert matrices, {routers:,} routers)"
+        )
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(
             f"trainable params: {trainable:,} || all params: {total:,} || "
             f"trainable%: {100 * trainable / max(total, 1):.4f}"
         )
+        if experts := self.expert_adapter_summary():
+            print(experts)
 
     # -- merge / disable ----------------------------------------------------------------------
     def merge_adapter(
@@ -321,11 +373,11 @@ class LoraModel(nn.Module):
     ) -> None:
         """Fold the (active) adapters into the base weights; forward then costs nothing extra."""
         self._warn_if_lossy_merge()
-        for _, layer in lora_layers(self.model):
+        for _, layer in adapter_layers(self.model):
             layer.merge(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        for _, layer in lora_layers(self.model):
+        for _, layer in adapter_layers(self.model):
             layer.unmerge()
 
     def merge_and_unload(
@@ -337,7 +389,7 @@ class LoraModel(nn.Module):
 
     def unload(self, _merged: bool = False) -> nn.Module:
         """Remove every adapter and return the base model (unmerged adapters are discarded)."""
-        for name, layer in list(lora_layers(self.model)):
+        for name, layer in list(adapter_layers(self.model)):
             if layer.merged_adapters and not _merged:
                 layer.unmerge()
             self.model.set_submodule(name, layer.base_layer)
@@ -362,7 +414,7 @@ class LoraModel(nn.Module):
     disable_adapter = disable_adapters  # PEFT's name for the same context manager
 
     def _warn_if_lossy_merge(self) -> None:
-        if any(backends.is_linear4bit(layer.base_layer) for _, layer in lora_layers(self.model)):
+        if any(backends.is_linear4bit(layer.base_layer) for _, layer in adapter_layers(self.model)):
             warnings.warn(
                 "merging into a 4-bit base re-quantizes the weights, which is lossy; "
                 "prefer exporting a merged bf16/fp32 model",

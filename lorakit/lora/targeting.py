@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Iterator
 
 from torch import nn
 
+from lorakit import compat
 from lorakit.base.modules import name_matches
 from lorakit.errors import ConfigError
 from lorakit.lora import backends
@@ -39,13 +41,14 @@ def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | Non
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every module that is not inside a lorakit wrapper."""
     from lorakit.lora.layer import LoraLayer, ModulesToSave
+    from lorakit.lora.params import ParamLoraLayer
 
     skip: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(s) for s in skip):
             continue
         yield name, module
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (LoraLayer, ModulesToSave, ParamLoraLayer)):
             skip.append(name + ".")
 
 
@@ -83,12 +86,10 @@ def linear_module_names(model: nn.Module) -> list[str]:
 def expert_weights(model: nn.Module) -> list[str]:
     """Full names of the Mixture-of-Experts weights that are not linear layers: the experts'
     fused 3-D parameters (transformers 5: `mlp.experts.gate_up_proj` [experts, 2·inter, hidden],
-    `down_proj`) and the routers beside them (custom modules holding a 2-D `weight`). PEFT's
-    "all-linear" adapts them through `target_parameters` on the model types transformers converts
-    (Mixtral, Qwen3-MoE, OLMoE, ...; not Qwen2-MoE); lorakit's layers cannot wrap them."""
+    `down_proj`) and the routers beside them (custom modules holding a 2-D `weight`)."""
     experts = [
         f"{name}.{pname}"
-        for name, module in model.named_modules()
+        for name, module in parameter_holders(model)
         if not isinstance(module, nn.modules.conv._ConvNd)
         for pname, p in module.named_parameters(recurse=False)
         if p.ndim == 3
@@ -96,7 +97,7 @@ def expert_weights(model: nn.Module) -> list[str]:
     blocks = {name.rsplit(".", 2)[0] for name in experts}  # "model.layers.0.mlp"
     routers = [
         f"{name}.weight"
-        for name, module in model.named_modules()
+        for name, module in parameter_holders(model)
         if name.rpartition(".")[0] in blocks
         and not isinstance(module, nn.Embedding)
         and not _is_linear_like(module)
@@ -105,29 +106,160 @@ def expert_weights(model: nn.Module) -> list[str]:
     return experts + routers
 
 
-def resolve_target_modules(model: nn.Module, config: LoraConfig) -> TargetSpec:
-    """The config's target spec with 'all-linear' expanded to full names (as PEFT saves it).
-    'all-linear' on a Mixture-of-Experts model fails, naming the expert weights it would leave
-    frozen: lorakit does not adapt them yet, and adapting the attention alone must be asked for."""
-    if config.target_modules != ALL_LINEAR:
-        return config.target_modules
-    names = sorted(linear_module_names(model))
-    if frozen := expert_weights(model):
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+def parameter_holders(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every module that holds parameters of its own, a `ParamLoraLayer`
+    standing for the module it wraps (under the wrapped module's name)."""
+    from lorakit.lora.params import ParamLoraLayer
+
+    for name, module in candidate_modules(model):
+        yield name, module.base_layer if isinstance(module, ParamLoraLayer) else module
+
+
+# transformers 5 fused the experts of these MoE families (v4 nn.Linear layers, still the names
+# people and old adapters target) into parameters; PEFT maps the old names to the new ones, and
+# its "all-linear" includes them, so the experts and routers of these families are adapted.
+_MOE_V4_NAMES = {
+    "mixtral": {
+        "gate": "gate.weight",
+        "w1": "gate_up_proj",
+        "w3": "gate_up_proj",
+        "w2": "down_proj",
+    },
+    "qwen2_moe": {
+        "gate": "gate.weight",
+        "gate_proj": "gate_up_proj",
+        "up_proj": "gate_up_proj",
+        "down_proj": "down_proj",
+    },
+}
+_FUSED = "gate_up_proj"  # two v4 layers in one parameter: rank and alpha double, as in PEFT
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """A copy of `config` as PEFT saves it for `model`: 'all-linear' expanded to full names; on
+    the MoE families above, the old expert and router names moved to target_parameters (with
+    the fused parameter's doubled rank and alpha). 'all-linear' that would leave expert weights
+    frozen fails, naming them."""
+    config = copy.deepcopy(config)
+    all_linear = config.target_modules == ALL_LINEAR
+    if all_linear:
+        config.target_modules = sorted(linear_module_names(model))
+    family = compat.moe_conversion_pattern(
+        getattr(getattr(model, "config", None), "model_type", None)
+    )
+    if family is not None and isinstance(config.target_modules, list):
+        extra = list(_MOE_V4_NAMES[family]) if all_linear else []
+        _convert_moe_targets(config, config.target_modules + extra, _MOE_V4_NAMES[family])
+    if all_linear:
+        _check_experts_covered(model, config)
+    return config
+
+
+def _convert_moe_targets(config: LoraConfig, targets: list[str], old_names: dict) -> None:
+    params, modules, fused = set(config.target_parameters or []), [], set()
+    for target in targets:
+        old = next((o for o in old_names if target == o or target.endswith(f".{o}")), None)
+        if old is None:
+            modules.append(target)
+            continue
+        params.add(old_names[old])
+        if old_names[old] == _FUSED:
+            fused.add(old)
+    parts = {o for o, n in old_names.items() if n == _FUSED}
+    if fused and fused != parts:
         raise ConfigError(
-            f"target_modules='all-linear' on {type(model).__name__} means its Mixture-of-Experts "
-            f"weights too ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}; PEFT "
-            "adapts those of Mixtral, Qwen3-MoE, OLMoE and others as target_parameters), which "
-            "lorakit cannot adapt yet: they would stay frozen. Name the layers to adapt instead, "
-            f"e.g. target_modules={leaves} (the linear layers only)"
+            f"target_modules names {sorted(fused)} but not {sorted(parts - fused)}: transformers 5 "
+            f"fuses them into one parameter, {_FUSED}; target both (or target_parameters="
+            f"['{_FUSED}'])"
         )
-    return names
+    if fused:
+        key = rf".*\.{_FUSED}"
+        config.rank_pattern.setdefault(key, config.r * len(parts))
+        config.alpha_pattern.setdefault(key, config.lora_alpha * len(parts))
+    config.target_modules = modules
+    config.target_parameters = sorted(params) or None
+
+
+def _check_experts_covered(model: nn.Module, config: LoraConfig) -> None:
+    frozen = [
+        n
+        for n in expert_weights(model)
+        if getattr(model.get_parameter(n) if "." in n else None, "ndim", 3) == 3
+        and not _parameter_matches(n, config.target_parameters)
+    ]
+    if frozen:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in frozen})
+        raise ConfigError(
+            f"target_modules='all-linear' on {type(model).__name__} would leave its "
+            f"Mixture-of-Experts weights frozen ({', '.join(frozen[:3])}"
+            f"{', ...' if len(frozen) > 3 else ''}): they are not linear layers, and PEFT's "
+            "all-linear adapts them only on the families it converts (Mixtral, Qwen3-MoE, OLMoE, "
+            f"...). Add target_parameters={leaves} to adapt them too, or name the linear layers "
+            "to adapt the attention only"
+        )
+
+
+def _parameter_matches(key: str, targets: list[str] | None) -> bool:
+    # PEFT's rule: the full "<module>.<parameter>" name equals an entry or ends with ".<entry>"
+    return any(key == t or key.endswith(f".{t}") for t in targets or [])
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
+    """(module name, parameter name) of every parameter `config.target_parameters` adapts; an
+    entry that matches nothing fails, listing the parameters the model does have."""
+    if not config.target_parameters:
+        return []
+    found: list[tuple[str, str]] = []
+    for name, module in parameter_holders(model):
+        if _name_matches(config.exclude_modules, name) or not _in_layers(name, config):
+            continue
+        for pname, _ in module.named_parameters(recurse=False):
+            if _parameter_matches(f"{name}.{pname}", config.target_parameters):
+                found.append((name, pname))
+    keys = [f"{m}.{p}" for m, p in found]
+    missing = [t for t in config.target_parameters if not _parameter_matches_any(t, keys)]
+    if missing:
+        have = sorted(
+            {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in expert_weights(model)}
+        )
+        raise ConfigError(
+            f"target_parameters {missing} match no parameter of {type(model).__name__}"
+            + (
+                f"; its expert weights and routers are: {have}"
+                if have
+                else " (it has no Mixture-of-Experts weights)"
+            )
+        )
+    return found
+
+
+def _parameter_matches_any(target: str, keys: list[str]) -> bool:
+    return any(_parameter_matches(k, [target]) for k in keys)
+
+
+def _in_layers(name: str, config: LoraConfig) -> bool:
+    if config.layers_to_transform is None:
+        return True
+    idx = _layer_index(name, config.layers_pattern)
+    wanted = config.layers_to_transform
+    wanted = [wanted] if isinstance(wanted, int) else wanted
+    return idx is not None and idx in wanted
 
 
 def find_targets(model: nn.Module, config: LoraConfig, targets: TargetSpec) -> list[str]:
     """Names of the modules to wrap, or a ValueError that lists what the model does have."""
+    if not targets:  # parameters only (target_parameters)
+        return []
     save = config.modules_to_save or []
     found: list[str] = []
+    if isinstance(targets, list):
+        names = [n for n, _ in candidate_modules(model) if n]
+        if missing := [t for t in targets if not any(name_matches(n, [t]) for n in names)]:
+            available = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
+            raise ConfigError(
+                f"target_modules entries {missing} match no module of {type(model).__name__}; "
+                f"its linear layers are named: {available}"
+            )
     for name, module in candidate_modules(model):
         if not name or not _name_matches(targets, name):
             continue
@@ -136,12 +268,8 @@ def find_targets(model: nn.Module, config: LoraConfig, targets: TargetSpec) -> l
         # An adapter inside a fully-trained copy would fight with it (PEFT refuses it too).
         if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in save):
             continue
-        if config.layers_to_transform is not None:
-            idx = _layer_index(name, config.layers_pattern)
-            wanted = config.layers_to_transform
-            wanted = [wanted] if isinstance(wanted, int) else wanted
-            if idx is None or idx not in wanted:
-                continue
+        if not _in_layers(name, config):
+            continue
         if not _is_linear_like(module):
             raise ConfigError(
                 f"target module '{name}' is a {type(module).__name__}; lorakit adapts nn.Linear "
