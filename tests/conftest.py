@@ -31,6 +31,18 @@ def make_tiny_gpt2(vocab_size: int = VOCAB, seed: int = 0, **kw) -> GPT2LMHeadMo
     return GPT2LMHeadModel(cfg).eval()
 
 
+def make_tiny_moe(vocab_size: int = VOCAB, seed: int = 0, **kw):
+    """A 2-layer Qwen3-MoE-style model: 4 experts (2 per token) fused into 3-D parameters
+    (`mlp.experts.gate_up_proj` [4, 64, 32], `down_proj` [4, 32, 32]) and a router `mlp.gate`."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                         moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, max_position_embeddings=256, **kw)
+    return Qwen3MoeForCausalLM(cfg).eval()
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Build the CPU decoding kernel once, up front (on a fresh machine it takes about a
     minute), so that no test's time limit, or the first server a test starts, pays for it."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 
 from lorakit.lora.files import AdapterModel
 from lorakit.lora.layer import LoraAdapter, lora_layers
+from lorakit.lora.params import ParamAdapter, param_layers
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -48,18 +50,53 @@ def add_weighted_adapter(
         for name, layer in lora_layers(model.model)
         if any(a in layer.adapters for a in adapters)
     ]
-    model.add_adapter(adapter_name, _combined_config(configs[0], new_rank, layers))
+    params = [
+        (f"{name}.{param}", layer, param)
+        for name, layer in param_layers(model.model)
+        for param in layer.shapes
+        if any(a in layer.adapters and param in layer.adapters[a] for a in adapters)
+    ]
+    config = _combined_config(configs[0], new_rank, layers, [p[0] for p in params])
+    model.add_adapter(adapter_name, config)
     with torch.no_grad():
         for _, layer in layers:
             parts = [
                 (layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters
             ]
-            target = layer.adapters[adapter_name]
             a_new, b_new = _combine(parts, combination_type, new_rank)
-            target.lora_A.zero_()
-            target.lora_B.zero_()
-            target.lora_A[: a_new.shape[0]] = a_new.to(target.lora_A.dtype)
-            target.lora_B[:, : b_new.shape[1]] = b_new.to(target.lora_B.dtype)
+            _write(layer.adapters[adapter_name], a_new, b_new)
+        for _, layer, param in params:
+            parts = [
+                (layer.adapters[a][param], w)
+                for a, w in zip(adapters, weights)
+                if a in layer.adapters and param in layer.adapters[a]
+            ]
+            _combine_experts(parts, layer.adapters[adapter_name][param], combination_type)
+
+
+def _write(target: LoraAdapter, a_new: torch.Tensor, b_new: torch.Tensor) -> None:
+    """A combination of rank ≤ target's into the target adapter (zero-padded)."""
+    target.lora_A.zero_()
+    target.lora_B.zero_()
+    target.lora_A[: a_new.shape[0]] = a_new.to(target.lora_A.dtype)
+    target.lora_B[:, : b_new.shape[1]] = b_new.to(target.lora_B.dtype)
+
+
+def _combine_experts(parts: list, target: ParamAdapter, kind: str) -> None:
+    """The combination of parameter adapters, expert by expert, into `target` (PEFT's layout:
+    expert e's rows of A are a block, its columns of B are strided)."""
+    a_t, b_t = target.factors()  # views of target's tensors, [E, R, in] and [E, out, R]
+    a_t.zero_()
+    b_t.zero_()
+    for e in range(target.shape.experts):
+        views = [
+            (SimpleNamespace(lora_A=a[e], lora_B=b[e], scaling=ad.scaling, r=ad.r), w)
+            for ad, w in parts
+            for a, b in [ad.factors()]
+        ]
+        a_new, b_new = _combine(views, kind, target.r)
+        a_t[e, : a_new.shape[0]] = a_new.to(a_t.dtype)
+        b_t[e, :, : b_new.shape[1]] = b_new.to(b_t.dtype)
 
 
 def _check_sources(
@@ -108,15 +145,16 @@ def _new_rank(adapters: list[str], ranks: list[int], kind: str, svd_rank: int | 
     return svd_rank or max(ranks)
 
 
-def _combined_config(first, rank: int, layers: list):
-    """The new adapter's config: scaling 1 (alpha = r without rsLoRA), every layer that holds
-    any of the adapters named explicitly, and a zero-B start whatever the sources used (a PiSSA
-    init would rewrite the base)."""
+def _combined_config(first, rank: int, layers: list, parameters: list[str]):
+    """The new adapter's config: scaling 1 (alpha = r without rsLoRA), every layer and parameter
+    that holds any of the adapters named explicitly, and a zero-B start whatever the sources
+    used (a PiSSA init would rewrite the base)."""
     config = copy.deepcopy(first)
     config.r = config.lora_alpha = rank
     config.use_rslora = False
     config.rank_pattern, config.alpha_pattern = {}, {}
     config.target_modules = sorted(name for name, _ in layers)
+    config.target_parameters = sorted(parameters) or None
     config.exclude_modules = None
     config.layers_to_transform = config.layers_pattern = None
     config.init_lora_weights = True

@@ -304,27 +304,18 @@ class AdapterMapping:
         self.keep_slots = keep_slots
         self._layouts: dict[tuple, RowLayout] = {}  # by AdapterStack.layout
         self._kernels: tuple[Callable | None, Callable | None] | None = None
-        self.batch_rows: int | None = None  # rows of the forward under way (`observe`)
-
-    def observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the model, for layers that see the batch's tokens flattened
-        (MoE experts, `token_slots`): the rows of the forward under way, which generate repeats
-        for beams / return sequences."""
-        for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
-            if isinstance(x, torch.Tensor):
-                self.batch_rows = x.shape[0]
-                return
 
     def token_slots(self, tokens: int) -> torch.Tensor:
-        """The slot of each of `tokens` tokens, flattened from [rows, positions] row-major."""
-        rows = self.batch_rows or len(self.row_ids)
-        repeats, positions = rows // len(self.row_ids), tokens // rows
-        if repeats * len(self.row_ids) != rows or positions * rows != tokens:
+        """The slot of each of `tokens` tokens, for layers that see the batch flattened
+        [rows · positions] (MoE experts and routers). generate repeats each row in place (beams,
+        return sequences), so each row's tokens stay one run, whatever the repetition."""
+        per_row = tokens // len(self.row_ids)
+        if per_row * len(self.row_ids) != tokens:
             raise RuntimeError(
-                f"a mixed batch of {len(self.row_ids)} rows met {tokens} tokens in a forward of "
-                f"{rows} rows: its adapters cannot be assigned to the tokens"
+                f"a mixed batch of {len(self.row_ids)} rows met {tokens} flattened tokens: "
+                "its adapters cannot be assigned to them"
             )
-        return self.row_ids.repeat_interleave(repeats).repeat_interleave(positions)
+        return self.row_ids.repeat_interleave(per_row)
 
     def update(self, stack: AdapterStack | None, base_layer: nn.Module) -> "LayerUpdate":
         """The update of the layer whose adapters are `stack` (None: it has none)."""

@@ -108,10 +108,6 @@ class LoraModel(nn.Module):
         mapping = AdapterMapping(
             self._check_mixed_batch(adapter_names, batch_size, layers), keep_slots
         )
-        # experts see the batch's tokens flattened: the mapping learns each forward's rows
-        hook = None
-        if any(isinstance(m, ParamLoraLayer) for m in modules):
-            hook = self.model.register_forward_pre_hook(mapping.observe, with_kwargs=True)
         try:
             for module in modules:
                 module.set_mixed(mapping)
@@ -119,8 +115,6 @@ class LoraModel(nn.Module):
         finally:
             for module in modules:
                 module.set_mixed(None)
-            if hook is not None:
-                hook.remove()
 
     def clear_adapter_slots(self) -> None:
         """Drop the adapters the layers keep stacked for mixed batches (`keep_slots`): needed

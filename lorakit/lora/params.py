@@ -139,8 +139,8 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"{_PEFT_REFUSES} fan_in_fan_out (target_parameters)")
     if config.use_dora:
         raise ConfigError(
-            f"{_PEFT_REFUSES} LoRA variants like DoRA (target_parameters); use_dora applies to "
-            "target_modules only in lorakit too: adapt the experts with plain LoRA"
+            f"{_PEFT_REFUSES} use_dora=True (target_parameters: LoRA variants like DoRA are "
+            "for linear layers); adapt the experts with plain LoRA"
         )
     if config.init_lora_weights not in (True, False, "gaussian"):
         raise ConfigError(
@@ -213,7 +213,8 @@ class ParamLoraLayer(nn.Module):
         if self.disabled or (self.mixed is None and not self._running()):
             return self.base_layer(*args, **kwargs)
         if is_routed_experts(self.base_layer) and set(self.shapes) <= set(ROUTED_PARAMETERS):
-            return routed_forward(self, *args, **kwargs)
+            # (hidden, top_k_index, top_k_weights), however the MoE block names them
+            return routed_forward(self, *args, *kwargs.values())
         if self.mixed is not None:
             return self._mixed_substituted(*args, **kwargs)
         return self._substituted(self._running(), args, kwargs)
@@ -313,10 +314,10 @@ def _select_rows(rows: torch.Tensor, mine: Any, out: Any) -> Any:
 def is_routed_experts(module: nn.Module) -> bool:
     """An experts module transformers describes (`use_experts_implementation`): its forward
     takes (hidden, top_k_index, top_k_weights) and its layout flags say how to compute it."""
-    return all(
-        hasattr(module, a)
-        for a in ("is_transposed", "has_gate", "has_bias", "_apply_gate", "act_fn", "down_proj")
-    ) and isinstance(getattr(module, "num_experts", None), int)
+    flags = ("is_transposed", "has_gate", "has_bias", "_apply_gate", "down_proj", "num_experts")
+    if not all(hasattr(module, a) for a in flags):
+        return False
+    return module.has_gate or hasattr(module, "act_fn")  # the activation of ungated experts
 
 
 def expert_update(adapter: ParamAdapter, x: torch.Tensor, counts: list[int]) -> torch.Tensor:

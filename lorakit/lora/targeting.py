@@ -83,17 +83,22 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return names
 
 
-def expert_weights(model: nn.Module) -> list[str]:
-    """Full names of the Mixture-of-Experts weights that are not linear layers: the experts'
-    fused 3-D parameters (transformers 5: `mlp.experts.gate_up_proj` [experts, 2·inter, hidden],
-    `down_proj`) and the routers beside them (custom modules holding a 2-D `weight`)."""
-    experts = [
+def expert_parameters(model: nn.Module) -> list[str]:
+    """Full names of the Mixture-of-Experts weights fused into 3-D parameters (transformers 5:
+    `mlp.experts.gate_up_proj` [experts, 2·inter, hidden], `down_proj`)."""
+    return [
         f"{name}.{pname}"
         for name, module in parameter_holders(model)
         if not isinstance(module, nn.modules.conv._ConvNd)
         for pname, p in module.named_parameters(recurse=False)
         if p.ndim == 3
     ]
+
+
+def expert_weights(model: nn.Module) -> list[str]:
+    """The expert parameters and the routers beside them (custom modules holding a 2-D
+    `weight`): what PEFT adapts as target_parameters and lorakit's linear layers cannot."""
+    experts = expert_parameters(model)
     blocks = {name.rsplit(".", 2)[0] for name in experts}  # "model.layers.0.mlp"
     routers = [
         f"{name}.weight"
@@ -182,10 +187,7 @@ def _convert_moe_targets(config: LoraConfig, targets: list[str], old_names: dict
 
 def _check_experts_covered(model: nn.Module, config: LoraConfig) -> None:
     frozen = [
-        n
-        for n in expert_weights(model)
-        if getattr(model.get_parameter(n) if "." in n else None, "ndim", 3) == 3
-        and not _parameter_matches(n, config.target_parameters)
+        n for n in expert_parameters(model) if not _parameter_matches(n, config.target_parameters)
     ]
     if frozen:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in frozen})
