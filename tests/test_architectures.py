@@ -1,7 +1,6 @@
-""""all-linear" across the architectures people fine-tune: on dense models lorakit adapts exactly
-PEFT's modules; on Mixture-of-Experts models, whose experts and routers are not linear layers in
-transformers 5, it fails naming the expert weights it would leave frozen (PEFT adapts them), so
-a user never trains the attention alone without asking for it."""
+"""""all-linear" across the architectures people fine-tune: on dense models lorakit adapts exactly
+PEFT's modules; on the Mixture-of-Experts families PEFT converts, whose experts and routers are
+not linear layers in transformers 5, it adapts them as PEFT's target_parameters too."""
 
 from __future__ import annotations
 
@@ -9,9 +8,10 @@ import peft
 import pytest
 import torch
 import transformers as T
+from peft import get_peft_model_state_dict
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.errors import ConfigError
+from lorakit.lora.files import peft_parameters
 from lorakit.lora.layer import lora_layers
 
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -61,19 +61,14 @@ def test_all_linear_adapts_what_peft_adapts(config_name):
     assert adapted(ours.model) == peft_adapted(theirs) != set()
 
 
-@pytest.mark.parametrize("config_name", MOE)
-def test_all_linear_on_a_moe_model_names_the_expert_weights_it_cannot_adapt(config_name):
-    model = tiny(config_name)
-    with pytest.raises(ConfigError, match=r"Mixture-of-Experts.*mlp\.experts\.gate_up_proj"):
-        get_lora_model(model, LoraConfig(r=4, target_modules="all-linear"))
-    assert not any("lora" in n for n, _ in model.named_parameters())  # nothing was injected
-    # what the message offers instead: the attention (and any linear layer) on its own
-    attention = get_lora_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert adapted(attention.model)
-
-
-@pytest.mark.parametrize("config_name", MOE[:2])
-def test_peft_adapts_the_experts_lorakit_refuses(config_name):
+@pytest.mark.parametrize("config_name", MOE[:3])
+def test_all_linear_on_a_moe_model_adapts_the_experts_as_peft_does(config_name):
+    """Mixtral, Qwen3-MoE and OLMoE: the attention, every expert's fused weights and the
+    routers, under PEFT's names and shapes (Qwen2-MoE, which PEFT leaves frozen, fails loudly:
+    tests/test_moe.py)."""
+    ours = get_lora_model(tiny(config_name), LoraConfig(r=4, target_modules="all-linear"))
     theirs = peft.get_peft_model(tiny(config_name),
                                  peft.LoraConfig(r=4, target_modules="all-linear"))
-    assert any(n.endswith(".experts") for n in peft_adapted(theirs))
+    keys = {k: tuple(p.shape) for k, p in peft_parameters(ours, "default").items()}
+    assert keys == {k: tuple(v.shape) for k, v in get_peft_model_state_dict(theirs).items()}
+    assert any(k.endswith("mlp.experts.base_layer.lora_A.weight") for k in keys)
