@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama, perturb_trainables
+from conftest import make_tiny_gpt2, make_tiny_llama, make_tiny_moe, perturb_trainables
 from peft import PeftModel
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
@@ -22,8 +22,10 @@ from lorakit.inference.batch import length_groups
 from lorakit.inference.engine import PREFILL_PADDING_SLACK, Engine, Request, Sampling
 from lorakit.lora import BASE_ADAPTER
 
-MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+MAKERS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2, "moe": make_tiny_moe}
+# on the Mixture-of-Experts model: attention, experts and routers (PEFT's all-linear)
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"],
+           "moe": "all-linear"}
 
 
 class Tokenizer:
@@ -35,7 +37,7 @@ class Tokenizer:
         return "".join(f"<{i}>" for i in ids)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "moe"])
 def setup(request, tmp_path_factory):
     kind = request.param
     root = tmp_path_factory.mktemp(f"engine-{kind}")
