@@ -263,10 +263,14 @@ def _is_conv(module: torch.nn.Module) -> bool:
 
 
 def expert_parameters(model: torch.nn.Module) -> list[str]:
-    """Names of the base model's 3-D parameters that are not convolution weights."""
+    """Names of the base model's fused expert weights: 3-D parameters of a module whose path or
+    class names experts (not RWKV's time mixing, XLNet's attention or Reformer's positions,
+    which are 3-D too but not layers "all-linear" names)."""
     names = []
     for module_name, module in model.named_modules():
         if _is_conv(module):
+            continue
+        if "expert" not in f"{module_name}.{type(module).__name__}".lower():
             continue
         for pname, p in module.named_parameters(recurse=False):
             if p.ndim == 3:

@@ -258,3 +258,30 @@ def test_all_linear_where_peft_leaves_the_experts_frozen_fails_loudly():
     fixed = get_lora_model(model, LoraConfig(r=4, target_modules="all-linear",
                                              target_parameters=["gate_up_proj", "down_proj"]))
     assert len(list(param_layers(fixed.model))) == 2
+
+
+def test_qlora_on_a_moe_base_quantizes_the_linear_layers_and_says_what_it_keeps(tmp_path, capsys):
+    """bitsandbytes holds linear layers only: the attention is 4-bit, the fused experts keep the
+    base dtype (said in one line), and the adapters on both train."""
+    from lorakit.base.loading import load_model
+    from lorakit.lora import backends
+
+    make_tiny_moe().save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), dtype=torch.bfloat16, quantization="nf4")
+    assert "4 Mixture-of-Experts weights" in capsys.readouterr().out
+    attention = model.model.layers[0].self_attn.q_proj
+    assert backends.is_linear4bit(attention)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    lora = get_lora_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    x = ids(rows=4)
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = lora(x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    trained = peft_parameters(lora, "default")
+    assert all(trained[k].abs().sum() > 0 for k in trained if k.endswith("lora_B.weight"))

@@ -27,7 +27,7 @@ from lorakit import compat
 from lorakit.errors import InputNotFoundError, UserError
 
 from .default_model import default_model_dir
-from .quantize import QUANT_TYPES
+from .quantize import QUANT_TYPES, report_unquantized_experts
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -406,6 +406,7 @@ def load_model(
     if quantization is not None:
         _release_checkpoint_mapping(model)
         compat.keep_regular_layouts(model)
+        report_unquantized_experts(model)
     model.eval()
     if tok is not None and tok.pad_token is None and tok.eos_token is not None:
         # batched training needs a pad token; padded positions are masked out anyway

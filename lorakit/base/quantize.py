@@ -15,6 +15,9 @@ from torch import nn
 
 from lorakit import compat
 from lorakit.base.modules import name_matches
+from lorakit.log import get_logger
+
+log = get_logger(__name__)
 
 QUANT_TYPES = ("nf4", "fp4", "int8")  # the quantization names lorakit takes, everywhere
 
@@ -67,7 +70,26 @@ def quantize_model(
             new.bias = nn.Parameter(old.bias.data, requires_grad=False)
         new.train(old.training)
         model.set_submodule(name, new)
+    report_unquantized_experts(model)
     return model
+
+
+def report_unquantized_experts(model: nn.Module) -> None:
+    """Say which weights stay unquantized in a quantized model: Mixture-of-Experts weights fused
+    into 3-D parameters (transformers 5), which bitsandbytes cannot hold (it quantizes linear
+    layers). They keep the model's dtype, and usually most of its memory."""
+    experts = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if p.ndim == 3 and not isinstance(p, compat.bitsandbytes().nn.Params4bit)
+    ]
+    if experts:
+        size = sum(p.numel() * p.element_size() for _, p in experts)
+        names = ", ".join(n for n, _ in experts[:2]) + (", ..." if len(experts) > 2 else "")
+        log.info(
+            f"bitsandbytes quantizes linear layers only: {len(experts)} Mixture-of-Experts "
+            f"weights ({names}; {size / 2**20:,.1f} MiB) stay in {experts[0][1].dtype}"
+        )
 
 
 def _int8_layer(old: nn.Linear, threshold: float) -> nn.Module:

@@ -89,10 +89,17 @@ def expert_parameters(model: nn.Module) -> list[str]:
     return [
         f"{name}.{pname}"
         for name, module in parameter_holders(model)
-        if not isinstance(module, nn.modules.conv._ConvNd)
+        if _is_experts(module)
         for pname, p in module.named_parameters(recurse=False)
         if p.ndim == 3
     ]
+
+
+def _is_experts(module: nn.Module) -> bool:
+    # transformers flags the experts modules it describes (is_transposed); older or custom ones
+    # are named so (Llama4TextExperts, JetMoeParallelExperts). Other 3-D parameters (RWKV's
+    # time mixing, XLNet's attention) are not layers "all-linear" would name.
+    return hasattr(module, "is_transposed") or "experts" in type(module).__name__.lower()
 
 
 def expert_weights(model: nn.Module) -> list[str]:
@@ -152,9 +159,10 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
     family = compat.moe_conversion_pattern(
         getattr(getattr(model, "config", None), "model_type", None)
     )
-    if family is not None and isinstance(config.target_modules, list):
-        extra = list(_MOE_V4_NAMES[family]) if all_linear else []
-        _convert_moe_targets(config, config.target_modules + extra, _MOE_V4_NAMES[family])
+    old_names = _MOE_V4_NAMES.get(family)
+    if old_names is not None and isinstance(config.target_modules, list):
+        extra = list(old_names) if all_linear else []
+        _convert_moe_targets(config, config.target_modules + extra, old_names)
     if all_linear:
         _check_experts_covered(model, config)
     return config
@@ -191,13 +199,20 @@ def _check_experts_covered(model: nn.Module, config: LoraConfig) -> None:
     ]
     if frozen:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in frozen})
+        holder = model.get_submodule(frozen[0].rsplit(".", 1)[0])
+        holder = getattr(holder, "base_layer", holder)
+        fix = (
+            f"Add target_parameters={leaves} to adapt them too"
+            if hasattr(holder, "is_transposed")
+            else f"lorakit does not know the layout of {type(holder).__name__}'s weights, so it "
+            "cannot adapt them"
+        )
         raise ConfigError(
             f"target_modules='all-linear' on {type(model).__name__} would leave its "
             f"Mixture-of-Experts weights frozen ({', '.join(frozen[:3])}"
             f"{', ...' if len(frozen) > 3 else ''}): they are not linear layers, and PEFT's "
             "all-linear adapts them only on the families it converts (Mixtral, Qwen3-MoE, OLMoE, "
-            f"...). Add target_parameters={leaves} to adapt them too, or name the linear layers "
-            "to adapt the attention only"
+            f"...). {fix}; or name the linear layers to adapt the attention only"
         )
 
 
@@ -248,6 +263,23 @@ def _in_layers(name: str, config: LoraConfig) -> bool:
     return idx is not None and idx in wanted
 
 
+# Mamba's fused kernels read these layers' weights directly, so an adapter on them would be
+# bypassed: PEFT refuses them on these model types, and so does lorakit
+_MAMBA_TYPES = ("falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h")
+_MAMBA_BYPASSED = ("out_proj", "conv1d")
+
+
+def _check_not_bypassed(model: nn.Module, name: str) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _MAMBA_TYPES and name.rsplit(".", 1)[-1] in _MAMBA_BYPASSED:
+        raise ConfigError(
+            f"target module '{name}': {_MAMBA_BYPASSED} of Mamba-based models "
+            f"(model_type '{model_type}') are read directly by Mamba's fused kernels, which "
+            "would bypass an adapter (PEFT refuses them too); leave them out of target_modules "
+            "(with 'all-linear': exclude_modules=['out_proj'])"
+        )
+
+
 def find_targets(model: nn.Module, config: LoraConfig, targets: TargetSpec) -> list[str]:
     """Names of the modules to wrap, or a ValueError that lists what the model does have."""
     if not targets:  # parameters only (target_parameters)
@@ -272,6 +304,7 @@ def find_targets(model: nn.Module, config: LoraConfig, targets: TargetSpec) -> l
             continue
         if not _in_layers(name, config):
             continue
+        _check_not_bypassed(model, name)
         if not _is_linear_like(module):
             raise ConfigError(
                 f"target module '{name}' is a {type(module).__name__}; lorakit adapts nn.Linear "
