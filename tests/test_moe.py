@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import peft
 import pytest
 import torch
-from conftest import make_tiny_moe
+from conftest import make_tiny_moe, save_tiny_chat_model, write_sum_rows
 from test_architectures import tiny
+from transformers import AutoModelForCausalLM
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.errors import ConfigError
@@ -284,4 +288,30 @@ def test_qlora_on_a_moe_base_quantizes_the_linear_layers_and_says_what_it_keeps(
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
     trained = peft_parameters(lora, "default")
+    assert all(trained[k].abs().sum() > 0 for k in trained if k.endswith("lora_B.weight"))
+
+
+@pytest.mark.default_model  # the tiny model borrows SmolLM2's tokenizer and chat template
+def test_cli_trains_a_moe_model_whose_adapter_peft_loads(tmp_path, smol_tokenizer):
+    """`lorakit train` in a fresh process, as a user types it, on a Mixture-of-Experts model:
+    the experts are adapted (and reported), and PEFT loads the adapter with lorakit's logits."""
+    model_dir = save_tiny_chat_model(tmp_path / "moe", smol_tokenizer,
+                                     make_tiny_moe(vocab_size=len(smol_tokenizer)))
+    write_sum_rows(tmp_path / "train.jsonl", 16)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", "--model", str(model_dir), "--data",
+         str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "out"), "--max-steps", "3",
+         "--batch-size", "4", "--lr", "1e-2", "--dtype", "float32"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "of which on Mixture-of-Experts weights" in res.stdout
+    assert "Mixture-of-Experts weights" in (tmp_path / "out" / "report.md").read_text()
+    adapter = tmp_path / "out" / "adapter"
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
+                                            adapter)
+    ours = LoraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    x = ids(rows=2, length=6)
+    torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=0, atol=1e-5)
+    trained = peft_parameters(ours, "default")
     assert all(trained[k].abs().sum() > 0 for k in trained if k.endswith("lora_B.weight"))

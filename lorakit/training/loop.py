@@ -582,6 +582,7 @@ class Trainer:
             self._adapters_seen = {
                 "adapters": {n: c.to_dict() for n, c in self.model.peft_config.items()},
                 "trainable_parameters": self.model.get_nb_trainable_parameters()[0],
+                "experts": self.model.expert_adapter_summary(),
             }
         return (
             {
@@ -595,6 +596,7 @@ class Trainer:
             }
             | self.objective.run_config(self.train_data, self.eval_data)
             | {"trainable_parameters": self._adapters_seen["trainable_parameters"]}
+            | ({"trainable_experts": e} if (e := self._adapters_seen.get("experts")) else {})
             | self.group.run_config(self.batch_size, self.args.gradient_accumulation_steps)
         )
 

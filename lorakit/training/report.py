@@ -93,6 +93,8 @@ def write_report(
         f"- trainable parameters: {run_config.get('trainable_parameters'):,}",
         f"- final train loss: {result.train_loss:.4f}",
     ]
+    if experts := run_config.get("trainable_experts"):
+        lines.insert(-1, f"  ({experts})")
     for k, v in (result.metrics or {}).items():
         lines.append(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}")
     for k, v in (extra or {}).items():
