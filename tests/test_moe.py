@@ -315,3 +315,14 @@ def test_cli_trains_a_moe_model_whose_adapter_peft_loads(tmp_path, smol_tokenize
     torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=0, atol=1e-5)
     trained = peft_parameters(ours, "default")
     assert all(trained[k].abs().sum() > 0 for k in trained if k.endswith("lora_B.weight"))
+
+
+def test_merged_export_folds_the_expert_adapters(tmp_path):
+    """export_merged (what `lorakit merge` writes): a plain checkpoint, experts merged in fp32."""
+    from lorakit.lora.export import export_merged
+
+    _, _, ours = pair("qwen3_moe-all-linear")
+    export_merged(ours, tmp_path / "merged", dtype="float32")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    x = ids()
+    torch.testing.assert_close(plain(x).logits, ours(x).logits, rtol=0, atol=1e-5)

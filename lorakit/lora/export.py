@@ -20,6 +20,7 @@ from lorakit.base.loading import resolve_dtype
 from lorakit.base.quantize import quantized_layers
 from lorakit.lora import backends
 from lorakit.lora.layer import LoraLayer, ModulesToSave
+from lorakit.lora.params import ParamLoraLayer
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -64,6 +65,14 @@ def _merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.
             put(prefix + "weight", w.t() if backends.is_fan_in_fan_out(base) else w)
             if getattr(base, "bias", None) is not None:
                 put(prefix + "bias", base.bias)
+            return
+        if isinstance(module, ParamLoraLayer):
+            pending = [] if module.disabled else module.running()
+            merged = module.merged_parameters(pending)
+            for n, t in compat.own_state(module.base_layer):
+                put(prefix + n, merged.get(n, t))
+            for n, child in module.base_layer.named_children():
+                visit(child, prefix + n + ".")
             return
         if isinstance(module, ModulesToSave):
             return visit(module.current, prefix)

@@ -205,19 +205,20 @@ class ParamLoraLayer(nn.Module):
     def set_mixed(self, mapping: AdapterMapping | None) -> None:
         object.__setattr__(self, "mixed", mapping)
 
-    def _running(self) -> list[str]:
+    def running(self) -> list[str]:
+        """The active adapters not merged into the weights: those the forward adds."""
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.disabled or (self.mixed is None and not self._running()):
+        if self.disabled or (self.mixed is None and not self.running()):
             return self.base_layer(*args, **kwargs)
         if is_routed_experts(self.base_layer) and set(self.shapes) <= set(ROUTED_PARAMETERS):
             # (hidden, top_k_index, top_k_weights), however the MoE block names them
             return routed_forward(self, *args, *kwargs.values())
         if self.mixed is not None:
             return self._mixed_substituted(*args, **kwargs)
-        return self._substituted(self._running(), args, kwargs)
+        return self._substituted(self.running(), args, kwargs)
 
     def _substituted(self, names: list[str], args: tuple, kwargs: dict) -> Any:
         """The module's own forward with W + Σ ΔW of adapters `names` in place of W."""
@@ -246,7 +247,7 @@ class ParamLoraLayer(nn.Module):
         """The adapters' update of expert parameter `param` for `x` (rows sorted by expert,
         `counts` per expert; in a mixed batch `slots` is each row's adapter slot), or None if
         no adapter applies."""
-        names = self.mixed.adapters if self.mixed is not None else self._running()
+        names = self.mixed.adapters if self.mixed is not None else self.running()
         total = None
         for i, name in enumerate(names):
             if name not in self.adapters or param not in self.adapters[name]:
@@ -264,7 +265,7 @@ class ParamLoraLayer(nn.Module):
         names = [n for n in names if n in self.adapters and n not in self.merged_adapters]
         if not names:
             return
-        new = {p: self._with(p, names, +1) for p in self.shapes}
+        new = self.merged_parameters(names)
         if safe_merge and not all(torch.isfinite(w).all() for w in new.values()):
             raise ValueError(
                 f"merging adapters {names} would write NaN/inf into the base weights; "
@@ -273,6 +274,12 @@ class ParamLoraLayer(nn.Module):
         for p, w in new.items():
             getattr(self.base_layer, p).copy_(w)
         self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def merged_parameters(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The adapted parameters in fp32 with adapters `names` added to them (merges and
+        exports both use it), without changing the layer."""
+        return {p: self._with(p, names, +1) for p in self.shapes}
 
     @torch.no_grad()
     def unmerge(self, names: list[str] | None = None) -> None:
@@ -286,13 +293,12 @@ class ParamLoraLayer(nn.Module):
 
     def _with(self, param: str, names: list[str], sign: int) -> torch.Tensor:
         """Parameter `param` with adapters `names` added (sign +1) or taken out (-1), in fp32."""
-        w = getattr(self.base_layer, param)
-        total = w.float()
+        total = getattr(self.base_layer, param).float()
         for n in names:
             if param in self.adapters[n]:
                 delta = self.adapters[n][param].delta().float()
                 total = total + sign * self.shapes[param].to_param(delta)
-        return total.to(w.dtype)
+        return total
 
     def extra_repr(self) -> str:
         return f"parameters={sorted(self.shapes)}, active={self.active_adapters}"
