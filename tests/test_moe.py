@@ -326,3 +326,18 @@ def test_merged_export_folds_the_expert_adapters(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     x = ids()
     torch.testing.assert_close(plain(x).logits, ours(x).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", [
+    dict(layers_to_transform=[1]), dict(exclude_modules=["model.layers.0.mlp.experts"]),
+])
+def test_layer_filters_apply_to_modules_only_as_in_peft(option):
+    """PEFT matches target_parameters by name alone; the files must hold the same tensors, so
+    lorakit does too, with a warning instead of PEFT's silence."""
+    config = dict(r=4, target_modules=["q_proj"], target_parameters=["down_proj"])
+    theirs = peft.get_peft_model(make_tiny_moe(),
+                                 peft.LoraConfig(**config, **copy.deepcopy(option)))
+    with pytest.warns(UserWarning, match="target_modules only"):
+        ours = get_lora_model(make_tiny_moe(), LoraConfig(**config, **option))
+    assert set(peft_parameters(ours, "default")) == set(
+        peft.get_peft_model_state_dict(theirs))

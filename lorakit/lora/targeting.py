@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from typing import Iterator
 
 from torch import nn
@@ -226,10 +227,17 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
     entry that matches nothing fails, listing the parameters the model does have."""
     if not config.target_parameters:
         return []
+    if config.layers_to_transform is not None or config.exclude_modules:
+        # PEFT matches target_parameters by name alone: an adapter file must hold the same
+        # tensors whichever library wrote it, so lorakit does too, and says so
+        warnings.warn(
+            "layers_to_transform and exclude_modules apply to target_modules only (as in PEFT); "
+            "target_parameters match by name alone: name the layers' parameters in full (e.g. "
+            "'model.layers.1.mlp.experts.down_proj') to adapt some layers' experts",
+            stacklevel=4,
+        )
     found: list[tuple[str, str]] = []
     for name, module in parameter_holders(model):
-        if _name_matches(config.exclude_modules, name) or not _in_layers(name, config):
-            continue
         for pname, _ in module.named_parameters(recurse=False):
             if _parameter_matches(f"{name}.{pname}", config.target_parameters):
                 found.append((name, pname))
