@@ -11,7 +11,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from every_architecture import MODEL_TYPES, Row, run  # noqa: E402
+from every_architecture import (  # noqa: E402
+    EXPERT_TYPES,
+    MODEL_TYPES,
+    ExpertRow,
+    Row,
+    explicit_status,
+    run,
+    run_explicit,
+)
 
 
 def short(text: str, width: int = 90) -> str:
@@ -73,8 +81,55 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def explicit_cell(row: ExpertRow) -> str:
+    state = explicit_status(row)
+    if state == "not run":
+        return "not run: " + short(row.not_run)
+    if state == "PEFT refuses":
+        return "PEFT refuses: " + short(row.peft_error)
+    if state == "crashes":
+        return "lorakit raises: " + short(row.crash.strip().splitlines()[-1])
+    if state == "differs":
+        return (
+            f"DIFFERS (max logit diff {row.logit_diff:.2g}, "
+            f"{len(row.grad_mismatch)} gradients differ)"
+        )
+    return f"same as PEFT (max logit diff {row.logit_diff:.1g})"
+
+
+def explicit_table(rows: list[ExpertRow]) -> str:
+    """Explicit target_parameters on the types with transformers-described experts."""
+    lines = [
+        "## Explicit target_parameters (transformers-described experts)",
+        "",
+        "target_modules = one attention projection (q_proj) where there is one, "
+        "target_parameters = the leaf names of the experts' 3-D weights; PEFT's random adapter "
+        "(init_lora_weights=False) copied into lorakit; logits and gradients compared.",
+        "",
+        "| model type | experts class | target_modules | target_parameters "
+        "| explicit target_parameters |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.model_type} | {row.experts_class} | {', '.join(row.target_modules)} "
+            f"| {', '.join(row.target_parameters)} | {explicit_cell(row)} |"
+        )
+    states = ("same as PEFT", "differs", "crashes", "PEFT refuses", "not run")
+    counts = {s: sum(explicit_status(r) == s for r in rows) for s in states}
+    lines.append("")
+    lines.append(
+        f"{len(rows)} types with described experts: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + "."
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     print(table([run(t) for t in sorted(MODEL_TYPES)]))
+    print()
+    print(explicit_table([run_explicit(t) for t in EXPERT_TYPES]))
 
 
 if __name__ == "__main__":

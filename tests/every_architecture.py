@@ -332,3 +332,184 @@ def run(model_type: str) -> Row:
 
         row.crash = "".join(traceback.format_exception(exc)[-3:])
     return row
+
+
+# --- explicit target_parameters on transformers-described experts -------------------------
+
+FLAGS = ("is_transposed", "has_gate", "has_bias", "is_concatenated", "has_post_expert_norm")
+# Types built on transformers 5.24 whose experts modules carry `is_transposed` (measured):
+# tests/test_every_architecture.py checks this list against the models as built.
+EXPERT_TYPES: list[str] = (
+    "afmoe aria_text axk1 axk2 bailing_hybrid beam cohere2_moe deepseek_v2 deepseek_v3 "
+    "deepseek_v32 deepseek_v4 dots1 dots3_note_text ernie4_5_moe exaone_moe flex_olmo glm4_moe "
+    "glm4_moe_lite glm_moe_dsa gpt_oss granitemoe granitemoe_swa granitemoehybrid "
+    "granitemoeshared hunyuan_v1_moe hy_v3 hy_v4 inkling2_loop_text inkling2_text inkling_text "
+    "jamba kimi_linear kolibri1 laguna lara_mini mellum mimo_v2_flash minimax minimax_m2 "
+    "minimax_m3_vl_text mixtral nemotron_h olmoe phimoe qwen2_moe qwen3_5_moe qwen3_5_moe_text "
+    "qwen3_moe qwen3_next sarvam_mla sarvam_moe solar_open zaya"
+).split()
+
+
+def described_experts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Modules (by name) whose fused 3-D expert weights transformers describes (`is_transposed`)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if hasattr(module, "is_transposed")
+        and any(p.ndim == 3 for p in module.parameters(recurse=False))
+    }
+
+
+def expert_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters): one attention projection ("q_proj") where the model
+    has one, and the leaf names of the described experts' 3-D parameters."""
+    leaves = {
+        pname
+        for module in described_experts(model).values()
+        for pname, p in module.named_parameters(recurse=False)
+        if p.ndim == 3
+    }
+    has_q = any(
+        name.rsplit(".", 1)[-1] == "q_proj" and isinstance(m, torch.nn.Linear)
+        for name, m in model.named_modules()
+    )
+    return (["q_proj"] if has_q else []), sorted(leaves)
+
+
+@dataclass
+class ExpertRow:
+    """One experts architecture with explicit target_parameters: PEFT's adapter in lorakit."""
+
+    model_type: str
+    experts_class: str = ""
+    flags: dict[str, object] = field(default_factory=dict)
+    expert_modules: list[str] = field(default_factory=list)  # described experts modules' names
+    target_modules: list[str] = field(default_factory=list)
+    target_parameters: list[str] = field(default_factory=list)
+    not_run: str = ""  # the base model itself cannot build or run a forward
+    peft_error: str = ""  # PEFT refuses the config (or cannot run its adapted model)
+    crash: str = ""  # lorakit raised: the traceback's last 6 lines
+    peft_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    lorakit_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    logit_diff: float = float("nan")  # max |lorakit - PEFT|
+    base_diff: float = float("nan")  # max |PEFT - base|: the adapter does something
+    grad_mismatch: list[str] = field(default_factory=list)  # keys whose gradients differ
+
+
+def peft_trainable(model: peft.PeftModel) -> dict[str, torch.nn.Parameter]:
+    """PEFT's saved key -> its live trainable parameter (as tests/test_moe.py's peft_keys)."""
+    return {
+        "base_model.model." + n.removeprefix("base_model.model.").replace(".default", ""): p
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def copy_adapter(
+    theirs: dict[str, torch.nn.Parameter], mine: dict[str, torch.nn.Parameter]
+) -> None:
+    """PEFT's adapter tensors into lorakit's parameters, key by key (the mutation point)."""
+    with torch.no_grad():
+        for key, p in theirs.items():
+            if key in mine and mine[key].shape == p.shape:
+                mine[key].copy_(p)
+
+
+def _tail(exc: BaseException, lines: int = 6) -> str:
+    import traceback
+
+    return "\n".join("".join(traceback.format_exception(exc)).strip().splitlines()[-lines:])
+
+
+def _loss_grads(model: torch.nn.Module, x: torch.Tensor, params: dict) -> dict:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=x, labels=x, use_cache=False).loss.backward()
+    return {k: None if p.grad is None else p.grad.detach().clone() for k, p in params.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def run_explicit(model_type: str) -> ExpertRow:
+    """PEFT (init_lora_weights=False, seed 1) and lorakit with the same explicit targets; PEFT's
+    adapter copied into lorakit; logits (and their distance from the base) and gradients."""
+    row = ExpertRow(model_type)
+    model = build(model_type)
+    if isinstance(model, str):
+        row.not_run = model
+        return row
+    experts = described_experts(model)
+    row.expert_modules = list(experts)
+    if experts:
+        module = next(iter(experts.values()))
+        row.experts_class = type(module).__name__
+        row.flags = {f: getattr(module, f, None) for f in FLAGS}
+    row.target_modules, row.target_parameters = expert_targets(model)
+    vocab = model.get_input_embeddings().num_embeddings
+    x = torch.randint(0, min(vocab, 128), (2, 9), generator=torch.Generator().manual_seed(0))
+    try:
+        with _quiet(), torch.no_grad():
+            base_logits = model.eval()(input_ids=x, use_cache=False).logits
+    except Exception as exc:  # noqa: BLE001 - the base model itself does not run: a row
+        row.not_run = first_line(exc)
+        return row
+    kwargs = dict(r=RANK, lora_alpha=2 * RANK, target_modules=row.target_modules)
+    try:
+        with _quiet():
+            torch.manual_seed(1)
+            theirs = peft.get_peft_model(
+                copy.deepcopy(model),
+                peft.LoraConfig(
+                    init_lora_weights=False,
+                    target_parameters=list(row.target_parameters),
+                    **copy.deepcopy(kwargs),
+                ),
+            ).eval()
+            theirs_params = peft_trainable(theirs)
+            with torch.no_grad():
+                theirs_logits = theirs(input_ids=x, use_cache=False).logits
+            theirs_grads = _loss_grads(theirs, x, theirs_params)
+    except Exception as exc:  # noqa: BLE001 - PEFT's refusal is recorded, not ours
+        row.peft_error = first_line(exc)
+        return row
+    row.peft_shapes = _shapes(theirs_params)
+    row.base_diff = (theirs_logits - base_logits).abs().max().item()
+    try:
+        with _quiet():
+            ours = get_lora_model(
+                copy.deepcopy(model),
+                LoraConfig(target_parameters=list(row.target_parameters), **kwargs),
+            ).eval()
+            mine = peft_parameters(ours, "default")
+            row.lorakit_shapes = _shapes(mine)
+            copy_adapter(theirs_params, mine)
+            with torch.no_grad():
+                ours_logits = ours(input_ids=x, use_cache=False).logits
+            ours_grads = _loss_grads(ours, x, mine)
+    except Exception as exc:  # noqa: BLE001 - anything lorakit raises here is a failure
+        row.crash = _tail(exc)
+        return row
+    row.logit_diff = (ours_logits - theirs_logits).abs().max().item()
+    for key, g in theirs_grads.items():
+        o = ours_grads.get(key)
+        if g is None or o is None or o.shape != g.shape:
+            if not (g is None and o is None):
+                row.grad_mismatch.append(key)
+        elif not torch.allclose(o, g, rtol=1e-3, atol=1e-5):
+            row.grad_mismatch.append(key)
+    return row
+
+
+def explicit_status(row: ExpertRow) -> str:
+    """`not run` / `PEFT refuses` / `same as PEFT` / `differs` / `crashes`."""
+    if row.not_run:
+        return "not run"
+    if row.peft_error:
+        return "PEFT refuses"
+    if row.crash:
+        return "crashes"
+    same = (
+        row.lorakit_shapes == row.peft_shapes
+        and row.logit_diff <= 1e-4
+        and row.base_diff > 1e-4
+        and not row.grad_mismatch
+    )
+    return "same as PEFT" if same else "differs"
