@@ -362,10 +362,12 @@ def described_experts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 def expert_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """(target_modules, target_parameters): one attention projection ("q_proj") where the model
-    has one, and the leaf names of the described experts' 3-D parameters."""
+    has one, and the described experts' 3-D parameters named "<experts module>.<parameter>"
+    ("experts.down_proj": a bare "down_proj" would also name InklingSharedExperts' weights,
+    whose layout transformers does not describe and lorakit refuses)."""
     leaves = {
-        pname
-        for module in described_experts(model).values()
+        f"{name.rsplit('.', 1)[-1]}.{pname}"
+        for name, module in described_experts(model).items()
         for pname, p in module.named_parameters(recurse=False)
         if p.ndim == 3
     }

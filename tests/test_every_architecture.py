@@ -74,22 +74,7 @@ def test_expert_types_are_those_built_with_described_experts() -> None:
     assert found == EXPERT_TYPES
 
 
-# Known lorakit failures (strict: the test fails once one is fixed, so the entry goes).
-EXPERT_XFAIL = {
-    "inkling_text": "target_parameters 'down_proj' also names InklingSharedExperts' 3-D weight "
-    "(no is_transposed): PEFT adapts it, lorakit raises ConfigError",
-}
-
-
-@pytest.mark.parametrize(
-    "model_type",
-    [
-        pytest.param(t, marks=pytest.mark.xfail(reason=EXPERT_XFAIL[t], strict=True))
-        if t in EXPERT_XFAIL
-        else t
-        for t in EXPERT_TYPES
-    ],
-)
+@pytest.mark.parametrize("model_type", EXPERT_TYPES)
 def test_explicit_expert_targets_equal_peft(model_type: str) -> None:
     row = run_explicit(model_type)
     if row.not_run:

@@ -57,7 +57,9 @@ class ParamShape:
                 raise ConfigError(
                     f"target_parameters: '{full_name}' is a 3-D parameter of "
                     f"{type(module).__name__}, whose layout lorakit does not know (transformers "
-                    "marks fused experts with is_transposed; this module does not)"
+                    "marks the fused experts it describes with is_transposed; this module does "
+                    "not). Name the parameters to adapt more fully (e.g. "
+                    "'mlp.experts.down_proj') to leave it out"
                 )
             e, d1, d2 = p.shape
             return cls(e, d1, d2, True, 3) if transposed else cls(e, d2, d1, False, 3)
