@@ -196,6 +196,11 @@ def _shrink(config: PretrainedConfig) -> dict:
             out[key] = [value] * N_LAYERS
     if isinstance(_get(config, "first_k_dense_replace"), int) and config.first_k_dense_replace:
         out["first_k_dense_replace"] = 1
+    if isinstance(_get(config, "kv_lora_rank"), int) and "num_attention_heads" in out:
+        # latent attention (DeepSeek-V2/V3 and kin): a key/value head per query head, and the
+        # rotary embedding sized by head_dim = the rotary part of a head
+        out["num_key_value_heads"] = out["num_attention_heads"]
+        out["head_dim"] = SIZES["qk_rope_head_dim"]
     if _get(config, "is_decoder") is False:
         out["is_decoder"] = True
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
