@@ -15,7 +15,8 @@ Variants, each in a fresh process (so each has its own peak RSS), run round-robi
   expert's weight before the model's own expert forward (all experts, every step);
 - lorakit-attention: target_modules=[q_proj, k_proj, v_proj, o_proj] (what adapting the
   attention alone costs).
-r=16, alpha=32, AdamW lr 1e-4. Each process: 2 warm-up steps, then `--steps` timed steps of
+r=16, alpha=32, AdamW lr 1e-4; `--dtype bfloat16`: a bf16 model under bf16 autocast (as lorakit's
+trainer and TRL's bf16=True run it). Each process: 2 warm-up steps, then `--steps` timed steps of
 forward + backward + optimizer step; it reports the median seconds per step and its peak RSS.
 Prints one row per variant (median over rounds) and the ratios.
 """
@@ -72,7 +73,9 @@ def run_variant(variant: str, dtype: str, steps: int) -> dict:
     times = []
     for i in range(2 + steps):
         start = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
+        # bf16: under autocast, as lorakit's trainer and TRL's bf16=True run it
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -263,7 +263,7 @@ class ParamLoraLayer(nn.Module):
     # -- merge --------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = [n for n in (self.active_adapters if names is None else names)]
+        names = self.active_adapters if names is None else names
         names = [n for n in names if n in self.adapters and n not in self.merged_adapters]
         if not names:
             return
@@ -332,8 +332,13 @@ def expert_update(adapter: ParamAdapter, x: torch.Tensor, counts: list[int]) -> 
     """scaling · B_e A_e x for each row x of expert e (rows sorted by expert): two small
     products per expert that has rows, none for the others."""
     a, b = adapter.factors()
+    # unbind, not a[e]: the backward of one index per expert would build a zero tensor the size
+    # of all the experts' factors for each expert
+    rows = x.to(a.dtype).split(counts)
     parts = [
-        (xs @ a[e].t()) @ b[e].t() for e, xs in enumerate(x.to(a.dtype).split(counts)) if counts[e]
+        (xs @ a_e.t()) @ b_e.t()
+        for xs, a_e, b_e, n in zip(rows, a.unbind(0), b.unbind(0), counts)
+        if n
     ]
     out = torch.cat(parts) if parts else x.new_zeros(0, b.shape[1], dtype=a.dtype)
     return out * adapter.scaling
