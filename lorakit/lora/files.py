@@ -27,6 +27,7 @@ from lorakit.lora.config import LoraConfig
 from lorakit.lora.layer import lora_layers, saved_modules
 from lorakit.lora.params import ParamLoraLayer, param_layers
 from lorakit.lora.pissa import to_lora_tensors
+from lorakit.lora.targeting import without_unmatched
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -306,7 +307,7 @@ def install_adapter(
 ) -> None:
     """Add an adapter from its config and tensors already read from `path`; on a mismatch with
     the base the model is left as it was."""
-    lora_model.add_adapter(adapter_name, config)
+    lora_model.add_adapter(adapter_name, without_unmatched(lora_model.model, config))
     try:
         _copy_weights(lora_model, adapter_name, weights, path)
     except Exception:

@@ -333,15 +333,18 @@ def expert_update(adapter: ParamAdapter, x: torch.Tensor, counts: list[int]) -> 
     products per expert that has rows, none for the others."""
     a, b = adapter.factors()
     # unbind, not a[e]: the backward of one index per expert would build a zero tensor the size
-    # of all the experts' factors for each expert
-    rows = x.to(a.dtype).split(counts)
-    parts = [
-        (xs @ a_e.t()) @ b_e.t()
-        for xs, a_e, b_e, n in zip(rows, a.unbind(0), b.unbind(0), counts)
-        if n
-    ]
-    out = torch.cat(parts) if parts else x.new_zeros(0, b.shape[1], dtype=a.dtype)
-    return out * adapter.scaling
+    # of all the experts' factors for each expert. In the adapters' dtype, autocast or not: these
+    # products are small (an expert's tokens × r), where CPUs' bf16 GEMMs are slow (bf16 autocast
+    # made the whole step 3.3× slower on an AVX512-BF16 CPU, bench/RESULTS.md).
+    with torch.autocast(x.device.type, enabled=False):
+        rows = x.to(a.dtype).split(counts)
+        parts = [
+            (xs @ a_e.t()) @ b_e.t()
+            for xs, a_e, b_e, n in zip(rows, a.unbind(0), b.unbind(0), counts)
+            if n
+        ]
+        out = torch.cat(parts) if parts else x.new_zeros(0, b.shape[1], dtype=a.dtype)
+        return out * adapter.scaling
 
 
 def routed_forward(

@@ -162,10 +162,44 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
     )
     old_names = _MOE_V4_NAMES.get(family)
     if old_names is not None and isinstance(config.target_modules, list):
+        asked = set(config.target_parameters or [])
         extra = list(old_names) if all_linear else []
         _convert_moe_targets(config, config.target_modules + extra, old_names)
+        if all_linear:  # what all-linear added is what the model has (HunYuan has no gate.weight)
+            keys = parameter_keys(model)
+            config.target_parameters = [
+                t
+                for t in config.target_parameters or []
+                if t in asked or _parameter_matches_any(t, keys)
+            ] or None
     if all_linear:
         _check_experts_covered(model, config)
+    return config
+
+
+def parameter_keys(model: nn.Module) -> list[str]:
+    """ "<module>.<parameter>" of every parameter, as target_parameters are matched against."""
+    return [
+        f"{name}.{pname}"
+        for name, module in parameter_holders(model)
+        for pname, _ in module.named_parameters(recurse=False)
+    ]
+
+
+def without_unmatched(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """`config` without the target_modules / target_parameters list entries that match nothing
+    in `model`: a saved adapter's config may list them (PEFT checks that something matched, not
+    each entry), and its tensors say what it adapts."""
+    config = copy.deepcopy(config)
+    if isinstance(config.target_modules, list):
+        names = [n for n, _ in candidate_modules(model) if n]
+        config.target_modules = [
+            t for t in config.target_modules if any(name_matches(n, [t]) for n in names)
+        ]
+    if config.target_parameters:
+        keys = parameter_keys(model)
+        kept = [t for t in config.target_parameters if _parameter_matches_any(t, keys)]
+        config.target_parameters = kept or None
     return config
 
 
