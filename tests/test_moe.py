@@ -240,7 +240,7 @@ def test_refuses_what_peft_refuses(option, reason):
 def test_an_entry_that_matches_nothing_is_named(field, entry):
     config = dict(target_modules=["q_proj"], target_parameters=["down_proj"])
     config[field] = [*config[field], entry]
-    with pytest.raises(ConfigError, match=f"'{entry}'.*match no"):
+    with pytest.raises(ConfigError, match=f"'{entry}'.*matches no"):
         get_lora_model(make_tiny_moe(), LoraConfig(r=4, **config))
 
 

@@ -282,7 +282,7 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
             {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in expert_weights(model)}
         )
         raise ConfigError(
-            f"target_parameters {missing} match no parameter of {type(model).__name__}"
+            f"target_parameters={missing!r} matches no parameter of {type(model).__name__}"
             + (
                 f"; its expert weights and routers are: {have}"
                 if have
@@ -333,7 +333,7 @@ def find_targets(model: nn.Module, config: LoraConfig, targets: TargetSpec) -> l
         if missing := [t for t in targets if not any(name_matches(n, [t]) for n in names)]:
             available = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
             raise ConfigError(
-                f"target_modules entries {missing} match no module of {type(model).__name__}; "
+                f"target_modules={missing!r} matches no module of {type(model).__name__}; "
                 f"its linear layers are named: {available}"
             )
     for name, module in candidate_modules(model):
