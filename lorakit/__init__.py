@@ -2,7 +2,8 @@
 
 PEFT's names are aliases of lorakit's (the same objects, not copies), so a PEFT script runs with
 its `from peft import ...` changed to `from lorakit import ...`; `SFTTrainer` also takes TRL's
-call (`args=SFTConfig(...)`, `train_dataset`, `processing_class`, `peft_config`).
+call (`args=SFTConfig(...)`, `train_dataset`, `processing_class`, `peft_config`), and
+`DPOTrainer` TRL's DPO call (`args=DPOConfig(...)`).
 """
 
 from lorakit.base import load_model, prepare_for_kbit_training
@@ -10,6 +11,8 @@ from lorakit.base.quantize import prepare_model_for_kbit_training
 from lorakit.lora import LoraLayer, LoraModel, get_lora_model
 from lorakit.lora.config import LoraConfig, TaskType
 from lorakit.training import (
+    DPOConfig,
+    DPOTrainer,
     SFTConfig,
     SFTTrainer,
     TrainConfig,
@@ -25,6 +28,8 @@ get_peft_model = get_lora_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPOConfig",
+    "DPOTrainer",
     "LoraConfig",
     "LoraLayer",
     "LoraModel",

@@ -51,6 +51,17 @@ def load_records(source: Source, format: str | None = None) -> list[dict]:
     return read_records(source, format)[0]
 
 
+def read_rows(source: Source) -> tuple[list[dict], Origin]:
+    """Rows as dicts and their origin (to name a row in later errors), in no format yet."""
+    records, origin = _read(source)
+    if not records:
+        raise DataError(f"{origin.name}: empty, no records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise DataError(f"{origin(i)}: a {type(r).__name__}, not a record of named fields")
+    return records, origin
+
+
 def read_records(source: Source, format: str | None = None) -> tuple[list[dict], Origin, str]:
     """Rows, their origin (to name a row in later errors) and the format they were checked for."""
     if format is not None and format not in FORMATS:

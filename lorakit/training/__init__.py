@@ -1,4 +1,4 @@
-"""Training: config, the loop and its objectives (SFT), loss, checkpoints, several processes.
+"""Training: config, the loop and its objectives (SFT, DPO), loss, checkpoints, several processes.
 
 Owns: turning a LoRA model and data into trained adapters. May import every layer below it
 (compat, atomic, errors, log, base, lora, data, inference); imported by serving, recipes, demo
@@ -6,7 +6,8 @@ and cli.
 """
 
 from lorakit.training.checkpoint import TrainState, latest_checkpoint, list_checkpoints
-from lorakit.training.config import SFTConfig, TrainConfig
+from lorakit.training.config import DPOConfig, SFTConfig, TrainConfig
+from lorakit.training.dpo import DPOObjective, DPOTrainer
 from lorakit.training.evaluate import evaluate
 from lorakit.training.launch import Launch, resolve_launch
 from lorakit.training.loop import Trainer, TrainingDivergedError, TrainResult
@@ -16,6 +17,9 @@ from lorakit.training.sft import SFTObjective
 from lorakit.training.trainer import SFTTrainer
 
 __all__ = [
+    "DPOConfig",
+    "DPOObjective",
+    "DPOTrainer",
     "Launch",
     "Objective",
     "SFTConfig",

@@ -192,21 +192,13 @@ def _refuse_unknown_options(cls):
     return cls
 
 
-@_refuse_unknown_options
 @dataclass
-class SFTConfig(TrainConfig):
-    """TRL's `SFTConfig` for scripts written against TRL: TrainConfig's fields (the names are
-    TRL's already) with TRL's defaults where they differ (learning_rate 2e-5, a linear schedule,
-    3 epochs, gradient checkpointing on, every checkpoint kept), plus TRL fields with a lorakit
-    meaning. Any other option fails by name (UnsupportedOptionError, a TypeError and a
-    ConfigError); GPU and tracker options (tf32, dataloader_pin_memory, use_liger_kernel,
-    run_name, report_to) are accepted and reported once as unused.
+class TRLConfig(TrainConfig):
+    """What TRL's trainer configs share, with TRL's defaults where they differ from lorakit's
+    (a linear schedule, 3 epochs, gradient checkpointing on, every checkpoint kept): the fields
+    below with a lorakit meaning. GPU and tracker options (tf32, dataloader_pin_memory,
+    use_liger_kernel, run_name, report_to) are accepted and reported once as unused.
 
-    dataset_text_field: the column holding plain text rows (TRL's default "text").
-    completion_only_loss: None or True: prompt/completion rows train on the completion, as in
-        lorakit; False (loss on the prompt too) is not supported.
-    assistant_only_loss: lorakit trains chat rows on their assistant turns whatever this says;
-        False (TRL's default: every token) is reported once as a difference.
     eval_strategy: "no" (evaluate at the end, if there is eval data) or "steps" (every
         `eval_steps`, default `logging_steps`); "epoch" is not supported.
     save_strategy: "steps" (every `save_steps`) or "no" (lorakit still writes the last step's
@@ -219,14 +211,10 @@ class SFTConfig(TrainConfig):
         "torch_dtype") defaults to float32, as in TRL ("auto": bf16 where the device is fast).
     """
 
-    learning_rate: float = 2e-5
     lr_scheduler_type: str = "linear"
     num_train_epochs: float = 3.0
     gradient_checkpointing: bool = True
     save_total_limit: int | None = None
-    dataset_text_field: str = "text"
-    completion_only_loss: bool | None = None
-    assistant_only_loss: bool = False
     eval_strategy: str = "no"
     save_strategy: str = "steps"
     optim: str = "adamw_torch_fused"
@@ -240,23 +228,19 @@ class SFTConfig(TrainConfig):
     report_to: str | list[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.completion_only_loss is False:
-            raise ConfigError(
-                "SFTConfig.completion_only_loss=False is not supported: lorakit "
-                "trains prompt/completion rows on the completion"
-            )
-        for name, allowed in (
+        name = type(self).__name__
+        for field_name, allowed in (
             ("eval_strategy", ("no", "steps")),
             ("save_strategy", ("steps", "no")),
         ):
-            if getattr(self, name) not in allowed:
+            if getattr(self, field_name) not in allowed:
                 raise ConfigError(
-                    f"SFTConfig.{name}={getattr(self, name)!r} is not supported: use "
+                    f"{name}.{field_name}={getattr(self, field_name)!r} is not supported: use "
                     + " or ".join(repr(a) for a in allowed)
                 )
         if self.optim not in ADAMW_NAMES:
             raise ConfigError(
-                f"SFTConfig.optim={self.optim!r} is not supported: lorakit trains with AdamW "
+                f"{name}.optim={self.optim!r} is not supported: lorakit trains with AdamW "
                 f"(fp32 states); use one of {ADAMW_NAMES}"
             )
         if self.eval_strategy == "steps" and self.eval_steps is None:
@@ -271,11 +255,89 @@ class SFTConfig(TrainConfig):
         unused = [f"{k} ({why})" for k, why in _UNUSED.items() if self._set(k)]
         if self.optim.startswith("paged_"):
             unused.append(f"optim={self.optim!r} (paging is for GPU memory; AdamW runs)")
-        message = f"SFTConfig: accepted and not used by lorakit: {'; '.join(unused)}"
+        message = f"{name}: accepted and not used by lorakit: {'; '.join(unused)}"
         if unused and message not in _REPORTED:  # once per process, however many configs
             _REPORTED.add(message)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=5)
 
     def _set(self, name: str) -> bool:
         value = getattr(self, name)
         return value not in (None, "none", [], (), ["none"])
+
+
+@_refuse_unknown_options
+@dataclass
+class SFTConfig(TRLConfig):
+    """TRL's `SFTConfig` for scripts written against TRL: TRLConfig's fields (learning_rate
+    2e-5, as TRL) plus SFT's with a lorakit meaning. Any other option fails by name
+    (UnsupportedOptionError, a TypeError and a ConfigError).
+
+    dataset_text_field: the column holding plain text rows (TRL's default "text").
+    completion_only_loss: None or True: prompt/completion rows train on the completion, as in
+        lorakit; False (loss on the prompt too) is not supported.
+    assistant_only_loss: lorakit trains chat rows on their assistant turns whatever this says;
+        False (TRL's default: every token) is reported once as a difference.
+    """
+
+    learning_rate: float = 2e-5
+    dataset_text_field: str = "text"
+    completion_only_loss: bool | None = None
+    assistant_only_loss: bool = False
+
+    def __post_init__(self) -> None:
+        if self.completion_only_loss is False:
+            raise ConfigError(
+                "SFTConfig.completion_only_loss=False is not supported: lorakit "
+                "trains prompt/completion rows on the completion"
+            )
+        super().__post_init__()
+
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")  # lorakit.training.dpo computes them
+
+
+@_refuse_unknown_options
+@dataclass
+class DPOConfig(TRLConfig):
+    """TRL's `DPOConfig` (TRL 1.16's fields and defaults: learning_rate 1e-6, beta 0.1, the
+    sigmoid loss, max_length 1024 over prompt + answer, dropout off). Any other option fails by
+    name.
+
+    beta: how far the policy may move from the reference (the rewards are β·log-ratios).
+    loss_type: one of, or a list of, "sigmoid", "hinge", "ipo", "robust".
+    loss_weights: one weight per loss_type (default 1 each); the loss is Σ weight · loss.
+    label_smoothing: ε of the robust loss (the probability that a pair's labels are flipped).
+    truncation_mode: "keep_start" (an answer is cut at max_length; a row whose prompt fills it
+        is dropped). disable_dropout: every dropout of the model off, as TRL does.
+    """
+
+    learning_rate: float = 1e-6
+    beta: float = 0.1
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None
+    label_smoothing: float = 0.0
+    truncation_mode: str = "keep_start"
+    disable_dropout: bool = True
+
+    def __post_init__(self) -> None:
+        kinds = self.loss_type
+        self.loss_type = [kinds] if isinstance(kinds, str) else list(kinds)
+        if not self.loss_type or any(k not in DPO_LOSS_TYPES for k in self.loss_type):
+            raise ConfigError(
+                f"DPOConfig.loss_type={kinds!r}: lorakit has {', '.join(DPO_LOSS_TYPES)}"
+            )
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ConfigError(
+                f"DPOConfig.loss_weights has {len(self.loss_weights)} weights for "
+                f"{len(self.loss_type)} loss types: give one per loss_type"
+            )
+        if not self.beta > 0:
+            raise ConfigError(f"DPOConfig.beta={self.beta!r}: must be > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"DPOConfig.label_smoothing={self.label_smoothing!r}: use [0, 0.5)")
+        if self.truncation_mode != "keep_start":
+            raise ConfigError(
+                f"DPOConfig.truncation_mode={self.truncation_mode!r}: lorakit cuts answers at "
+                "max_length ('keep_start'; TRL deprecates 'keep_end')"
+            )
+        super().__post_init__()

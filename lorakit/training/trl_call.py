@@ -13,15 +13,15 @@ from typing import Any
 from lorakit.base import load_model
 from lorakit.errors import ConfigError
 from lorakit.lora import LoraModel, get_lora_model
-from lorakit.training.config import SFTConfig, TrainConfig, set_seed
+from lorakit.training.config import SFTConfig, TrainConfig, TRLConfig, set_seed
 
 
 def _load_kwargs(args: TrainConfig) -> dict[str, Any]:
-    """load_model's arguments for a model id / path. SFTConfig: as TRL loads it, fp32 unless
+    """load_model's arguments for a model id / path. TRL's configs: as TRL loads it, fp32 unless
     `model_init_kwargs` names a dtype ("auto" as lorakit's loader reads it: bf16 where fast);
     its other keys go to `from_pretrained`. TrainConfig: lorakit's "auto" dtype."""
     kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
-    default = "float32" if isinstance(args, SFTConfig) else "auto"
+    default = "float32" if isinstance(args, TRLConfig) else "auto"
     kwargs["dtype"] = kwargs.pop("dtype", kwargs.pop("torch_dtype", default))
     if args.device != "auto":
         kwargs["device"] = args.device

@@ -1,0 +1,139 @@
+"""Preference rows (a better and a worse answer to one prompt) as token ids, as TRL reads them.
+
+Rows: `prompt` / `chosen` / `rejected` as text or as chat messages; without `prompt`, the prompt
+is what chosen and rejected share at their start (TRL's implicit prompt). Chat rows are rendered
+by the tokenizer's chat template: the prompt with the generation prompt, then prompt + answer,
+and the answer starts where the two token sequences diverge (TRL's rule). Text answers get the
+EOS token appended, as TRL does. A row whose prompt alone fills `max_length` is dropped (nothing
+of its answers would be scored); longer sequences are cut at `max_length` when batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lorakit.data.errors import DataError
+from lorakit.data.sources import Source, read_rows
+
+KEYS = ("chosen", "rejected")
+
+
+@dataclass
+class PreferenceData:
+    """Token ids of each pair: prompt_ids, chosen_ids, rejected_ids (lists of ints)."""
+
+    examples: list[dict[str, list[int]]]
+    rows: int  # rows read
+    dropped: int  # rows whose prompt alone fills max_length
+    format: str  # "chat" or "text"
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [
+            len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+            for e in self.examples
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        return {"rows": self.rows, "pairs": len(self), "dropped": self.dropped}
+
+
+def prepare_preferences(source: Source, tokenizer: Any, max_length: int) -> PreferenceData:
+    """Read and tokenize preference rows; a bad row fails naming it (DataError)."""
+    records, origin = read_rows(source)
+    chat = isinstance(records[0].get("chosen"), list)
+    examples, dropped = [], 0
+    for i, record in enumerate(records):
+        try:
+            row = _checked(record, chat)
+        except DataError as e:
+            raise DataError(f"{origin(i)}: {e}") from None
+        example = _tokenized(row, tokenizer, chat)
+        if len(example["prompt_ids"]) >= max_length:
+            dropped += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise DataError(
+            f"{origin.name}: no usable pairs: every prompt fills max_length={max_length}"
+        )
+    return PreferenceData(examples, len(records), dropped, "chat" if chat else "text")
+
+
+def _checked(record: dict, chat: bool) -> dict:
+    """The row with its prompt made explicit, or a DataError saying what is wrong with it."""
+    missing = [k for k in KEYS if k not in record]
+    if missing:
+        raise DataError(
+            f"no {' and '.join(repr(k) for k in missing)}: preference rows need 'chosen' and "
+            f"'rejected' (and 'prompt', unless both answers start with it); have {sorted(record)}"
+        )
+    kind = list if chat else str
+    for key in ("prompt", *KEYS):
+        if key in record and not isinstance(record[key], kind):
+            raise DataError(
+                f"'{key}' is a {type(record[key]).__name__}; this file's rows are "
+                f"{'chat messages (lists)' if chat else 'text'}, like its first row"
+            )
+    row = dict(record) if "prompt" in record else _split_implicit_prompt(record)
+    if row["chosen"] == row["rejected"]:
+        raise DataError("'chosen' equals 'rejected': a pair must prefer one answer to another")
+    if not row["chosen"] or not row["rejected"]:
+        raise DataError("an empty answer: 'chosen' and 'rejected' need content")
+    return row
+
+
+def _split_implicit_prompt(record: dict) -> dict:
+    """TRL's implicit prompt: the longest shared start of chosen and rejected (whole messages,
+    or characters, leaving a space before the answers with the answers)."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    idx = 0
+    while idx < min(len(chosen), len(rejected)) and chosen[idx] == rejected[idx]:
+        idx += 1
+    if isinstance(chosen, str) and idx > 0 and chosen[idx - 1] == " ":
+        idx -= 1
+    if idx == 0:
+        raise DataError(
+            "no 'prompt', and 'chosen' and 'rejected' share no start to take as the prompt: "
+            "give the prompt as its own field"
+        )
+    return {**record, "prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
+
+
+def _tokenized(row: dict, tokenizer: Any, chat: bool) -> dict[str, list[int]]:
+    if chat:
+        kw = {"tools": row.get("tools")} if row.get("tools") else {}
+        prompt = _chat_ids(tokenizer, row["prompt"], add_generation_prompt=True, **kw)
+        both = [_chat_ids(tokenizer, row["prompt"] + row[k], **kw) for k in KEYS]
+    else:
+        eos = tokenizer.eos_token or ""
+        prompt = tokenizer(text=row["prompt"])["input_ids"]
+        answers = [row[k] if row[k].endswith(eos) else row[k] + eos for k in KEYS]
+        both = [tokenizer(text=row["prompt"] + a)["input_ids"] for a in answers]
+    # the answers start where prompt and prompt + answer diverge (a template may render the
+    # prompt alone differently, or tokens merge across the boundary)
+    start = min(_common_prefix(prompt, ids) for ids in both)
+    return {
+        "prompt_ids": prompt[:start],
+        "chosen_ids": both[0][start:],
+        "rejected_ids": both[1][start:],
+    }
+
+
+def _chat_ids(tokenizer: Any, messages: list, **kwargs: Any) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    return list(out["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

@@ -1,0 +1,146 @@
+"""DPO on adapters against TRL's DPOTrainer + PEFT, on a tiny model with SmolLM2's tokenizer.
+
+Both trainers take the same call (model, DPOConfig, chat preference rows, processing_class,
+peft_config); TRL's adapter (non-zero A and B, so the policy is not the reference) is copied
+into lorakit's. On one batch of all rows, the loss, TRL's metrics and every adapter gradient
+equal TRL's in fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import trl
+from conftest import tiny_chat_model
+from datasets import Dataset
+
+import lorakit
+from lorakit.data import DataError
+from lorakit.data.preference import prepare_preferences
+from lorakit.lora.files import peft_parameters
+
+pytestmark = pytest.mark.default_model  # SmolLM2's tokenizer and chat template
+
+ROWS = [
+    {
+        "prompt": [{"role": "user", "content": f"{a} plus {b}?"}],
+        "chosen": [{"role": "assistant", "content": str(a + b)}],
+        "rejected": [{"role": "assistant", "content": str(a + b + 1 + a % 3) + " maybe"}],
+    }
+    for a, b in [(1, 2), (3, 4), (5, 0), (2, 2), (4, 1), (0, 3)]
+]
+METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected"]
+
+
+def trl_step(tokenizer, loss_type, tmp_path):
+    """TRL's trainer, its first batch (all rows), loss, metrics and adapter gradients."""
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(ROWS), use_cpu=True,
+        bf16=False, gradient_checkpointing=False, report_to="none", loss_type=loss_type,
+        label_smoothing=0.2 if "robust" in loss_type else 0.0, max_length=64,
+    )
+    torch.manual_seed(0)
+    trainer = trl.DPOTrainer(
+        model=tiny_chat_model(tokenizer), args=args, train_dataset=Dataset.from_list(ROWS),
+        processing_class=tokenizer,
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                    init_lora_weights=False),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    grads = {
+        "base_model.model." + n.removeprefix("base_model.model.").replace(".default", ""):
+        p.grad for n, p in trainer.model.named_parameters() if p.requires_grad
+    }
+    return trainer, float(loss), metrics, grads
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust",
+                                       ["sigmoid", "hinge"]])
+def test_first_step_equals_trl(smol_tokenizer, tmp_path, loss_type):
+    theirs, loss, metrics, grads = trl_step(smol_tokenizer, loss_type, tmp_path)
+    ours = lorakit.DPOTrainer(
+        model=tiny_chat_model(smol_tokenizer),
+        args=lorakit.DPOConfig(output_dir=str(tmp_path / "ours"), use_cpu=True,
+                               gradient_checkpointing=False, loss_type=loss_type,
+                               label_smoothing=0.2 if "robust" in loss_type else 0.0,
+                               max_length=64),
+        train_dataset=Dataset.from_list(ROWS), processing_class=smol_tokenizer,
+        peft_config=lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    mine = peft_parameters(ours.model, "default")
+    assert set(mine) == set(grads)
+    with torch.no_grad():
+        for key, p in peft.get_peft_model_state_dict(theirs.model).items():
+            mine[key].copy_(p)
+    objective = ours.objective
+    batch = objective.collate(list(ours.train_data.examples))
+    ours.model.train()
+    terms = objective.loss(ours.model, batch, training=True)
+    pairs = objective.count(batch)[0]
+    (terms.loss / pairs).backward()
+    assert pairs == len(ROWS)
+    assert float(terms.loss) / pairs == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    for name in METRICS:
+        assert terms.sums[name] / pairs == pytest.approx(metrics[name], rel=1e-4, abs=1e-5), name
+    assert abs(metrics["rewards/margins"]) > 1e-3  # the policy is not the reference
+    for key, g in grads.items():  # to fp32 rounding of the tensor's scale (sums differ in order)
+        assert (mine[key].grad - g).abs().max() <= 1e-4 * g.abs().max() + 1e-8, key
+
+
+def test_tokenized_pairs_equal_trls(smol_tokenizer, tmp_path):
+    theirs, *_ = trl_step(smol_tokenizer, "sigmoid", tmp_path)
+    ours = prepare_preferences(ROWS, smol_tokenizer, max_length=64)
+    for mine, row in zip(ours.examples, theirs.train_dataset):
+        assert mine == {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+
+
+def text_rows(implicit: bool):
+    rows = [{"prompt": f"{a} plus {b} is", "chosen": f" {a + b}.", "rejected": f" {a + b + 1}."}
+            for a, b in [(1, 2), (3, 4)]]
+    if implicit:
+        rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                for r in rows]
+    return rows
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_text_rows_and_implicit_prompts_tokenize_as_trl(smol_tokenizer, tmp_path, implicit):
+    """Text rows get the EOS text, as TRL adds it; without 'prompt', the shared start is the
+    prompt (TRL's extract_prompt)."""
+    rows = text_rows(implicit)
+    args = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    theirs = trl.DPOTrainer(model=tiny_chat_model(smol_tokenizer), args=args,
+                            train_dataset=Dataset.from_list(copy.deepcopy(rows)),
+                            processing_class=smol_tokenizer,
+                            peft_config=peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ours = prepare_preferences(rows, smol_tokenizer, max_length=1024)
+    for mine, row in zip(ours.examples, theirs.train_dataset):
+        assert mine == {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        assert mine["chosen_ids"][-1] == smol_tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "q", "chosen": "a"}, "no 'rejected'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "a"}, "'chosen' equals 'rejected'"),
+    ({"chosen": "yes", "rejected": "no"}, "share no start"),
+])
+def test_bad_rows_are_named(smol_tokenizer, row, message):
+    with pytest.raises(DataError, match=rf"row 1.*{message}|{message}"):
+        prepare_preferences([row], smol_tokenizer, max_length=64)
+
+
+def test_a_reference_model_is_refused(smol_tokenizer, tmp_path):
+    with pytest.raises(lorakit.errors.ConfigError, match="adapters switched off"):
+        lorakit.DPOTrainer(model=tiny_chat_model(smol_tokenizer),
+                           ref_model=tiny_chat_model(smol_tokenizer),
+                           args=lorakit.DPOConfig(output_dir=str(tmp_path), use_cpu=True),
+                           train_dataset=ROWS, processing_class=smol_tokenizer,
+                           peft_config=lorakit.LoraConfig(r=2))
