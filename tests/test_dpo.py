@@ -144,3 +144,39 @@ def test_a_reference_model_is_refused(smol_tokenizer, tmp_path):
                            args=lorakit.DPOConfig(output_dir=str(tmp_path), use_cpu=True),
                            train_dataset=ROWS, processing_class=smol_tokenizer,
                            peft_config=lorakit.LoraConfig(r=2))
+
+
+def test_ten_steps_follow_trls_losses(smol_tokenizer, tmp_path):
+    """train(): 10 steps, each on all rows (so both trainers see the same batches), AdamW at
+    lr 1e-3 on a linear schedule: the logged losses equal TRL's to 1e-4, and fall."""
+    common = dict(per_device_train_batch_size=len(ROWS), use_cpu=True, max_steps=10,
+                  learning_rate=1e-3, logging_steps=1, gradient_checkpointing=False,
+                  max_length=64, save_steps=100)
+    torch.manual_seed(0)
+    theirs = trl.DPOTrainer(
+        model=tiny_chat_model(smol_tokenizer),
+        args=trl.DPOConfig(output_dir=str(tmp_path / "trl"), bf16=False, report_to="none",
+                           save_strategy="no", **common),
+        train_dataset=Dataset.from_list(ROWS), processing_class=smol_tokenizer,
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                    init_lora_weights=False),
+    )
+    ours = lorakit.DPOTrainer(
+        model=tiny_chat_model(smol_tokenizer),
+        args=lorakit.DPOConfig(output_dir=str(tmp_path / "ours"), bf16=False, **common),
+        train_dataset=Dataset.from_list(ROWS), processing_class=smol_tokenizer,
+        peft_config=lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    mine = peft_parameters(ours.model, "default")
+    with torch.no_grad():
+        for key, p in peft.get_peft_model_state_dict(theirs.model).items():
+            mine[key].copy_(p)
+    theirs.train()
+    ours.train()
+    trl_losses = [r["loss"] for r in theirs.state.log_history if "loss" in r]
+    our_losses = [r["loss"] for r in ours.state.log_history if "loss" in r]
+    assert len(our_losses) == len(trl_losses) == 10
+    assert our_losses == pytest.approx(trl_losses, abs=1e-4)
+    assert our_losses[-1] < our_losses[0] - 0.05
+    rewards = [r["rewards/accuracies"] for r in ours.state.log_history if "loss" in r]
+    assert rewards[-1] == 1.0
