@@ -180,3 +180,72 @@ def test_ten_steps_follow_trls_losses(smol_tokenizer, tmp_path):
     assert our_losses[-1] < our_losses[0] - 0.05
     rewards = [r["rewards/accuracies"] for r in ours.state.log_history if "loss" in r]
     assert rewards[-1] == 1.0
+
+
+def sft_adapter(tokenizer, path):
+    """A 'trained' SFT adapter on the tiny model (random non-zero A and B), saved at `path`."""
+    torch.manual_seed(3)
+    model = peft.get_peft_model(tiny_chat_model(tokenizer), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(path)
+    return path
+
+
+def test_from_an_sft_adapter_the_reference_is_that_adapter_as_trl(smol_tokenizer, tmp_path):
+    """A model that arrives with its adapter (no peft_config): TRL copies it as a frozen "ref"
+    adapter; lorakit computes that reference's log-probs once, before the first step. The logged
+    losses agree, and the first is log 2 (the policy starts at the reference)."""
+    adapter = sft_adapter(smol_tokenizer, tmp_path / "sft")
+    common = dict(per_device_train_batch_size=len(ROWS), use_cpu=True, max_steps=4,
+                  learning_rate=1e-3, logging_steps=1, gradient_checkpointing=False,
+                  max_length=64)
+    theirs = trl.DPOTrainer(
+        model=peft.PeftModel.from_pretrained(tiny_chat_model(smol_tokenizer), adapter,
+                                             is_trainable=True),
+        args=trl.DPOConfig(output_dir=str(tmp_path / "trl"), bf16=False, report_to="none",
+                           save_strategy="no", **common),
+        train_dataset=Dataset.from_list(ROWS), processing_class=smol_tokenizer)
+    ours = lorakit.DPOTrainer(
+        model=lorakit.LoraModel.from_pretrained(tiny_chat_model(smol_tokenizer), adapter,
+                                                is_trainable=True),
+        args=lorakit.DPOConfig(output_dir=str(tmp_path / "ours"), bf16=False, save_steps=2,
+                               **common),
+        train_dataset=Dataset.from_list(ROWS), processing_class=smol_tokenizer)
+    theirs.train()
+    ours.train()
+    trl_losses = [r["loss"] for r in theirs.state.log_history if "loss" in r]
+    our_losses = [r["loss"] for r in ours.state.log_history if "loss" in r]
+    assert our_losses[0] == pytest.approx(0.693147, abs=1e-5)
+    assert our_losses == pytest.approx(trl_losses, abs=1e-4)
+    saved = (tmp_path / "ours" / "checkpoint-2" / "objective.safetensors")
+    assert saved.is_file()
+
+
+def test_a_resumed_run_keeps_its_precomputed_reference(smol_tokenizer, tmp_path, monkeypatch):
+    """From an SFT adapter the reference is the adapter at the start: a resumed run must take
+    it from the checkpoint (recomputing it from the resumed adapter would be wrong)."""
+    adapter = sft_adapter(smol_tokenizer, tmp_path / "sft")
+
+    class StopAt2:
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    def trainer(out, callbacks=None):
+        return lorakit.DPOTrainer(
+            model=lorakit.LoraModel.from_pretrained(tiny_chat_model(smol_tokenizer), adapter,
+                                                    is_trainable=True),
+            args=lorakit.DPOConfig(output_dir=str(out), use_cpu=True, max_steps=4,
+                                   per_device_train_batch_size=3, learning_rate=1e-3,
+                                   logging_steps=1, save_steps=2, max_length=64,
+                                   gradient_checkpointing=False),
+            train_dataset=ROWS, processing_class=smol_tokenizer, callbacks=callbacks)
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    trainer(tmp_path / "cut", [StopAt2()]).train()
+    resumed = trainer(tmp_path / "cut")
+    monkeypatch.setattr(lorakit.training.DPOObjective, "_reference_logps",
+                        lambda *a: pytest.fail("the reference was computed again"))
+    resumed.train(resume_from_checkpoint=True)
+    losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (whole, resumed)]
+    assert losses[1][-2:] == pytest.approx(losses[0][-2:], abs=1e-6)

@@ -30,6 +30,7 @@ from lorakit.errors import InputNotFoundError, UserError
 from lorakit.lora.files import AdapterFileError, adapter_dir, load_adapter_weights
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+OBJECTIVE_STATE = "objective.safetensors"
 # adapter config keys that say nothing about the adapter's computation
 _ADAPTER_METADATA = {"inference_mode", "base_model_name_or_path", "revision", "task_type"}
 
@@ -69,8 +70,10 @@ def save_checkpoint(
     state: TrainState,
     run_config: dict[str, Any],
     save_total_limit: int | None = None,
+    objective_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint-<step> atomically and prune older ones down to `save_total_limit`."""
+    """Write checkpoint-<step> atomically and prune older ones down to `save_total_limit`
+    (`objective_state`: the objective's tensors, as objective.safetensors)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{state.step}"
@@ -90,6 +93,11 @@ def save_checkpoint(
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda.{i}"] = s
         save_file(rng, tmp / "rng.safetensors")
+        if objective_state:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in objective_state.items()},
+                tmp / OBJECTIVE_STATE,
+            )
         trainer_state = {
             # the keys HF Trainer writes, for scripts and tools that read them
             "global_step": state.step,
@@ -109,6 +117,12 @@ def save_checkpoint(
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             remove_tree(old)  # a kill meanwhile leaves it whole or gone
     return final
+
+
+def objective_state(path: str | Path | None) -> dict[str, torch.Tensor]:
+    """The objective's tensors a checkpoint keeps ({} without any, or without a checkpoint)."""
+    file = Path(path) / OBJECTIVE_STATE if path is not None else None
+    return load_file(str(file)) if file is not None and file.is_file() else {}
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -309,6 +309,9 @@ class DPOConfig(TRLConfig):
     label_smoothing: ε of the robust loss (the probability that a pair's labels are flipped).
     truncation_mode: "keep_start" (an answer is cut at max_length; a row whose prompt fills it
         is dropped). disable_dropout: every dropout of the model off, as TRL does.
+    precompute_ref_log_probs: the reference's log-probs of every pair computed once, before
+        the first step (in batches of precompute_ref_batch_size, default the eval batch size),
+        and kept in each checkpoint: a resumed run does not compute them again.
     """
 
     learning_rate: float = 1e-6
@@ -318,6 +321,8 @@ class DPOConfig(TRLConfig):
     label_smoothing: float = 0.0
     truncation_mode: str = "keep_start"
     disable_dropout: bool = True
+    precompute_ref_log_probs: bool = False
+    precompute_ref_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         kinds = self.loss_type

@@ -16,6 +16,7 @@ logps/rejected.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -81,8 +82,16 @@ def answer_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Te
 class DPOObjective(Objective):
     needs_reference = True
 
-    def __init__(self, model: nn.Module, tokenizer: Any, args: DPOConfig) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, args: DPOConfig, from_start: bool = False
+    ) -> None:
+        """from_start: the reference is the model as given (its adapters on: an SFT adapter to
+        improve on), its log-probs computed once before training; otherwise the model with
+        its adapters off, per batch or once (args.precompute_ref_log_probs)."""
         self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.from_start = from_start
+        self.precompute = from_start or args.precompute_ref_log_probs
+        self.data: dict[str, PreferenceData | None] = {}
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (getattr(tokenizer, "eos_token_id", 0) or 0)
         self.losses = list(zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type)))
@@ -104,11 +113,14 @@ class DPOObjective(Objective):
                 masks.append(([0] * len(e["prompt_ids"]) + [1] * len(e[key]))[: len(rows[-1])])
         width = max(map(len, rows))
         pad = [width - len(r) for r in rows]
-        return {
+        batch = {
             "input_ids": torch.tensor([r + [self.pad_id] * p for r, p in zip(rows, pad)]),
             "attention_mask": torch.tensor([[1] * len(r) + [0] * p for r, p in zip(rows, pad)]),
             "completion_mask": torch.tensor([m + [0] * p for m, p in zip(masks, pad)]),
         }
+        if all("ref_logps" in e for e in examples):  # precomputed: [chosen..., rejected...]
+            batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples]).t().flatten()
+        return batch
 
     def filler(self, data: PreferenceData) -> Batch:
         batch = self.collate([data[0]])
@@ -121,8 +133,10 @@ class DPOObjective(Objective):
 
     def loss(self, model: nn.Module, batch: Batch, training: bool) -> Terms:
         logps, n = answer_logps(model.model, batch)
-        with torch.no_grad(), model.disable_adapters():
-            ref, _ = answer_logps(model.model, batch)
+        ref = batch.get("ref_logps")
+        if ref is None:
+            with torch.no_grad(), model.disable_adapters():
+                ref, _ = answer_logps(model.model, batch)
         (p_c, p_r), (ref_c, ref_r), (n_c, n_r) = logps.chunk(2), ref.chunk(2), n.chunk(2)
         scored = n_c > 0  # a filler batch scores nothing
         r_c, r_r = p_c - ref_c, p_r - ref_r
@@ -144,6 +158,42 @@ class DPOObjective(Objective):
             "logps/rejected": p_r.detach()[scored].sum(),
         }
         return Terms(total, {k: float(v) for k, v in sums.items()})
+
+    def start(self, model, data, saved: dict[str, torch.Tensor], autocast) -> None:
+        """The reference's log-probs of every pair, once: from the resumed checkpoint, or
+        computed now (the model as given, or with its adapters off)."""
+        self.data = data
+        if not self.precompute:
+            return
+        for split, prepared in data.items():
+            if prepared is None or all("ref_logps" in e for e in prepared.examples):
+                continue
+            values = saved.get(f"{split}.ref_logps")
+            if values is None or len(values) != len(prepared):
+                values = self._reference_logps(model, prepared, autocast)
+            for e, v in zip(prepared.examples, values.tolist()):
+                e["ref_logps"] = v
+
+    @torch.no_grad()
+    def _reference_logps(self, model, data: PreferenceData, autocast) -> torch.Tensor:
+        """[pairs, 2]: the reference's (chosen, rejected) log-probs of every pair."""
+        size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        device = next(model.parameters()).device
+        off = contextlib.nullcontext() if self.from_start else model.disable_adapters()
+        out = []
+        with off, autocast():
+            for lo in range(0, len(data), size):
+                batch = self.collate(data.examples[lo : lo + size])
+                batch = {k: v.to(device) for k, v in batch.items() if k != "ref_logps"}
+                out.append(torch.stack(answer_logps(model.model, batch)[0].float().chunk(2), 1))
+        return torch.cat(out).cpu()
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{split}.ref_logps": torch.tensor([e["ref_logps"] for e in data.examples])
+            for split, data in self.data.items()
+            if data is not None and self.precompute and all("ref_logps" in e for e in data.examples)
+        }
 
     def eval_metrics(self, loss: float, count: int, sums: dict[str, float]) -> dict[str, float]:
         n = max(count, 1)
@@ -187,11 +237,14 @@ class DPOTrainer(Trainer):
             compute_metrics=compute_metrics,
             optimizers=optimizers,
         )
+        # a model that arrives with its adapters (an SFT adapter to improve on) is its own
+        # reference as it is now; fresh adapters (peft_config) have the base as theirs
+        from_start = peft_config is None
         model, tokenizer = trl_call.lora_model_for(model, args, peft_config, processing_class)
         if args.disable_dropout:
             _disable_dropout(model)
         launch = launch if launch is not None else resolve_launch(args)
-        objective = DPOObjective(model, tokenizer, args)
+        objective = DPOObjective(model, tokenizer, args, from_start=from_start)
         self.tokenizer = tokenizer
         super().__init__(model, objective, args, train_dataset, eval_dataset, launch, callbacks)
 

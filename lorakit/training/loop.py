@@ -43,6 +43,7 @@ from lorakit.training.checkpoint import (
     check_resumable,
     latest_checkpoint,
     load_checkpoint,
+    objective_state,
     save_checkpoint,
 )
 from lorakit.training.config import TrainConfig
@@ -229,8 +230,12 @@ class Trainer:
         total = self.total_steps()
         optimizer, scheduler, trainable = self._optimizer(total)
         config = self.run_config(total)
-        self.state, last = self._resume(resume_from_checkpoint, out, optimizer, scheduler, config)
+        self.state, last, resumed = self._resume(
+            resume_from_checkpoint, out, optimizer, scheduler, config
+        )
         self.state.max_steps, self.state.is_world_process_zero = total, self.is_main
+        data = {"train": self.train_data, "eval": self.eval_data}
+        self.objective.start(model, data, objective_state(resumed), self.launch.autocast)
         self.callback_handler.context = {
             "model": model,
             "processing_class": getattr(self.objective, "tokenizer", None),
@@ -466,18 +471,19 @@ class Trainer:
 
     def _resume(
         self, resume: str | bool | None, out: Path, optimizer, scheduler, config: dict[str, Any]
-    ) -> tuple[TrainState, Path | None]:
+    ) -> tuple[TrainState, Path | None, Path | None]:
         """A fresh state, or the checkpoint's (weights, optimizer, schedule and data position),
-        and the checkpoint. `True` with no checkpoint in `out` yet (a run killed before its
-        first one) starts from step 0: the same command always continues."""
+        the checkpoint if it is of the state's last step, and the checkpoint resumed from.
+        `True` with no checkpoint in `out` yet (a run killed before its first one) starts from
+        step 0: the same command always continues."""
         if not resume:
-            return TrainState(global_batch=self.launch.global_batch), None
+            return TrainState(global_batch=self.launch.global_batch), None, None
         path, changed = self.checkpoint_to_resume(resume, config)
         # every rank reads it: the same one, or all stop here
         self.group.check_same("the checkpoint to resume from", path and str(path))
         if path is None:
             self._say(f"no checkpoint in {out} yet: starting at step 0")
-            return TrainState(global_batch=self.launch.global_batch), None
+            return TrainState(global_batch=self.launch.global_batch), None, None
         if changed:
             self._say(f"resuming with other training settings: {', '.join(changed)}")
         wanted = _hyperparameters(optimizer, scheduler)  # this run's, before the checkpoint's
@@ -493,7 +499,7 @@ class Trainer:
             _set_hyperparameters(optimizer, scheduler, wanted)
         self._say(f"resumed from {path} at step {state.step}")
         # the checkpoint of the last step needs no second copy: only the adapter is missing
-        return state, path if path.name == f"checkpoint-{state.step}" else None
+        return state, path if path.name == f"checkpoint-{state.step}" else None, path
 
     def checkpoint_to_resume(
         self, resume_from_checkpoint: str | bool, run_config: dict[str, Any] | None = None
@@ -525,6 +531,7 @@ class Trainer:
                 self.state,
                 run.config,
                 self.args.save_total_limit,
+                self.objective.extra_state(),
             )
         )
         self.callback_handler.fire("on_save", self.args, self.state)

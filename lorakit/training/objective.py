@@ -74,3 +74,19 @@ class Objective:
     def run_config(self, train: Examples | None, eval: Examples | None) -> dict[str, Any]:
         """What the objective adds to the saved run config (data statistics, choices made)."""
         return {}
+
+    def start(
+        self,
+        model: nn.Module,
+        data: dict[str, Examples | None],
+        saved: dict[str, torch.Tensor],
+        autocast: Any,
+    ) -> None:
+        """Before the first step of train(): what the objective computes once over its data
+        ("train" / "eval"), e.g. the reference's log-probs, or takes from `saved` (the
+        `extra_state` of the checkpoint the run resumes from). `autocast`: the run's."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors each checkpoint keeps for the objective (objective.safetensors), so that a
+        resumed run need not (or must not) compute them again."""
+        return {}
