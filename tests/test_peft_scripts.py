@@ -439,3 +439,48 @@ def test_merge_and_save_script(tmp_path):
                              peft_logits(make_tiny_llama(), tmp_path / "lorakit" / "sql", ids)),
                  LOGITS_ATOL)
 
+
+
+# (h) TRL's DPO quickstart style: DPOTrainer on chat preference pairs with a LoRA peft_config;
+# one batch of every pair per step, so both runs see the same batches.
+DPO = textwrap.dedent("""
+    import json, sys
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from {peft_lib} import LoraConfig
+    from {trl_lib} import DPOConfig, DPOTrainer
+
+    out, model_dir = sys.argv[1], sys.argv[2]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [{{"prompt": [{{"role": "user", "content": f"{{a}} plus {{b}}?"}}],
+              "chosen": [{{"role": "assistant", "content": str(a + b)}}],
+              "rejected": [{{"role": "assistant", "content": str(a + b + 1)}}]}}
+            for a in range(3) for b in range(2)]
+    args = DPOConfig(output_dir=out, per_device_train_batch_size=6, max_steps=3,
+                     learning_rate=1e-3, logging_steps=1, max_length=64, seed=0, beta=0.1,
+                     report_to="none", bf16=False, use_cpu=True, save_strategy="no",
+                     gradient_checkpointing=False)
+    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=peft_config)
+    trainer.train()
+    trainer.save_model(out + "/final")
+""" + SAVE_LOGITS + """
+    print(json.dumps({{"losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],
+                      "accuracies": [r["rewards/accuracies"] for r in trainer.state.log_history
+                                     if "rewards/accuracies" in r]}}))
+""")
+
+
+@pytest.mark.default_model
+def test_dpo_script_trains_the_same_adapter(tmp_path, tiny_chat_dir):
+    res = run_both(DPO, tmp_path, tiny_chat_dir)
+    assert res["lorakit"]["losses"] == pytest.approx(res["peft"]["losses"], abs=1e-5)
+    assert res["lorakit"]["losses"][0] == pytest.approx(0.693147, abs=1e-6)  # B = 0: log 2
+    measured("adapters, peft+trl run vs lorakit run",
+             max_abs_diff(tmp_path / "peft" / "final", tmp_path / "lorakit" / "final"),
+             ADAPTER_ATOL)
+    check_peft_loads_lorakit_files(tmp_path / "lorakit", tiny_chat_dir)
