@@ -9,6 +9,10 @@ equal TRL's in fp32.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import peft
 import pytest
@@ -16,6 +20,7 @@ import torch
 import trl
 from conftest import tiny_chat_model
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.data import DataError
@@ -249,3 +254,42 @@ def test_a_resumed_run_keeps_its_precomputed_reference(smol_tokenizer, tmp_path,
     resumed.train(resume_from_checkpoint=True)
     losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (whole, resumed)]
     assert losses[1][-2:] == pytest.approx(losses[0][-2:], abs=1e-6)
+
+
+def run_cli(*args):
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_dpo_and_peft_loads_the_adapter(tmp_path, tiny_chat_dir):
+    """`lorakit train --objective dpo` in a fresh process, as a user types it: TRL's metrics on
+    the console and in metrics.jsonl, eval rewards at the end, an adapter PEFT loads."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    res = run_cli("train", "--objective", "dpo", "--model", tiny_chat_dir, "--data", pairs,
+                  "--eval-data", pairs, "--output", tmp_path / "out", "--max-steps", 3,
+                  "--batch-size", 3, "--lr", "1e-3", "--beta", "0.2", "--loss-type",
+                  "sigmoid,hinge", "--set", "training.logging_steps=1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "6 rows -> 6 pairs" in res.stdout and "rewards/accuracies=" in res.stdout
+    logged = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert logged[0]["loss"] == pytest.approx(0.693147 + 1.0, abs=1e-5)  # B = 0: log 2 + hinge 1
+    assert "eval_rewards/margins" in logged[-1]
+    model = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_dir), tmp_path / "out" / "adapter")
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "q", "chosen": "a"}, "no 'rejected'"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "'chosen' equals 'rejected'"),
+])
+def test_cli_bad_pairs_fail_in_one_line(tmp_path, tiny_chat_dir, row, message):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(row) + "\n")
+    res = run_cli("train", "--objective", "dpo", "--model", tiny_chat_dir, "--data", pairs,
+                  "--output", tmp_path / "out")
+    assert res.returncode == 2, res.stdout + res.stderr
+    errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "error" in ln]
+    assert len(errors) == 1 and message in errors[0] and "line 1" in errors[0], errors

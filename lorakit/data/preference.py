@@ -45,16 +45,25 @@ class PreferenceData:
         return {"rows": self.rows, "pairs": len(self), "dropped": self.dropped}
 
 
-def prepare_preferences(source: Source, tokenizer: Any, max_length: int) -> PreferenceData:
-    """Read and tokenize preference rows; a bad row fails naming it (DataError)."""
+def read_preferences(source: Source) -> tuple[list[dict], bool, Any]:
+    """(rows with explicit prompts, whether they are chat rows, their origin); a bad row fails
+    naming it (DataError)."""
     records, origin = read_rows(source)
     chat = isinstance(records[0].get("chosen"), list)
-    examples, dropped = [], 0
+    rows = []
     for i, record in enumerate(records):
         try:
-            row = _checked(record, chat)
+            rows.append(_checked(record, chat))
         except DataError as e:
             raise DataError(f"{origin(i)}: {e}") from None
+    return rows, chat, origin
+
+
+def prepare_preferences(source: Source, tokenizer: Any, max_length: int) -> PreferenceData:
+    """Read and tokenize preference rows; a bad row fails naming it (DataError)."""
+    rows, chat, origin = read_preferences(source)
+    examples, dropped = [], 0
+    for row in rows:
         example = _tokenized(row, tokenizer, chat)
         if len(example["prompt_ids"]) >= max_length:
             dropped += 1
@@ -64,7 +73,15 @@ def prepare_preferences(source: Source, tokenizer: Any, max_length: int) -> Pref
         raise DataError(
             f"{origin.name}: no usable pairs: every prompt fills max_length={max_length}"
         )
-    return PreferenceData(examples, len(records), dropped, "chat" if chat else "text")
+    return PreferenceData(examples, len(rows), dropped, "chat" if chat else "text")
+
+
+def prompts_and_chosen(source: Source) -> list[tuple[Any, str]]:
+    """(prompt, chosen answer as text) of each row: what a report compares generations to."""
+    rows, chat, _ = read_preferences(source)
+    if not chat:
+        return [(r["prompt"], r["chosen"]) for r in rows]
+    return [(r["prompt"], "".join(m.get("content") or "" for m in r["chosen"])) for r in rows]
 
 
 def _checked(record: dict, chat: bool) -> dict:

@@ -22,12 +22,18 @@ from lorakit.atomic import atomic_write_bytes, remove_tree, writing
 from lorakit.base import load_model, prepare_for_kbit_training
 from lorakit.base.loading import resolve_dtype
 from lorakit.data import load_records
+from lorakit.data.preference import prompts_and_chosen, read_preferences
 from lorakit.data.sources import read_records
 from lorakit.errors import OutputExistsError, UserError
-from lorakit.inference.generate import completion_examples, generate_texts, render_prompt
+from lorakit.inference.generate import (
+    Example,
+    completion_examples,
+    generate_texts,
+    render_prompt,
+)
 from lorakit.log import get_logger
 from lorakit.lora import LoraModel, get_lora_model
-from lorakit.training import SFTTrainer, TrainResult, list_checkpoints
+from lorakit.training import DPOTrainer, SFTTrainer, TrainResult, list_checkpoints
 from lorakit.training.config import set_seed
 from lorakit.training.distributed import ProcessGroup
 from lorakit.training.launch import Launch, resolve_launch
@@ -61,7 +67,7 @@ class SFTRecipe:
         self.dtype: torch.dtype | None = None
         self.model: LoraModel | None = None
         self.tokenizer: Any = None
-        self.trainer: SFTTrainer | None = None
+        self.trainer: SFTTrainer | DPOTrainer | None = None
         self._previous: list[Path] = []  # a previous run's files this run replaces
 
     @property
@@ -101,7 +107,9 @@ class SFTRecipe:
         cheap next to loading a model)."""
         d, fmt = self.cfg.data, self.cfg.training.dataset_format
         for source in (d.train, d.eval):
-            if source is not None:
+            if source is not None and self.dpo:
+                read_preferences(source)
+            elif source is not None:
                 read_records(source, fmt)
 
     def _setup_output(self) -> None:
@@ -168,22 +176,40 @@ class SFTRecipe:
         if self.is_main:
             self.model.print_trainable_parameters()
 
+    @property
+    def dpo(self) -> bool:
+        return self.cfg.training.objective == "dpo"
+
     def _setup_trainer(self) -> None:
         d = self.cfg.data
-        self.trainer = SFTTrainer(
-            self.model,
-            self.cfg.training,
-            train_data=d.train,
-            eval_data=d.eval,
-            tokenizer=self.tokenizer,
-            launch=self.launch,
-        )
-        stats = self.trainer.train_data.stats
-        self.say(
-            f"train data {stats.rows} rows -> {stats.examples} examples "
-            f"({stats.truncated} truncated, {stats.dropped} dropped), "
-            f"{self.trainer.total_steps()} steps"
-        )
+        if self.dpo:  # fresh adapters: the reference is the base, the adapters switched off
+            self.trainer = DPOTrainer(
+                self.model,
+                args=self.cfg.training,
+                train_dataset=d.train,
+                eval_dataset=d.eval,
+                processing_class=self.tokenizer,
+                launch=self.launch,
+                options=self.cfg.dpo,
+                reference="base",
+            )
+            stats = self.trainer.train_data.stats()
+            data = f"{stats['rows']} rows -> {stats['pairs']} pairs ({stats['dropped']} dropped)"
+        else:
+            self.trainer = SFTTrainer(
+                self.model,
+                self.cfg.training,
+                train_data=d.train,
+                eval_data=d.eval,
+                tokenizer=self.tokenizer,
+                launch=self.launch,
+            )
+            stats = self.trainer.train_data.stats
+            data = (
+                f"{stats.rows} rows -> {stats.examples} examples "
+                f"({stats.truncated} truncated, {stats.dropped} dropped)"
+            )
+        self.say(f"train data {data}, {self.trainer.total_steps()} steps")
         if self.resume:  # a checkpoint that cannot continue this run fails before any write
             self.trainer.checkpoint_to_resume(self.resume)
 
@@ -236,7 +262,10 @@ class SFTRecipe:
         if self.fsdp2:
             self.say("no sample generations in fsdp2 mode (the base is sharded)")
             return []
-        return completion_examples(load_records(self.cfg.data.eval or self.cfg.data.train))[:n]
+        source = self.cfg.data.eval or self.cfg.data.train
+        if self.dpo:  # the chosen answer is the reference a generation is compared to
+            return [Example(p, chosen) for p, chosen in prompts_and_chosen(source)[:n]]
+        return completion_examples(load_records(source))[:n]
 
     def _generate(self, prompts: list) -> list[str]:
         return generate_texts(

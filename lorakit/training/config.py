@@ -15,6 +15,9 @@ import torch
 from lorakit.data.formats import FORMATS
 from lorakit.errors import ConfigError
 
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")  # lorakit.training.dpo computes them
+OBJECTIVES = ("sft", "dpo")
+
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("stop", "skip")  # what a NaN/inf step does
 DISTRIBUTED_MODES = ("replicate", "fsdp2")
@@ -92,6 +95,9 @@ class TrainConfig:
     global_batch_size: int | None = None  # examples per optimizer step over all ranks; sets the
     # per-rank batch to global / (ranks × gradient_accumulation_steps), which must divide evenly
     ddp_timeout: int = 1800  # seconds a rank waits for the others, to join and in each collective
+    # what the run trains for: "sft" (next-token loss) or "dpo" (preference pairs; its settings
+    # are the run config's `dpo` section, DPOOptions)
+    objective: str = "sft"
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ConfigError:
@@ -123,6 +129,8 @@ class TrainConfig:
             raise bad("max_steps", "set max_steps > 0 or num_train_epochs > 0")
         if not self.learning_rate > 0:
             raise bad("learning_rate", "must be > 0")
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", f"must be one of {OBJECTIVES}")
         if self.lr_scheduler_type not in SCHEDULES:
             raise bad("lr_scheduler_type", f"must be one of {SCHEDULES}")
         if not 0 <= self.warmup_ratio < 1:
@@ -293,53 +301,67 @@ class SFTConfig(TRLConfig):
         super().__post_init__()
 
 
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")  # lorakit.training.dpo computes them
-
-
-@_refuse_unknown_options
 @dataclass
-class DPOConfig(TRLConfig):
-    """TRL's `DPOConfig` (TRL 1.16's fields and defaults: learning_rate 1e-6, beta 0.1, the
-    sigmoid loss, max_length 1024 over prompt + answer, dropout off). Any other option fails by
-    name.
+class DPOOptions:
+    """DPO's own settings (TRL 1.16's names and defaults): the `dpo` section of a run config, and
+    DPOConfig's fields.
 
     beta: how far the policy may move from the reference (the rewards are β·log-ratios).
     loss_type: one of, or a list of, "sigmoid", "hinge", "ipo", "robust".
     loss_weights: one weight per loss_type (default 1 each); the loss is Σ weight · loss.
     label_smoothing: ε of the robust loss (the probability that a pair's labels are flipped).
-    truncation_mode: "keep_start" (an answer is cut at max_length; a row whose prompt fills it
-        is dropped). disable_dropout: every dropout of the model off, as TRL does.
     precompute_ref_log_probs: the reference's log-probs of every pair computed once, before
         the first step (in batches of precompute_ref_batch_size, default the eval batch size),
         and kept in each checkpoint: a resumed run does not compute them again.
     """
 
-    learning_rate: float = 1e-6
     beta: float = 0.1
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
-    truncation_mode: str = "keep_start"
-    disable_dropout: bool = True
     precompute_ref_log_probs: bool = False
     precompute_ref_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        kinds = self.loss_type
-        self.loss_type = [kinds] if isinstance(kinds, str) else list(kinds)
+        self.check_dpo()
+
+    def check_dpo(self) -> None:
+        name = type(self).__name__
+        kinds = self.loss_type  # a list, one name, or names joined by commas (a CLI flag)
+        self.loss_type = kinds.split(",") if isinstance(kinds, str) else list(kinds)
         if not self.loss_type or any(k not in DPO_LOSS_TYPES for k in self.loss_type):
             raise ConfigError(
-                f"DPOConfig.loss_type={kinds!r}: lorakit has {', '.join(DPO_LOSS_TYPES)}"
+                f"{name}.loss_type={kinds!r}: lorakit has {', '.join(DPO_LOSS_TYPES)}"
             )
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ConfigError(
-                f"DPOConfig.loss_weights has {len(self.loss_weights)} weights for "
+                f"{name}.loss_weights has {len(self.loss_weights)} weights for "
                 f"{len(self.loss_type)} loss types: give one per loss_type"
             )
         if not self.beta > 0:
-            raise ConfigError(f"DPOConfig.beta={self.beta!r}: must be > 0")
+            raise ConfigError(f"{name}.beta={self.beta!r}: must be > 0")
         if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"DPOConfig.label_smoothing={self.label_smoothing!r}: use [0, 0.5)")
+            raise ConfigError(f"{name}.label_smoothing={self.label_smoothing!r}: use [0, 0.5)")
+
+
+@_refuse_unknown_options
+@dataclass
+class DPOConfig(TRLConfig, DPOOptions):
+    """TRL's `DPOConfig`: TRLConfig's fields and DPOOptions' with TRL 1.16's defaults (learning
+    rate 1e-6, beta 0.1, the sigmoid loss, max_length 1024 over prompt + answer, dropout off).
+    Any other option fails by name.
+
+    truncation_mode: "keep_start" (an answer is cut at max_length; a row whose prompt fills it
+        is dropped). disable_dropout: every dropout of the model off, as TRL does.
+    """
+
+    learning_rate: float = 1e-6
+    truncation_mode: str = "keep_start"
+    disable_dropout: bool = True
+    objective: str = "dpo"
+
+    def __post_init__(self) -> None:
+        self.check_dpo()
         if self.truncation_mode != "keep_start":
             raise ConfigError(
                 f"DPOConfig.truncation_mode={self.truncation_mode!r}: lorakit cuts answers at "

@@ -27,7 +27,7 @@ from lorakit.data.preference import PreferenceData, prepare_preferences
 from lorakit.errors import ConfigError
 from lorakit.training import trl_call
 from lorakit.training.config import DPO_LOSS_TYPES as LOSS_TYPES
-from lorakit.training.config import DPOConfig
+from lorakit.training.config import DPOConfig, DPOOptions, TrainConfig
 from lorakit.training.launch import Launch, resolve_launch
 from lorakit.training.loop import Trainer
 from lorakit.training.loss import split_head
@@ -83,18 +83,25 @@ class DPOObjective(Objective):
     needs_reference = True
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, args: DPOConfig, from_start: bool = False
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        args: TrainConfig,
+        options: DPOOptions,
+        from_start: bool = False,
     ) -> None:
-        """from_start: the reference is the model as given (its adapters on: an SFT adapter to
+        """options: beta, the losses, precomputing (a DPOConfig is its own options).
+        from_start: the reference is the model as given (its adapters on: an SFT adapter to
         improve on), its log-probs computed once before training; otherwise the model with
-        its adapters off, per batch or once (args.precompute_ref_log_probs)."""
-        self.model, self.tokenizer, self.args = model, tokenizer, args
+        its adapters off, per batch or once (options.precompute_ref_log_probs)."""
+        self.model, self.tokenizer, self.args, self.options = model, tokenizer, args, options
         self.from_start = from_start
-        self.precompute = from_start or args.precompute_ref_log_probs
+        self.precompute = from_start or options.precompute_ref_log_probs
         self.data: dict[str, PreferenceData | None] = {}
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (getattr(tokenizer, "eos_token_id", 0) or 0)
-        self.losses = list(zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type)))
+        weights = options.loss_weights or [1.0] * len(options.loss_type)
+        self.losses = list(zip(options.loss_type, weights))
 
     def prepare(self, data: Any, split: str) -> PreferenceData:
         if isinstance(data, PreferenceData):
@@ -140,7 +147,7 @@ class DPOObjective(Objective):
         (p_c, p_r), (ref_c, ref_r), (n_c, n_r) = logps.chunk(2), ref.chunk(2), n.chunk(2)
         scored = n_c > 0  # a filler batch scores nothing
         r_c, r_r = p_c - ref_c, p_r - ref_r
-        args = self.args
+        args = self.options
         total = sum(
             weight
             * pair_loss(
@@ -177,7 +184,7 @@ class DPOObjective(Objective):
     @torch.no_grad()
     def _reference_logps(self, model, data: PreferenceData, autocast) -> torch.Tensor:
         """[pairs, 2]: the reference's (chosen, rejected) log-probs of every pair."""
-        size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        size = self.options.precompute_ref_batch_size or self.args.per_device_eval_batch_size
         device = next(model.parameters()).device
         off = contextlib.nullcontext() if self.from_start else model.disable_adapters()
         out = []
@@ -204,8 +211,8 @@ class DPOObjective(Objective):
     def run_config(self, train: PreferenceData | None, eval: PreferenceData | None) -> dict:
         return {
             "objective": "dpo",
-            "loss_type": self.args.loss_type,
-            "beta": self.args.beta,
+            "loss_type": self.options.loss_type,
+            "beta": self.options.beta,
             "train_data": train.stats() if train is not None else None,
             "eval_data": eval.stats() if eval is not None else None,
         }
@@ -229,8 +236,14 @@ class DPOTrainer(Trainer):
         optimizers: Any = (None, None),
         peft_config: Any = None,
         launch: Launch | None = None,
+        options: DPOOptions | None = None,
+        reference: str | None = None,
     ) -> None:
+        """TRL's call, plus lorakit's: `args` a TrainConfig with DPO's `options` beside it (a
+        DPOConfig is both), `launch` the run's placement, `reference` "base" (adapters off) or
+        "start" (the model as given; default for a model that arrives with its adapters)."""
         args = args or DPOConfig()
+        options = options or (args if isinstance(args, DPOOptions) else DPOOptions())
         _refuse(
             ref_model=ref_model,
             data_collator=data_collator,
@@ -239,12 +252,12 @@ class DPOTrainer(Trainer):
         )
         # a model that arrives with its adapters (an SFT adapter to improve on) is its own
         # reference as it is now; fresh adapters (peft_config) have the base as theirs
-        from_start = peft_config is None
+        from_start = (reference or ("base" if peft_config is not None else "start")) == "start"
         model, tokenizer = trl_call.lora_model_for(model, args, peft_config, processing_class)
-        if args.disable_dropout:
+        if getattr(args, "disable_dropout", False):
             _disable_dropout(model)
         launch = launch if launch is not None else resolve_launch(args)
-        objective = DPOObjective(model, tokenizer, args, from_start=from_start)
+        objective = DPOObjective(model, tokenizer, args, options, from_start=from_start)
         self.tokenizer = tokenizer
         super().__init__(model, objective, args, train_dataset, eval_dataset, launch, callbacks)
 

@@ -4,6 +4,7 @@
     data:     lorakit.data.config.DataConfig
     lora:     lorakit.lora.config.LoraConfig (PEFT's field names)
     training: lorakit.training.config.TrainConfig (TRL's names where the concept is the same)
+    dpo:      lorakit.training.config.DPOOptions (with training.objective: dpo)
     output:   lorakit.training.report.OutputConfig
 
 A YAML file holds any of the sections; `lorakit train` flags (`TRAIN_FLAGS`) and `--set
@@ -27,7 +28,7 @@ from lorakit.base.quantize import QUANT_TYPES
 from lorakit.data.config import DataConfig
 from lorakit.errors import ConfigError, InputNotFoundError
 from lorakit.lora.config import LoraConfig
-from lorakit.training.config import TrainConfig
+from lorakit.training.config import OBJECTIVES, DPOOptions, TrainConfig
 from lorakit.training.report import OutputConfig
 
 SECTIONS: dict[str, type] = {
@@ -35,6 +36,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "lora": LoraConfig,
     "training": TrainConfig,
+    "dpo": DPOOptions,
     "output": OutputConfig,
 }
 # fields that belong to the run, not to the section: the adapter files record them themselves,
@@ -82,6 +84,11 @@ TRAIN_FLAGS: dict[str, Flag] = {
     ),
     "--lora-dropout": Flag("lora", "lora_dropout", aliases=("--dropout",)),
     "--target-modules": Flag("lora", "target_modules", "all-linear | q_proj,v_proj | a regex"),
+    "--objective": Flag(
+        "training", "objective", "sft: next-token loss | dpo: preference pairs", choices=OBJECTIVES
+    ),
+    "--beta": Flag("dpo", "beta", "DPO: how far the policy may move from the reference"),
+    "--loss-type": Flag("dpo", "loss_type", "DPO: sigmoid | ipo | hinge | robust (or a,b)"),
 }
 SINGLE_PROCESS_ALIASES: dict[str, str] = {
     a: name for name, f in TRAIN_FLAGS.items() for a in f.aliases
@@ -94,6 +101,7 @@ class RunConfig:
     data: DataConfig
     lora: LoraConfig
     training: TrainConfig
+    dpo: DPOOptions
     output: OutputConfig
 
     def sections(self) -> dict[str, Any]:
