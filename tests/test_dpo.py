@@ -67,16 +67,19 @@ def trl_step(tokenizer, loss_type, tmp_path):
     return trainer, float(loss), metrics, grads
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust",
-                                       ["sigmoid", "hinge"]])
-def test_first_step_equals_trl(smol_tokenizer, tmp_path, loss_type):
+@pytest.mark.parametrize("loss_type, packed", [
+    ("sigmoid", True), ("sigmoid", False), ("ipo", True), ("hinge", True), ("robust", True),
+    (["sigmoid", "hinge"], False),
+])
+def test_first_step_equals_trl(smol_tokenizer, tmp_path, loss_type, packed):
+    """packed: the pairs packed on their prompts (lorakit.training.pairs); else padded rows."""
     theirs, loss, metrics, grads = trl_step(smol_tokenizer, loss_type, tmp_path)
     ours = lorakit.DPOTrainer(
         model=tiny_chat_model(smol_tokenizer),
         args=lorakit.DPOConfig(output_dir=str(tmp_path / "ours"), use_cpu=True,
                                gradient_checkpointing=False, loss_type=loss_type,
                                label_smoothing=0.2 if "robust" in loss_type else 0.0,
-                               max_length=64),
+                               max_length=64, share_prefix=packed),
         train_dataset=Dataset.from_list(ROWS), processing_class=smol_tokenizer,
         peft_config=lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
@@ -87,6 +90,7 @@ def test_first_step_equals_trl(smol_tokenizer, tmp_path, loss_type):
             mine[key].copy_(p)
     objective = ours.objective
     batch = objective.collate(list(ours.train_data.examples))
+    assert ("seen" in batch) == packed
     ours.model.train()
     terms = objective.loss(ours.model, batch, training=True)
     pairs = objective.count(batch)[0]

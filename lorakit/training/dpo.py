@@ -32,6 +32,8 @@ from lorakit.training.launch import Launch, resolve_launch
 from lorakit.training.loop import Trainer
 from lorakit.training.loss import split_head
 from lorakit.training.objective import Batch, Objective, Terms
+from lorakit.training.pairs import pack_pairs
+from lorakit.training.prefix import as_attention_mask, prefix_sharing_problem
 
 METRICS = (
     "rewards/chosen",
@@ -61,7 +63,10 @@ def pair_loss(kind: str, r_c, r_r, n_c, n_r, beta: float, smoothing: float) -> t
 
 def answer_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log p over each row's answer tokens, the number of those tokens) for every row of
-    `batch`; the output head runs on answer positions only."""
+    the [chosen; rejected] layout, from a packed batch (lorakit.training.pairs) or a padded one;
+    the output head runs on answer positions only."""
+    if "seen" in batch:
+        return _packed_answer_logps(model, batch)
     ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:].bool()
     kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False}
     parts = split_head(model)
@@ -77,6 +82,21 @@ def answer_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Te
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(mask)[mask]
     sums = torch.zeros(ids.shape[0], device=ids.device).index_add(0, rows, token)
     return sums, mask.sum(1)
+
+
+def _packed_answer_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    backbone, head = split_head(model)
+    hidden = backbone(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=as_attention_mask(batch["seen"], backbone)[None, None],
+        use_cache=False,
+    ).last_hidden_state[0]
+    logits = head(hidden[batch["pred"]]).float()
+    targets = batch["targets"]
+    token = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    sums = torch.zeros(len(batch["n"]), device=token.device).index_add(0, batch["rows"], token)
+    return sums, batch["n"]
 
 
 class DPOObjective(Objective):
@@ -102,6 +122,14 @@ class DPOObjective(Objective):
         self.pad_id = pad if pad is not None else (getattr(tokenizer, "eos_token_id", 0) or 0)
         weights = options.loss_weights or [1.0] * len(options.loss_type)
         self.losses = list(zip(options.loss_type, weights))
+        # why pairs are not packed on their prompts (None: they are)
+        self.pack_off = (
+            "share_prefix=False"
+            if not args.share_prefix
+            else "the model post-processes its logits"
+            if split_head(model.model) is None
+            else prefix_sharing_problem(model.model, training=True)
+        )
 
     def prepare(self, data: Any, split: str) -> PreferenceData:
         if isinstance(data, PreferenceData):
@@ -111,8 +139,16 @@ class DPOObjective(Objective):
         return prepare_preferences(data, self.tokenizer, self.args.max_length)
 
     def collate(self, examples: list[dict]) -> Batch:
-        """2B rows: each pair's prompt + chosen, then each pair's prompt + rejected, cut at
-        max_length and right-padded; completion_mask marks the answer tokens (TRL's layout)."""
+        """The pairs packed on their prompts (lorakit.training.pairs) where the model allows,
+        else 2B padded rows: each pair's prompt + chosen, then each pair's prompt + rejected,
+        cut at max_length; completion_mask marks the answer tokens (TRL's layout)."""
+        packed = None if self.pack_off else pack_pairs(examples, self.args.max_length)
+        batch = packed if packed is not None else self._padded(examples)
+        if all("ref_logps" in e for e in examples):  # precomputed: [chosen..., rejected...]
+            batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples]).t().flatten()
+        return batch
+
+    def _padded(self, examples: list[dict]) -> Batch:
         rows, masks = [], []
         for key in ("chosen_ids", "rejected_ids"):
             for e in examples:
@@ -120,21 +156,21 @@ class DPOObjective(Objective):
                 masks.append(([0] * len(e["prompt_ids"]) + [1] * len(e[key]))[: len(rows[-1])])
         width = max(map(len, rows))
         pad = [width - len(r) for r in rows]
-        batch = {
+        return {
             "input_ids": torch.tensor([r + [self.pad_id] * p for r, p in zip(rows, pad)]),
             "attention_mask": torch.tensor([[1] * len(r) + [0] * p for r, p in zip(rows, pad)]),
             "completion_mask": torch.tensor([m + [0] * p for m, p in zip(masks, pad)]),
         }
-        if all("ref_logps" in e for e in examples):  # precomputed: [chosen..., rejected...]
-            batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples]).t().flatten()
-        return batch
 
     def filler(self, data: PreferenceData) -> Batch:
-        batch = self.collate([data[0]])
+        """One pair that scores nothing (its answer lengths zeroed: no pair counts)."""
+        batch = self._padded([data[0]])
         return batch | {"completion_mask": torch.zeros_like(batch["completion_mask"])}
 
     def count(self, batch: Batch) -> tuple[int, int]:
-        """(pairs with answer tokens, non-pad tokens)."""
+        """(pairs with answer tokens, tokens through the model)."""
+        if "seen" in batch:
+            return int((batch["n"].chunk(2)[0] > 0).sum()), batch["input_ids"].numel()
         pairs = int(batch["completion_mask"].chunk(2)[0].any(dim=1).sum())
         return pairs, int(batch["attention_mask"].sum())
 
@@ -211,6 +247,7 @@ class DPOObjective(Objective):
     def run_config(self, train: PreferenceData | None, eval: PreferenceData | None) -> dict:
         return {
             "objective": "dpo",
+            "pairs_packed_off": self.pack_off,
             "loss_type": self.options.loss_type,
             "beta": self.options.beta,
             "train_data": train.stats() if train is not None else None,

@@ -118,14 +118,14 @@ def pack_on_shared_prefix(
     inputs = {
         "input_ids": torch.cat([ids[0, :prefix], ids[where]])[None],
         "position_ids": torch.cat([torch.arange(prefix, device=ids.device), where[1]])[None],
-        "attention_mask": _as_mask(seen, backbone)[None, None],
+        "attention_mask": as_attention_mask(seen, backbone)[None, None],
     }
     # by the prefix rule no prefix position has a trained next token
     targets = torch.cat([labels.new_full((prefix,), IGNORE_INDEX), next_label[where]])
     return PackedRows(inputs, targets, prefix)
 
 
-def _as_mask(seen: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+def as_attention_mask(seen: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
     """sdpa takes booleans (True = attend); eager adds the mask to the scores."""
     if compat.attn_implementation(backbone.config) == "sdpa":
         return seen
