@@ -40,18 +40,26 @@ class SFTStats:
 
 
 @dataclass
-class SFTData:
-    """Tokenized SFT examples: dicts of `input_ids` and `labels` (lists of python ints)."""
+class TokenizedExamples:
+    """A list of tokenized examples (dicts of lists of python ints), as the loop's sampler and
+    an objective's collate read them."""
 
     examples: list[dict[str, list[int]]]
-    stats: SFTStats = field(default_factory=SFTStats)
-    format: str = ""
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         return self.examples[i]
+
+
+@dataclass
+class SFTData(TokenizedExamples):
+    """Tokenized SFT examples: dicts of `input_ids` and `labels` (lists of python ints)."""
+
+    examples: list[dict[str, list[int]]]
+    stats: SFTStats = field(default_factory=SFTStats)
+    format: str = ""
 
     @property
     def lengths(self) -> list[int]:

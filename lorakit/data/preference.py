@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.data.dataset import TokenizedExamples
 from lorakit.data.errors import DataError
 from lorakit.data.sources import Source, read_rows
 
@@ -20,19 +21,13 @@ KEYS = ("chosen", "rejected")
 
 
 @dataclass
-class PreferenceData:
+class PreferenceData(TokenizedExamples):
     """Token ids of each pair: prompt_ids, chosen_ids, rejected_ids (lists of ints)."""
 
     examples: list[dict[str, list[int]]]
     rows: int  # rows read
     dropped: int  # rows whose prompt alone fills max_length
     format: str  # "chat" or "text"
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.examples[i]
 
     @property
     def lengths(self) -> list[int]:

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from lorakit.errors import ConfigError
 
@@ -51,14 +51,18 @@ def load_records(source: Source, format: str | None = None) -> list[dict]:
     return read_records(source, format)[0]
 
 
-def read_rows(source: Source) -> tuple[list[dict], Origin]:
-    """Rows as dicts and their origin (to name a row in later errors), in no format yet."""
+def read_rows(
+    source: Source, not_a_record: Callable[[Any], str] | None = None
+) -> tuple[list[dict], Origin]:
+    """Rows as dicts and their origin (to name a row in later errors), in no format yet;
+    `not_a_record(row)` says what is wrong with a row that is not a dict."""
     records, origin = _read(source)
     if not records:
         raise DataError(f"{origin.name}: empty, no records")
     for i, r in enumerate(records):
         if not isinstance(r, dict):
-            raise DataError(f"{origin(i)}: a {type(r).__name__}, not a record of named fields")
+            why = not_a_record(r) if not_a_record else f"a {type(r).__name__}, not a record"
+            raise DataError(f"{origin(i)}: {why}")
     return records, origin
 
 
@@ -66,12 +70,7 @@ def read_records(source: Source, format: str | None = None) -> tuple[list[dict],
     """Rows, their origin (to name a row in later errors) and the format they were checked for."""
     if format is not None and format not in FORMATS:
         raise ConfigError(f"unknown data format {format!r}; expected one of {FORMATS}")
-    records, origin = _read(source)
-    if not records:
-        raise DataError(f"{origin.name}: empty, no records")
-    for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise DataError(f"{origin(i)}: {record_problem(r, format or 'text')}")
+    records, origin = read_rows(source, lambda r: record_problem(r, format or "text"))
     if format is None:
         # The union of fields, so that a row missing a field is reported as such, at its line.
         fields: dict[str, None] = {}
