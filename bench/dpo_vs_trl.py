@@ -99,12 +99,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--sides", nargs="+", default=["lorakit", "trl", "sft"],
+                        choices=["lorakit", "trl", "sft"])
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         return worker(args)
-    results: dict[str, list[dict]] = {"lorakit": [], "trl": [], "sft": []}
+    results: dict[str, list[dict]] = {side: [] for side in args.sides}
     for _ in range(args.repeats):
         for side in results:
             with tempfile.TemporaryDirectory() as out:
@@ -121,13 +123,15 @@ def main() -> None:
     for side, r in best.items():
         acc = "" if r["eval_accuracy"] is None else f"{r['eval_accuracy']:.3f}"
         print(f"| {side} | {r['pairs_per_s']:.2f} | {r['peak_rss_mib']:.0f} | {acc} |")
-    ours, theirs, sft = best["lorakit"], best["trl"], best["sft"]
-    print(f"\nlorakit / TRL pairs/s: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x "
-          "(target >= 2)")
-    print(f"peak RSS lorakit / TRL: {ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x "
-          "(target <= 0.6)")
-    print(f"peak RSS lorakit DPO / lorakit SFT: {ours['peak_rss_mib'] / sft['peak_rss_mib']:.2f}x "
-          "(target <= 1.15)")
+    ours, theirs, sft = (best.get(side) for side in ("lorakit", "trl", "sft"))
+    if ours and theirs:
+        print(f"\nlorakit / TRL pairs/s: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x "
+              "(target >= 2)")
+        print(f"peak RSS lorakit / TRL: {ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x "
+              "(target <= 0.6)")
+    if ours and sft:
+        print(f"peak RSS lorakit DPO / lorakit SFT: "
+              f"{ours['peak_rss_mib'] / sft['peak_rss_mib']:.2f}x (target <= 1.15)")
 
 
 if __name__ == "__main__":
