@@ -341,3 +341,24 @@ def test_layer_filters_apply_to_modules_only_as_in_peft(option):
         ours = get_lora_model(make_tiny_moe(), LoraConfig(**config, **option))
     assert set(peft_parameters(ours, "default")) == set(
         peft.get_peft_model_state_dict(theirs))
+
+
+def test_bf16_autocast_on_experts_tracks_fp32():
+    """The trainer's bf16 autocast (the default on AVX512-BF16 CPUs; forced here, so every CPU
+    runs it): the experts' update is computed outside autocast, in the adapters' fp32, and the
+    loss and expert gradients stay within bf16 rounding of the fp32 step."""
+    _, _, ours = pair("qwen3_moe-all-linear")
+    x = ids(seed=2)
+    grads = {}
+    for autocast in (False, True):
+        ours.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = ours(x, labels=x).loss
+        loss.backward()
+        grads[autocast] = (float(loss), {
+            k: p.grad.clone() for k, p in peft_parameters(ours, "default").items()
+            if "experts" in k})
+    (loss32, g32), (loss16, g16) = grads[False], grads[True]
+    assert loss16 == pytest.approx(loss32, rel=2e-2)
+    for key, g in g32.items():
+        assert (g16[key] - g).norm() <= 0.1 * g.norm() + 1e-6, key
