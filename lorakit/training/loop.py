@@ -344,7 +344,8 @@ class Trainer:
         state.tokens_seen += w.tokens
         epoch = state.epoch + state.batch_index / max(1, self._batches_per_epoch())
         record = {"step": state.step, "epoch": round(epoch, 4), "loss": round(w.loss / w.steps, 6)}
-        record |= {k: round(v / w.steps, 6) for k, v in w.sums.items()}
+        means = self.objective.log_metrics({k: v / w.steps for k, v in w.sums.items()})
+        record |= {k: round(v, 6) for k, v in means.items()}
         record |= {
             "lr": run.scheduler.get_last_lr()[0],
             "grad_norm": round(run.grad_norm, 4),

@@ -67,6 +67,11 @@ class Objective:
         """The summed loss of `batch` on `model` (a LoraModel) and the metric sums to log."""
         raise NotImplementedError
 
+    def log_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """The metrics to log from the means of the metric sums over the logged steps (KTO
+        turns its per-class sums and counts into per-class means here)."""
+        return means
+
     def eval_metrics(self, loss: float, count: int, sums: dict[str, float]) -> dict[str, float]:
         """Evaluation metrics from the summed loss, count and metric sums of all eval batches."""
         return {"eval_loss": loss / max(count, 1)}

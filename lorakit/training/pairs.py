@@ -23,32 +23,46 @@ import torch
 MAX_PACKED_TOKENS = 4096  # the mask is tokens² booleans: 16 MiB at most
 
 
-def pack_pairs(examples: list[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor] | None:
+def pack_pairs(
+    examples: list[dict[str, Any]],
+    max_length: int,
+    answers: tuple[str, str] = ("chosen_ids", "rejected_ids"),
+    prompt_targets: bool = False,
+) -> dict[str, torch.Tensor] | None:
     """The packed batch (see the module docstring), or None if it would exceed
-    MAX_PACKED_TOKENS. Rows of the [chosen; rejected] layout: pair p's chosen is row p, its
-    rejected row B + p; `n` holds each row's answer tokens (answers cut at max_length)."""
+    MAX_PACKED_TOKENS. Rows of the [first; second] layout: example p's `answers[0]` is row p,
+    its `answers[1]` row B + p; `n` holds each row's answer tokens (answers cut at max_length).
+    prompt_targets: each prompt's own tokens are scored too, for its first row (ORPO's NLL
+    over the whole chosen sequence); `answer` marks which scored tokens are answer tokens."""
     n_pairs = len(examples)
     prompts = [e["prompt_ids"] for e in examples]
     shared = _common_prefix(prompts)
     ids, pos, seg = list(prompts[0][:shared]), list(range(shared)), [-1] * shared
-    pred, targets, rows, n = [], [], [], [0] * (2 * n_pairs)
+    pred, targets, rows, answer, n = [], [], [], [], [0] * (2 * n_pairs)
     for p, e in enumerate(examples):
         plen = len(e["prompt_ids"])
         own = e["prompt_ids"][shared:]
+        if prompt_targets:  # token t of the prompt is predicted at t - 1 (shared or own)
+            at = list(range(shared)) + list(range(len(ids), len(ids) + len(own)))
+            pred += at[:-1]
+            targets += e["prompt_ids"][1:]
+            rows += [p] * (plen - 1)
+            answer += [False] * (plen - 1)
         ids += own
         pos += range(shared, plen)
         seg += [3 * p] * len(own)
         last_prompt = len(ids) - 1 if own else shared - 1
-        for k, key in enumerate(("chosen_ids", "rejected_ids")):
-            answer = e[key][: max(max_length - plen, 0)]
+        for k, key in enumerate(answers):
+            tokens = e[key][: max(max_length - plen, 0)]
             first = len(ids)
-            ids += answer
-            pos += range(plen, plen + len(answer))
-            seg += [3 * p + 1 + k] * len(answer)
-            pred += ([last_prompt] + list(range(first, first + len(answer) - 1)))[: len(answer)]
-            targets += answer
-            rows += [k * n_pairs + p] * len(answer)
-            n[k * n_pairs + p] = len(answer)
+            ids += tokens
+            pos += range(plen, plen + len(tokens))
+            seg += [3 * p + 1 + k] * len(tokens)
+            pred += ([last_prompt] + list(range(first, first + len(tokens) - 1)))[: len(tokens)]
+            targets += tokens
+            rows += [k * n_pairs + p] * len(tokens)
+            answer += [True] * len(tokens)
+            n[k * n_pairs + p] = len(tokens)
     if len(ids) > MAX_PACKED_TOKENS:
         return None
     return {
@@ -58,6 +72,7 @@ def pack_pairs(examples: list[dict[str, Any]], max_length: int) -> dict[str, tor
         "pred": torch.tensor(pred, dtype=torch.long),
         "targets": torch.tensor(targets, dtype=torch.long),
         "rows": torch.tensor(rows, dtype=torch.long),
+        "answer": torch.tensor(answer, dtype=torch.bool),
         "n": torch.tensor(n),
     }
 
