@@ -3,7 +3,7 @@
 PEFT's names are aliases of lorakit's (the same objects, not copies), so a PEFT script runs with
 its `from peft import ...` changed to `from lorakit import ...`; `SFTTrainer` also takes TRL's
 call (`args=SFTConfig(...)`, `train_dataset`, `processing_class`, `peft_config`), and
-`DPOTrainer` TRL's DPO call (`args=DPOConfig(...)`).
+`DPOTrainer`, `KTOTrainer` and `ORPOTrainer` TRL's preference calls (`args=DPOConfig(...)`, ...).
 """
 
 from lorakit.base import load_model, prepare_for_kbit_training
@@ -13,6 +13,10 @@ from lorakit.lora.config import LoraConfig, TaskType
 from lorakit.training import (
     DPOConfig,
     DPOTrainer,
+    KTOConfig,
+    KTOTrainer,
+    ORPOConfig,
+    ORPOTrainer,
     SFTConfig,
     SFTTrainer,
     TrainConfig,
@@ -30,9 +34,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DPOConfig",
     "DPOTrainer",
+    "KTOConfig",
+    "KTOTrainer",
     "LoraConfig",
     "LoraLayer",
     "LoraModel",
+    "ORPOConfig",
+    "ORPOTrainer",
     "PeftModel",
     "SFTConfig",
     "SFTTrainer",

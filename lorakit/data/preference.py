@@ -6,6 +6,10 @@ by the tokenizer's chat template: the prompt with the generation prompt, then pr
 and the answer starts where the two token sequences diverge (TRL's rule). Text answers get the
 EOS token appended, as TRL does. A row whose prompt alone fills `max_length` is dropped (nothing
 of its answers would be scored); longer sequences are cut at `max_length` when batched.
+
+Unpaired rows (KTO's): `prompt` / `completion` / `label` (true: a desirable answer). Pairs are
+accepted too and unpaired as TRL does: in blocks of 1000 pairs, the block's chosen answers
+(desirable), then its rejected ones.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from lorakit.data.errors import DataError
 from lorakit.data.sources import Source, read_rows
 
 KEYS = ("chosen", "rejected")
+UNPAIR_BLOCK = 1000  # TRL unpairs pairs in `datasets.map` batches of this many
 
 
 @dataclass
@@ -59,16 +64,107 @@ def prepare_preferences(source: Source, tokenizer: Any, max_length: int) -> Pref
     rows, chat, origin = read_preferences(source)
     examples, dropped = [], 0
     for row in rows:
-        example = _tokenized(row, tokenizer, chat)
-        if len(example["prompt_ids"]) >= max_length:
+        prompt, (chosen, rejected) = _tokenized(row, tokenizer, chat)
+        if len(prompt) >= max_length:
             dropped += 1
             continue
-        examples.append(example)
+        examples.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
     if not examples:
         raise DataError(
             f"{origin.name}: no usable pairs: every prompt fills max_length={max_length}"
         )
     return PreferenceData(examples, len(rows), dropped, "chat" if chat else "text")
+
+
+@dataclass
+class UnpairedData(TokenizedExamples):
+    """Token ids of answers marked desirable or not: prompt_ids, completion_ids, label."""
+
+    examples: list[dict[str, Any]]
+    rows: int  # rows read (pairs count twice)
+    dropped: int  # rows whose prompt alone fills max_length
+    format: str  # "chat" or "text"
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e["prompt_ids"]) + len(e["completion_ids"]) for e in self.examples]
+
+    def stats(self) -> dict[str, Any]:
+        desirable = sum(e["label"] for e in self.examples)
+        return {
+            "rows": self.rows,
+            "desirable": desirable,
+            "undesirable": len(self) - desirable,
+            "dropped": self.dropped,
+        }
+
+
+def read_unpaired(source: Source) -> tuple[list[dict], bool, Any]:
+    """(rows of prompt, completion and a bool label, whether they are chat rows, their origin):
+    KTO's rows, or pairs unpaired as TRL unpairs them; a bad row fails naming it."""
+    records, origin = read_rows(source)
+    if "completion" not in records[0]:  # pairs: TRL's unpair_preference_dataset
+        pairs, chat, origin = read_preferences(source)
+        rows = []
+        for lo in range(0, len(pairs), UNPAIR_BLOCK):
+            block = pairs[lo : lo + UNPAIR_BLOCK]
+            for key, label in (("chosen", True), ("rejected", False)):
+                rows += [
+                    {"prompt": r["prompt"], "completion": r[key], "label": label} for r in block
+                ]
+        return rows, chat, origin
+    chat = isinstance(records[0].get("completion"), list)
+    for i, record in enumerate(records):
+        if problem := _unpaired_problem(record, chat):
+            raise DataError(f"{origin(i)}: {problem}")
+    return [{**r, "label": bool(r["label"])} for r in records], chat, origin
+
+
+def prepare_unpaired(
+    source: Source, tokenizer: Any, max_length: int, both_labels: bool = True
+) -> UnpairedData:
+    """Read and tokenize KTO's rows; a bad row fails naming it, and so does data with one label
+    only where `both_labels` (training data: KTO learns from the contrast)."""
+    rows, chat, origin = read_unpaired(source)
+    labels = {r["label"] for r in rows}
+    if both_labels and len(labels) < 2:
+        raise DataError(
+            f"{origin.name}: every row has label={labels.pop()}: KTO needs desirable (true) and "
+            "undesirable (false) answers"
+        )
+    examples, dropped = [], 0
+    for row in rows:
+        prompt, (completion,) = _tokenized(row, tokenizer, chat, ("completion",))
+        if len(prompt) >= max_length:
+            dropped += 1
+            continue
+        examples.append({"prompt_ids": prompt, "completion_ids": completion, "label": row["label"]})
+    if not examples:
+        raise DataError(
+            f"{origin.name}: no usable rows: every prompt fills max_length={max_length}"
+        )
+    return UnpairedData(examples, len(rows), dropped, "chat" if chat else "text")
+
+
+def _unpaired_problem(record: dict, chat: bool) -> str | None:
+    missing = [k for k in ("prompt", "completion", "label") if k not in record]
+    if missing:
+        return (
+            f"no {' and '.join(repr(k) for k in missing)}: KTO rows need 'prompt', 'completion' "
+            f"and 'label' (or 'chosen' / 'rejected' pairs); have {sorted(record)}"
+        )
+    kind = list if chat else str
+    for key in ("prompt", "completion"):
+        if not isinstance(record[key], kind):
+            return (
+                f"'{key}' is a {type(record[key]).__name__}; this file's rows are "
+                f"{'chat messages (lists)' if chat else 'text'}, like its first row"
+            )
+    if not record["completion"]:
+        return "an empty 'completion'"
+    if not isinstance(record["label"], bool) and record["label"] not in (0, 1):
+        return f"'label' is {record['label']!r}: use true (desirable) or false"
+    return None
 
 
 def prompts_and_chosen(source: Source) -> list[tuple[Any, str]]:
@@ -119,24 +215,23 @@ def _split_implicit_prompt(record: dict) -> dict:
     return {**record, "prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
 
 
-def _tokenized(row: dict, tokenizer: Any, chat: bool) -> dict[str, list[int]]:
+def _tokenized(
+    row: dict, tokenizer: Any, chat: bool, keys: tuple[str, ...] = KEYS
+) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, the ids of each answer in `keys`), as TRL's preference trainers cut them."""
     if chat:
         kw = {"tools": row.get("tools")} if row.get("tools") else {}
         prompt = _chat_ids(tokenizer, row["prompt"], add_generation_prompt=True, **kw)
-        both = [_chat_ids(tokenizer, row["prompt"] + row[k], **kw) for k in KEYS]
+        full = [_chat_ids(tokenizer, row["prompt"] + row[k], **kw) for k in keys]
     else:
         eos = tokenizer.eos_token or ""
         prompt = tokenizer(text=row["prompt"])["input_ids"]
-        answers = [row[k] if row[k].endswith(eos) else row[k] + eos for k in KEYS]
-        both = [tokenizer(text=row["prompt"] + a)["input_ids"] for a in answers]
+        answers = [row[k] if row[k].endswith(eos) else row[k] + eos for k in keys]
+        full = [tokenizer(text=row["prompt"] + a)["input_ids"] for a in answers]
     # the answers start where prompt and prompt + answer diverge (a template may render the
     # prompt alone differently, or tokens merge across the boundary)
-    start = min(_common_prefix(prompt, ids) for ids in both)
-    return {
-        "prompt_ids": prompt[:start],
-        "chosen_ids": both[0][start:],
-        "rejected_ids": both[1][start:],
-    }
+    start = min(_common_prefix(prompt, ids) for ids in full)
+    return prompt[:start], [ids[start:] for ids in full]
 
 
 def _chat_ids(tokenizer: Any, messages: list, **kwargs: Any) -> list[int]:

@@ -16,7 +16,10 @@ from lorakit.data.formats import FORMATS
 from lorakit.errors import ConfigError
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")  # lorakit.training.dpo computes them
-OBJECTIVES = ("sft", "dpo")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # lorakit.training.kto
+PREFERENCE_OBJECTIVES = ("dpo", "kto", "orpo")  # each has its options section of that name
+OBJECTIVES = ("sft", *PREFERENCE_OBJECTIVES)
+SAMPLING = ("random", "sequential")
 
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("stop", "skip")  # what a NaN/inf step does
@@ -95,9 +98,11 @@ class TrainConfig:
     global_batch_size: int | None = None  # examples per optimizer step over all ranks; sets the
     # per-rank batch to global / (ranks × gradient_accumulation_steps), which must divide evenly
     ddp_timeout: int = 1800  # seconds a rank waits for the others, to join and in each collective
-    # what the run trains for: "sft" (next-token loss) or "dpo" (preference pairs; its settings
-    # are the run config's `dpo` section, DPOOptions)
+    # what the run trains for: "sft" (next-token loss), or a preference objective ("dpo", "kto",
+    # "orpo"), whose settings are the run config's section of that name (DPOOptions, ...)
     objective: str = "sft"
+    # "random": each epoch in a new order (seeded); "sequential": the data's order (TRL's KTO)
+    train_sampling_strategy: str = "random"
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ConfigError:
@@ -131,6 +136,8 @@ class TrainConfig:
             raise bad("learning_rate", "must be > 0")
         if self.objective not in OBJECTIVES:
             raise bad("objective", f"must be one of {OBJECTIVES}")
+        if self.train_sampling_strategy not in SAMPLING:
+            raise bad("train_sampling_strategy", f"must be one of {SAMPLING}")
         if self.lr_scheduler_type not in SCHEDULES:
             raise bad("lr_scheduler_type", f"must be one of {SCHEDULES}")
         if not 0 <= self.warmup_ratio < 1:
@@ -323,9 +330,9 @@ class DPOOptions:
     precompute_ref_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        self.check_dpo()
+        self.check_options()
 
-    def check_dpo(self) -> None:
+    def check_options(self) -> None:
         name = type(self).__name__
         kinds = self.loss_type  # a list, one name, or names joined by commas (a CLI flag)
         self.loss_type = kinds.split(",") if isinstance(kinds, str) else list(kinds)
@@ -338,10 +345,66 @@ class DPOOptions:
                 f"{name}.loss_weights has {len(self.loss_weights)} weights for "
                 f"{len(self.loss_type)} loss types: give one per loss_type"
             )
-        if not self.beta > 0:
-            raise ConfigError(f"{name}.beta={self.beta!r}: must be > 0")
+        _check_beta(self)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"{name}.label_smoothing={self.label_smoothing!r}: use [0, 0.5)")
+
+
+@dataclass
+class KTOOptions:
+    """KTO's own settings (TRL 1.16's names and defaults): the `kto` section of a run config, and
+    KTOConfig's fields. Rows are answers marked desirable or not, one at a time.
+
+    beta: how far the policy may move from the reference.
+    loss_type: "kto" (rewards measured against a KL estimate from mismatched prompt/answer
+        pairs) or "apo_zero_unpaired" (no KL term).
+    desirable_weight / undesirable_weight: the loss weight of desirable / undesirable rows
+        (TRL suggests keeping weight × count of the two classes within 1:1 to 4:3).
+    precompute_ref_log_probs / precompute_ref_batch_size: as DPOOptions'.
+    """
+
+    beta: float = 0.1
+    loss_type: str = "kto"
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    precompute_ref_log_probs: bool = False
+    precompute_ref_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.check_options()
+
+    def check_options(self) -> None:
+        name = type(self).__name__
+        if self.loss_type not in KTO_LOSS_TYPES:
+            raise ConfigError(
+                f"{name}.loss_type={self.loss_type!r}: lorakit has {', '.join(KTO_LOSS_TYPES)}"
+            )
+        _check_beta(self)
+        for weight in ("desirable_weight", "undesirable_weight"):
+            if not getattr(self, weight) > 0:
+                raise ConfigError(f"{name}.{weight}={getattr(self, weight)!r}: must be > 0")
+
+
+@dataclass
+class ORPOOptions:
+    """ORPO's own setting (TRL's name and default): the `orpo` section of a run config.
+
+    beta: λ of the paper, the weight of the odds-ratio term next to the chosen answers' NLL.
+    ORPO has no reference model: the loss compares the policy's odds of the two answers.
+    """
+
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.check_options()
+
+    def check_options(self) -> None:
+        _check_beta(self)
+
+
+def _check_beta(options: Any) -> None:
+    if not options.beta > 0:
+        raise ConfigError(f"{type(options).__name__}.beta={options.beta!r}: must be > 0")
 
 
 @_refuse_unknown_options
@@ -361,10 +424,61 @@ class DPOConfig(TRLConfig, DPOOptions):
     objective: str = "dpo"
 
     def __post_init__(self) -> None:
-        self.check_dpo()
+        self.check_options()
         if self.truncation_mode != "keep_start":
             raise ConfigError(
                 f"DPOConfig.truncation_mode={self.truncation_mode!r}: lorakit cuts answers at "
                 "max_length ('keep_start'; TRL deprecates 'keep_end')"
             )
+        super().__post_init__()
+
+
+@_refuse_unknown_options
+@dataclass
+class KTOConfig(TRLConfig, KTOOptions):
+    """TRL's `KTOConfig`: TRLConfig's fields and KTOOptions' with TRL 1.16's defaults (learning
+    rate 1e-6, beta 0.1, the kto loss, max_length 1024, dropout off, the data in its order).
+    Any other option fails by name.
+
+    train_sampling_strategy: "sequential" as TRL's KTO (which requires it), or "random".
+    disable_dropout: every dropout of the model off, as TRL does.
+    """
+
+    learning_rate: float = 1e-6
+    train_sampling_strategy: str = "sequential"
+    disable_dropout: bool = True
+    objective: str = "kto"
+
+    def __post_init__(self) -> None:
+        self.check_options()
+        super().__post_init__()
+
+
+@_refuse_unknown_options
+@dataclass
+class ORPOConfig(TRLConfig, ORPOOptions):
+    """TRL's `ORPOConfig` (trl.experimental.orpo): TRLConfig's fields and ORPOOptions' with TRL's
+    defaults (learning rate 1e-6, beta 0.1, max_length 1024, dropout off). Any other option
+    fails by name; `padding_value` is accepted (padding does not change the loss),
+    `max_completion_length` and `is_encoder_decoder` are for encoder-decoder models, which
+    lorakit does not train, and `generate_during_eval` needs a tracker.
+    """
+
+    learning_rate: float = 1e-6
+    disable_dropout: bool = True
+    padding_value: int | None = None
+    max_completion_length: int | None = None
+    is_encoder_decoder: bool | None = None
+    generate_during_eval: bool = False
+    objective: str = "orpo"
+
+    def __post_init__(self) -> None:
+        self.check_options()
+        for key, why in (
+            ("max_completion_length", "it applies to encoder-decoder models; use max_length"),
+            ("is_encoder_decoder", "lorakit trains causal language models"),
+            ("generate_during_eval", "the run's report.md shows generations before and after"),
+        ):
+            if getattr(self, key):
+                raise ConfigError(f"ORPOConfig.{key}={getattr(self, key)!r}: not supported: {why}")
         super().__post_init__()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.data.preference import PreferenceData, prepare_preferences
+from lorakit.data.preference import PreferenceData
 from lorakit.errors import ConfigError
 from lorakit.training.config import DPO_LOSS_TYPES as LOSS_TYPES
 from lorakit.training.config import DPOConfig, DPOOptions
@@ -67,13 +67,6 @@ class DPOObjective(PairedObjective):
         options = self.options
         weights = options.loss_weights or [1.0] * len(options.loss_type)
         self.losses = list(zip(options.loss_type, weights))
-
-    def prepare(self, data: Any, split: str) -> PreferenceData:
-        if isinstance(data, PreferenceData):
-            return data
-        if self.tokenizer is None:
-            raise ConfigError(f"{split} data is not tokenized yet: pass processing_class=")
-        return prepare_preferences(data, self.tokenizer, self.args.max_length)
 
     def loss(self, model: nn.Module, batch: Batch, training: bool) -> Terms:
         logps, ref, n = self.policy_and_reference(model, batch)

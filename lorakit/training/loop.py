@@ -10,9 +10,10 @@ policy, the update), `_log`, `_evaluate` and `_save` on their schedules, and `_f
 evaluation, checkpoint and adapter). The loop always talks to a process group: without torchrun a
 group of one whose collectives change nothing. Only rank 0 writes files and logs.
 
-A step is one global batch (per-rank batch × ranks × accumulation steps): it is drawn, shuffled
-and length-grouped as one batch, then split into micro-batches and ranks
-(`split_global_batch`), so any split of it trains the same adapter.
+A step is one global batch (per-rank batch × ranks × accumulation steps): it is drawn (in a
+seeded random order, or the data's with train_sampling_strategy="sequential") and length-grouped
+as one batch, then split into micro-batches and ranks (`split_global_batch`), so any split of it
+trains the same adapter.
 """
 
 from __future__ import annotations
@@ -427,7 +428,7 @@ class Trainer:
             data.lengths,
             launch.global_batch,
             seed=launch.seed,
-            shuffle=True,
+            shuffle=self.args.train_sampling_strategy == "random",
             mega_batches=50 if self.args.group_by_length else 1,
         )
         while True:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.data.preference import PreferenceData, prepare_preferences
 from lorakit.errors import ConfigError
 from lorakit.training import trl_call
 from lorakit.training.config import TrainConfig
@@ -104,6 +105,14 @@ class PairedObjective(Objective):
             if split_head(model.model) is None
             else prefix_sharing_problem(model.model, training=True)
         )
+
+    def prepare(self, data: Any, split: str) -> Any:
+        """Preference pairs (lorakit.data.preference) as token ids."""
+        if isinstance(data, PreferenceData):
+            return data
+        if self.tokenizer is None:
+            raise ConfigError(f"{split} data is not tokenized yet: pass processing_class=")
+        return prepare_preferences(data, self.tokenizer, self.args.max_length)
 
     def collate(self, examples: list[dict]) -> Batch:
         """The examples packed on their prompts (lorakit.training.pairs) where the model allows,
