@@ -44,6 +44,9 @@ class PreferenceData(TokenizedExamples):
     def stats(self) -> dict[str, Any]:
         return {"rows": self.rows, "pairs": len(self), "dropped": self.dropped}
 
+    def describe(self) -> str:
+        return f"{self.rows} rows -> {len(self)} pairs ({self.dropped} dropped)"
+
 
 def read_preferences(source: Source) -> tuple[list[dict], bool, Any]:
     """(rows with explicit prompts, whether they are chat rows, their origin); a bad row fails
@@ -97,6 +100,13 @@ class UnpairedData(TokenizedExamples):
             "undesirable": len(self) - desirable,
             "dropped": self.dropped,
         }
+
+    def describe(self) -> str:
+        s = self.stats()
+        return (
+            f"{s['rows']} rows ({s['desirable']} desirable, {s['undesirable']} undesirable, "
+            f"{s['dropped']} dropped)"
+        )
 
 
 def read_unpaired(source: Source) -> tuple[list[dict], bool, Any]:
@@ -168,11 +178,22 @@ def _unpaired_problem(record: dict, chat: bool) -> str | None:
 
 
 def prompts_and_chosen(source: Source) -> list[tuple[Any, str]]:
-    """(prompt, chosen answer as text) of each row: what a report compares generations to."""
-    rows, chat, _ = read_preferences(source)
+    """(prompt, a preferred answer as text) of each pair, or of each desirable row of KTO's
+    data: what a report compares generations to."""
+    records, _ = read_rows(source)
+    if "completion" in records[0]:
+        rows, chat, _ = read_unpaired(source)
+        rows = [{"prompt": r["prompt"], "chosen": r["completion"]} for r in rows if r["label"]]
+    else:
+        rows, chat, _ = read_preferences(source)
     if not chat:
         return [(r["prompt"], r["chosen"]) for r in rows]
     return [(r["prompt"], "".join(m.get("content") or "" for m in r["chosen"])) for r in rows]
+
+
+def read_any(source: Source, objective: str) -> None:
+    """Read and check an objective's rows (KTO's, or pairs); a bad row fails naming it."""
+    (read_unpaired if objective == "kto" else read_preferences)(source)
 
 
 def _checked(record: dict, chat: bool) -> dict:

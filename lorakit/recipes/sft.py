@@ -22,7 +22,7 @@ from lorakit.atomic import atomic_write_bytes, remove_tree, writing
 from lorakit.base import load_model, prepare_for_kbit_training
 from lorakit.base.loading import resolve_dtype
 from lorakit.data import load_records
-from lorakit.data.preference import prompts_and_chosen, read_preferences
+from lorakit.data.preference import prompts_and_chosen, read_any
 from lorakit.data.sources import read_records
 from lorakit.errors import OutputExistsError, UserError
 from lorakit.inference.generate import (
@@ -33,8 +33,15 @@ from lorakit.inference.generate import (
 )
 from lorakit.log import get_logger
 from lorakit.lora import LoraModel, get_lora_model
-from lorakit.training import DPOTrainer, SFTTrainer, TrainResult, list_checkpoints
-from lorakit.training.config import set_seed
+from lorakit.training import (
+    DPOTrainer,
+    KTOTrainer,
+    ORPOTrainer,
+    SFTTrainer,
+    TrainResult,
+    list_checkpoints,
+)
+from lorakit.training.config import PREFERENCE_OBJECTIVES, set_seed
 from lorakit.training.distributed import ProcessGroup
 from lorakit.training.launch import Launch, resolve_launch
 from lorakit.training.report import plot_losses, write_report
@@ -107,8 +114,8 @@ class SFTRecipe:
         cheap next to loading a model)."""
         d, fmt = self.cfg.data, self.cfg.training.dataset_format
         for source in (d.train, d.eval):
-            if source is not None and self.dpo:
-                read_preferences(source)
+            if source is not None and self.preference:
+                read_any(source, self.cfg.training.objective)
             elif source is not None:
                 read_records(source, fmt)
 
@@ -177,24 +184,28 @@ class SFTRecipe:
             self.model.print_trainable_parameters()
 
     @property
-    def dpo(self) -> bool:
-        return self.cfg.training.objective == "dpo"
+    def preference(self) -> bool:
+        return self.cfg.training.objective in PREFERENCE_OBJECTIVES
 
     def _setup_trainer(self) -> None:
-        d = self.cfg.data
-        if self.dpo:  # fresh adapters: the reference is the base, the adapters switched off
-            self.trainer = DPOTrainer(
+        d, objective = self.cfg.data, self.cfg.training.objective
+        if self.preference:  # fresh adapters: a reference is the base, the adapters switched off
+            trainer, extra = {
+                "dpo": (DPOTrainer, {"reference": "base"}),
+                "kto": (KTOTrainer, {"reference": "base"}),
+                "orpo": (ORPOTrainer, {}),
+            }[objective]
+            self.trainer = trainer(
                 self.model,
                 args=self.cfg.training,
                 train_dataset=d.train,
                 eval_dataset=d.eval,
                 processing_class=self.tokenizer,
                 launch=self.launch,
-                options=self.cfg.dpo,
-                reference="base",
+                options=getattr(self.cfg, objective),
+                **extra,
             )
-            stats = self.trainer.train_data.stats()
-            data = f"{stats['rows']} rows -> {stats['pairs']} pairs ({stats['dropped']} dropped)"
+            data = self.trainer.train_data.describe()
         else:
             self.trainer = SFTTrainer(
                 self.model,
@@ -263,7 +274,7 @@ class SFTRecipe:
             self.say("no sample generations in fsdp2 mode (the base is sharded)")
             return []
         source = self.cfg.data.eval or self.cfg.data.train
-        if self.dpo:  # the chosen answer is the reference a generation is compared to
+        if self.preference:  # a preferred answer is what a generation is compared to
             return [Example(p, chosen) for p, chosen in prompts_and_chosen(source)[:n]]
         return completion_examples(load_records(source))[:n]
 

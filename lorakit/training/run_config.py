@@ -5,6 +5,8 @@
     lora:     lorakit.lora.config.LoraConfig (PEFT's field names)
     training: lorakit.training.config.TrainConfig (TRL's names where the concept is the same)
     dpo:      lorakit.training.config.DPOOptions (with training.objective: dpo)
+    kto:      lorakit.training.config.KTOOptions (with training.objective: kto)
+    orpo:     lorakit.training.config.ORPOOptions (with training.objective: orpo)
     output:   lorakit.training.report.OutputConfig
 
 A YAML file holds any of the sections; `lorakit train` flags (`TRAIN_FLAGS`) and `--set
@@ -28,7 +30,14 @@ from lorakit.base.quantize import QUANT_TYPES
 from lorakit.data.config import DataConfig
 from lorakit.errors import ConfigError, InputNotFoundError
 from lorakit.lora.config import LoraConfig
-from lorakit.training.config import OBJECTIVES, DPOOptions, TrainConfig
+from lorakit.training.config import (
+    OBJECTIVES,
+    PREFERENCE_OBJECTIVES,
+    DPOOptions,
+    KTOOptions,
+    ORPOOptions,
+    TrainConfig,
+)
 from lorakit.training.report import OutputConfig
 
 SECTIONS: dict[str, type] = {
@@ -37,8 +46,11 @@ SECTIONS: dict[str, type] = {
     "lora": LoraConfig,
     "training": TrainConfig,
     "dpo": DPOOptions,
+    "kto": KTOOptions,
+    "orpo": ORPOOptions,
     "output": OutputConfig,
 }
+OBJECTIVE = "objective"  # a flag's section: the options section of the run's objective
 # fields that belong to the run, not to the section: the adapter files record them themselves,
 # and the training output directory is output.dir
 _HIDDEN = {
@@ -51,7 +63,7 @@ _HIDDEN = {
 class Flag:
     """A `lorakit train` flag for one config field."""
 
-    section: str
+    section: str  # or OBJECTIVE
     key: str
     help: str = ""
     choices: tuple[str, ...] | None = None
@@ -85,10 +97,17 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "--lora-dropout": Flag("lora", "lora_dropout", aliases=("--dropout",)),
     "--target-modules": Flag("lora", "target_modules", "all-linear | q_proj,v_proj | a regex"),
     "--objective": Flag(
-        "training", "objective", "sft: next-token loss | dpo: preference pairs", choices=OBJECTIVES
+        "training",
+        "objective",
+        "sft: next-token loss | dpo, orpo: preference pairs | kto: answers marked good or bad",
+        choices=OBJECTIVES,
     ),
-    "--beta": Flag("dpo", "beta", "DPO: how far the policy may move from the reference"),
-    "--loss-type": Flag("dpo", "loss_type", "DPO: sigmoid | ipo | hinge | robust (or a,b)"),
+    "--beta": Flag(OBJECTIVE, "beta", "dpo / kto / orpo: the objective's beta"),
+    "--loss-type": Flag(
+        OBJECTIVE,
+        "loss_type",
+        "dpo: sigmoid | ipo | hinge | robust (or a,b); kto: kto | apo_zero_unpaired",
+    ),
 }
 SINGLE_PROCESS_ALIASES: dict[str, str] = {
     a: name for name, f in TRAIN_FLAGS.items() for a in f.aliases
@@ -102,6 +121,8 @@ class RunConfig:
     lora: LoraConfig
     training: TrainConfig
     dpo: DPOOptions
+    kto: KTOOptions
+    orpo: ORPOOptions
     output: OutputConfig
 
     def sections(self) -> dict[str, Any]:
@@ -122,6 +143,7 @@ def section_fields(section: str) -> dict[str, dataclasses.Field]:
 
 def field_type(section: str, key: str) -> type | None:
     """int / float / str for a field whose annotation names one (for argparse), else None."""
+    section = "dpo" if section == OBJECTIVE else section  # the objectives' fields share types
     hint = str(section_fields(section)[key].type)
     for name, t in (("int", int), ("float", float), ("str", str)):
         if hint.startswith(name):
@@ -181,6 +203,8 @@ class RunConfigBuilder:
 
     def __init__(self) -> None:
         self.values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        # flags for the objective's section: set once the objective is known (at build)
+        self.objective_flags: list[tuple[str, Any, str]] = []
 
     def set(self, section: str, key: str, value: Any, where: str) -> None:
         fields = section_fields(section)
@@ -232,6 +256,14 @@ class RunConfigBuilder:
 
     def build(self) -> RunConfig:
         """Instantiate each section; invalid values are ConfigErrors naming the section."""
+        objective = self.values["training"].get("objective", TrainConfig.objective)
+        for key, value, where in self.objective_flags:
+            if objective not in PREFERENCE_OBJECTIVES:
+                raise ConfigError(
+                    f"{where} sets an option of {', '.join(PREFERENCE_OBJECTIVES)}; the "
+                    f"objective is {objective!r} (pass --objective)"
+                )
+            self.set(objective, key, value, where=f"{where} (--objective {objective})")
         built = {}
         for section, cls in SECTIONS.items():
             values = dict(self.values[section])
@@ -257,7 +289,10 @@ def run_config(
             flag = TRAIN_FLAGS[spelling]
             if spelling == "--target-modules":  # a YAML string stays PEFT's regex
                 value = parse_target_modules(value)
-            builder.set(flag.section, flag.key, value, where=spelling)
+            if flag.section == OBJECTIVE:
+                builder.objective_flags.append((flag.key, value, spelling))
+            else:
+                builder.set(flag.section, flag.key, value, where=spelling)
     for item in sets:
         builder.set_dotted(item)
     return builder.build()
