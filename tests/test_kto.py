@@ -39,8 +39,8 @@ METRICS = ["kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps
            "logps/rejected"]
 
 
-def configs(tmp_path, loss_type="kto", batch=len(ROWS), **common):
-    common = dict(per_device_train_batch_size=batch, use_cpu=True, max_length=64,
+def configs(tmp_path, loss_type="kto", batch=None, **common):
+    common = dict(per_device_train_batch_size=batch or len(ROWS), use_cpu=True, max_length=64,
                   gradient_checkpointing=False, loss_type=loss_type, desirable_weight=1.0,
                   undesirable_weight=1.5, seed=SEED, **common)
     return (trl.KTOConfig(output_dir=str(tmp_path / "trl"), bf16=False, report_to="none",
