@@ -120,10 +120,11 @@ class RunConfig:
     data: DataConfig
     lora: LoraConfig
     training: TrainConfig
-    dpo: DPOOptions
-    kto: KTOOptions
-    orpo: ORPOOptions
     output: OutputConfig
+    # the preference objectives' options: their defaults unless the run sets them
+    dpo: DPOOptions = field(default_factory=DPOOptions)
+    kto: KTOOptions = field(default_factory=KTOOptions)
+    orpo: ORPOOptions = field(default_factory=ORPOOptions)
 
     def sections(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in SECTIONS}
