@@ -69,7 +69,7 @@ def trl_step(tokenizer, loss_type, tmp_path):
 
 @pytest.mark.parametrize("loss_type, packed", [
     ("sigmoid", True), ("sigmoid", False), ("ipo", True), ("hinge", True), ("robust", True),
-    (["sigmoid", "hinge"], False),
+    (["sigmoid", "hinge"], False), (["sigmoid", "sft"], True),
 ])
 def test_first_step_equals_trl(smol_tokenizer, tmp_path, loss_type, packed):
     """packed: the pairs packed on their prompts (lorakit.training.pairs); else padded rows."""

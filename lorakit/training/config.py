@@ -15,7 +15,7 @@ import torch
 from lorakit.data.formats import FORMATS
 from lorakit.errors import ConfigError
 
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")  # lorakit.training.dpo computes them
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "sft")  # lorakit.training.dpo
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # lorakit.training.kto
 PREFERENCE_OBJECTIVES = ("dpo", "kto", "orpo")  # each has its options section of that name
 OBJECTIVES = ("sft", *PREFERENCE_OBJECTIVES)
@@ -314,7 +314,8 @@ class DPOOptions:
     DPOConfig's fields.
 
     beta: how far the policy may move from the reference (the rewards are β·log-ratios).
-    loss_type: one of, or a list of, "sigmoid", "hinge", "ipo", "robust".
+    loss_type: one of, or a list of, "sigmoid", "hinge", "ipo", "robust", "sft" (the chosen
+        answers' NLL; ["sigmoid", "sft"] is RPO).
     loss_weights: one weight per loss_type (default 1 each); the loss is Σ weight · loss.
     label_smoothing: ε of the robust loss (the probability that a pair's labels are flipped).
     precompute_ref_log_probs: the reference's log-probs of every pair computed once, before

@@ -7,7 +7,9 @@ r = log π(answer) − log π_ref(answer) and Δ = r_chosen − r_rejected, per 
 - sigmoid: −log σ(βΔ) (the paper's);
 - hinge:   max(0, 1 − βΔ);
 - ipo:     (r_chosen / n_chosen − r_rejected / n_rejected − 1/(2β))², n: answer tokens;
-- robust:  (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε), ε = label_smoothing.
+- robust:  (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε), ε = label_smoothing;
+- sft:     −Σ log π(chosen tokens) / Σ chosen tokens over the micro-batch, for every pair (the
+           NLL that keeps the chosen answers likely; with sigmoid it is RPO).
 Several losses combine as Σ weight_k · loss_k. The loss is summed over pairs; the loop divides by
 the step's pairs, so a step is the mean over its global batch. Metrics are TRL's:
 rewards/chosen, rewards/rejected (β·r), rewards/accuracies, rewards/margins, logps/chosen,
@@ -41,8 +43,11 @@ METRICS = (
 )
 
 
-def pair_loss(kind: str, r_c, r_r, n_c, n_r, beta: float, smoothing: float) -> torch.Tensor:
-    """One loss type's value for each pair, from the log-ratios r and answer lengths n."""
+def pair_loss(
+    kind: str, r_c, r_r, n_c, n_r, beta: float, smoothing: float, p_c: torch.Tensor
+) -> torch.Tensor:
+    """One loss type's value for each scored pair, from the log-ratios r, the answer lengths n
+    and the policy's log-probs p_c of the chosen answers (all of scored pairs only)."""
     delta = r_c - r_r
     if kind == "sigmoid":
         return -F.logsigmoid(beta * delta)
@@ -54,6 +59,8 @@ def pair_loss(kind: str, r_c, r_r, n_c, n_r, beta: float, smoothing: float) -> t
         return (
             -(1 - smoothing) * F.logsigmoid(beta * delta) + smoothing * F.logsigmoid(-beta * delta)
         ) / (1 - 2 * smoothing)
+    if kind == "sft":
+        return (-p_c.sum() / n_c.sum()).expand_as(p_c)
     raise ConfigError(f"loss_type {kind!r}: lorakit has {LOSS_TYPES}")
 
 
@@ -74,11 +81,9 @@ class DPOObjective(PairedObjective):
         scored = n_c > 0  # a filler batch scores nothing
         r_c, r_r = p_c - ref_c, p_r - ref_r
         args = self.options
+        on = (r_c[scored], r_r[scored], n_c[scored], n_r[scored].clamp(min=1))
         total = sum(
-            weight
-            * pair_loss(
-                kind, r_c, r_r, n_c.clamp(min=1), n_r.clamp(min=1), args.beta, args.label_smoothing
-            )[scored].sum()
+            weight * pair_loss(kind, *on, args.beta, args.label_smoothing, p_c[scored]).sum()
             for kind, weight in self.losses
         )
         reward_c, reward_r = (args.beta * r_c.detach())[scored], (args.beta * r_r.detach())[scored]

@@ -106,7 +106,7 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "--loss-type": Flag(
         OBJECTIVE,
         "loss_type",
-        "dpo: sigmoid | ipo | hinge | robust (or a,b); kto: kto | apo_zero_unpaired",
+        "dpo: sigmoid | ipo | hinge | robust | sft (or a,b); kto: kto | apo_zero_unpaired",
     ),
 }
 SINGLE_PROCESS_ALIASES: dict[str, str] = {
