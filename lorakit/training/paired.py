@@ -170,12 +170,13 @@ class PairedObjective(Objective):
     def policy_and_reference(
         self, model: nn.Module, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(policy log-probs, reference log-probs, answer tokens) of every row."""
-        logps, n = answer_logps(model.model, batch)
+        """(policy log-probs, reference log-probs, answer tokens) of every row. The reference runs
+        first: its activations are freed before the policy's, kept for backward, build up."""
         ref = batch.get("ref_logps")
         if ref is None:
             with torch.no_grad(), model.disable_adapters():
                 ref, _ = answer_logps(model.model, batch)
+        logps, n = answer_logps(model.model, batch)
         return logps, ref, n
 
     def start(self, model, data, saved: dict[str, torch.Tensor], autocast) -> None:
