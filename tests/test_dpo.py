@@ -60,11 +60,47 @@ def trl_step(tokenizer, loss_type, tmp_path):
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    grads = {
+    return trainer, float(loss), metrics, peft_grads(trainer.model)
+
+
+def peft_grads(model) -> dict[str, torch.Tensor]:
+    """A PEFT model's adapter gradients under their file keys."""
+    return {
         "base_model.model." + n.removeprefix("base_model.model.").replace(".default", ""):
-        p.grad for n, p in trainer.model.named_parameters() if p.requires_grad
+        p.grad for n, p in model.named_parameters() if p.requires_grad
     }
-    return trainer, float(loss), metrics, grads
+
+
+def copy_peft_adapter(theirs, ours) -> None:
+    """PEFT's adapter weights (non-zero A and B) into lorakit's "default" adapter."""
+    mine = peft_parameters(ours, "default")
+    assert set(mine) == set(peft.get_peft_model_state_dict(theirs))
+    with torch.no_grad():
+        for key, p in peft.get_peft_model_state_dict(theirs).items():
+            mine[key].copy_(p)
+
+
+def first_step(trainer, packed: bool):
+    """lorakit's loss on one batch of all the trainer's examples, packed on their prompts or as
+    padded rows, and its backward: (the terms, the units the loss is normalised by)."""
+    objective = trainer.objective
+    if not packed:
+        objective.pack_off = "test: padded rows"
+    batch = objective.collate(list(trainer.train_data.examples))
+    assert ("seen" in batch) == packed
+    trainer.model.train()
+    terms = objective.loss(trainer.model, batch, training=True)
+    units = objective.count(batch)[0]
+    (terms.loss / units).backward()
+    return terms, units
+
+
+def assert_grads_equal(ours, grads: dict[str, torch.Tensor]) -> None:
+    """lorakit's adapter gradients equal PEFT's to fp32 rounding of each tensor's scale (sums
+    run in another order)."""
+    mine = peft_parameters(ours, "default")
+    for key, g in grads.items():
+        assert (mine[key].grad - g).abs().max() <= 1e-4 * g.abs().max() + 1e-8, key
 
 
 @pytest.mark.parametrize("loss_type, packed", [
@@ -83,25 +119,14 @@ def test_first_step_equals_trl(smol_tokenizer, tmp_path, loss_type, packed):
         train_dataset=Dataset.from_list(ROWS), processing_class=smol_tokenizer,
         peft_config=lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
-    mine = peft_parameters(ours.model, "default")
-    assert set(mine) == set(grads)
-    with torch.no_grad():
-        for key, p in peft.get_peft_model_state_dict(theirs.model).items():
-            mine[key].copy_(p)
-    objective = ours.objective
-    batch = objective.collate(list(ours.train_data.examples))
-    assert ("seen" in batch) == packed
-    ours.model.train()
-    terms = objective.loss(ours.model, batch, training=True)
-    pairs = objective.count(batch)[0]
-    (terms.loss / pairs).backward()
+    copy_peft_adapter(theirs.model, ours.model)
+    terms, pairs = first_step(ours, packed)
     assert pairs == len(ROWS)
     assert float(terms.loss) / pairs == pytest.approx(loss, rel=1e-5, abs=1e-6)
     for name in METRICS:
         assert terms.sums[name] / pairs == pytest.approx(metrics[name], rel=1e-4, abs=1e-5), name
     assert abs(metrics["rewards/margins"]) > 1e-3  # the policy is not the reference
-    for key, g in grads.items():  # to fp32 rounding of the tensor's scale (sums differ in order)
-        assert (mine[key].grad - g).abs().max() <= 1e-4 * g.abs().max() + 1e-8, key
+    assert_grads_equal(ours.model, grads)
 
 
 def test_tokenized_pairs_equal_trls(smol_tokenizer, tmp_path):
@@ -176,10 +201,7 @@ def test_ten_steps_follow_trls_losses(smol_tokenizer, tmp_path):
         train_dataset=Dataset.from_list(ROWS), processing_class=smol_tokenizer,
         peft_config=lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
-    mine = peft_parameters(ours.model, "default")
-    with torch.no_grad():
-        for key, p in peft.get_peft_model_state_dict(theirs.model).items():
-            mine[key].copy_(p)
+    copy_peft_adapter(theirs.model, ours.model)
     theirs.train()
     ours.train()
     trl_losses = [r["loss"] for r in theirs.state.log_history if "loss" in r]

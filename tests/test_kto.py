@@ -11,17 +11,15 @@ import json
 
 import peft
 import pytest
-import torch
 import trl
 from conftest import tiny_chat_model
 from datasets import Dataset
 from test_dpo import ROWS as PAIRS
-from test_dpo import run_cli
+from test_dpo import assert_grads_equal, copy_peft_adapter, first_step, peft_grads, run_cli
 
 import lorakit
 from lorakit.data import DataError
 from lorakit.data.preference import prepare_unpaired
-from lorakit.lora.files import peft_parameters
 
 pytestmark = pytest.mark.default_model  # SmolLM2's tokenizer and chat template
 
@@ -62,10 +60,7 @@ def trainers(tokenizer, tmp_path, rows=ROWS, loss_type="kto", **common):
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         peft_config=lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
-    mine = peft_parameters(ours.model, "default")
-    with torch.no_grad():
-        for key, p in peft.get_peft_model_state_dict(theirs.model).items():
-            mine[key].copy_(p)
+    copy_peft_adapter(theirs.model, ours.model)
     return theirs, ours
 
 
@@ -79,29 +74,17 @@ def test_first_step_equals_trl(smol_tokenizer, tmp_path, loss_type, packed):
     loss = theirs.compute_loss(theirs.model, batch)
     loss.backward()
     metrics = {k: v[-1] for k, v in theirs._metrics["train"].items()}
-    grads = {
-        "base_model.model." + n.removeprefix("base_model.model.").replace(".default", ""):
-        p.grad for n, p in theirs.model.named_parameters() if p.requires_grad
-    }
+    grads = peft_grads(theirs.model)
 
-    objective = ours.objective
-    objective.pack_off = None if packed else "test: padded rows"
-    batch = objective.collate(list(ours.train_data.examples))
-    assert ("seen" in batch) == packed
-    ours.model.train()
-    terms = objective.loss(ours.model, batch, training=True)
-    rows = objective.count(batch)[0]
-    (terms.loss / rows).backward()
+    terms, rows = first_step(ours, packed)
     assert rows == len(ROWS)
     assert float(terms.loss.detach()) / rows == pytest.approx(float(loss), rel=1e-5, abs=1e-6)
-    logged = objective.log_metrics({k: v / rows for k, v in terms.sums.items()})
+    logged = ours.objective.log_metrics({k: v / rows for k, v in terms.sums.items()})
     for name in METRICS:
         assert logged[name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-5), name
     if loss_type == "kto":
         assert metrics["kl"] > 1e-3  # the mismatched rows' estimate is in play
-    mine = peft_parameters(ours.model, "default")
-    for key, g in grads.items():
-        assert (mine[key].grad - g).abs().max() <= 1e-4 * g.abs().max() + 1e-8, key
+    assert_grads_equal(ours.model, grads)
 
 
 def test_ten_steps_follow_trls_losses(smol_tokenizer, tmp_path):

@@ -18,11 +18,10 @@ import torch
 import trl  # noqa: F401  (trl.experimental needs trl imported first)
 from conftest import tiny_chat_model
 from datasets import Dataset
-from test_dpo import run_cli
+from test_dpo import assert_grads_equal, copy_peft_adapter, first_step, peft_grads, run_cli
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 import lorakit
-from lorakit.lora.files import peft_parameters
 
 pytestmark = [
     pytest.mark.default_model,  # SmolLM2's tokenizer
@@ -65,10 +64,7 @@ def trainers(tokenizer, tmp_path, **common):
         train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer,
         peft_config=lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
-    mine = peft_parameters(ours.model, "default")
-    with torch.no_grad():
-        for key, p in peft.get_peft_model_state_dict(theirs.model).items():
-            mine[key].copy_(p)
+    copy_peft_adapter(theirs.model, ours.model)
     return theirs, ours
 
 
@@ -83,27 +79,15 @@ def test_first_step_equals_trl(smol_tokenizer, tmp_path, packed):
     loss = theirs.compute_loss(theirs.model, batch)
     loss.backward()
     metrics = {k: v[-1] for k, v in theirs._stored_metrics["train"].items()}
-    grads = {
-        "base_model.model." + n.removeprefix("base_model.model.").replace(".default", ""):
-        p.grad for n, p in theirs.model.named_parameters() if p.requires_grad
-    }
+    grads = peft_grads(theirs.model)
 
-    objective = ours.objective
-    objective.pack_off = None if packed else "test: padded rows"
-    batch = objective.collate(list(ours.train_data.examples))
-    assert ("seen" in batch) == packed
-    ours.model.train()
-    terms = objective.loss(ours.model, batch, training=True)
-    pairs = objective.count(batch)[0]
-    (terms.loss / pairs).backward()
+    terms, pairs = first_step(ours, packed)
     assert pairs == len(ROWS)
     assert float(terms.loss.detach()) / pairs == pytest.approx(float(loss), rel=1e-5, abs=1e-6)
     for name in METRICS:
         assert terms.sums[name] / pairs == pytest.approx(metrics[name], rel=1e-4, abs=1e-5), name
     assert abs(metrics["rewards/margins"]) > 1e-3
-    mine = peft_parameters(ours.model, "default")
-    for key, g in grads.items():
-        assert (mine[key].grad - g).abs().max() <= 1e-4 * g.abs().max() + 1e-8, key
+    assert_grads_equal(ours.model, grads)
 
 
 def test_ten_steps_follow_trls_losses(smol_tokenizer, tmp_path):

@@ -28,10 +28,8 @@ from lorakit.data.preference import PreferenceData
 from lorakit.errors import ConfigError
 from lorakit.training.config import DPO_LOSS_TYPES as LOSS_TYPES
 from lorakit.training.config import DPOConfig, DPOOptions
-from lorakit.training.launch import Launch, resolve_launch
-from lorakit.training.loop import Trainer
 from lorakit.training.objective import Batch, Terms
-from lorakit.training.paired import PairedObjective, trainer_parts
+from lorakit.training.paired import PairedObjective, PreferenceTrainer
 
 METRICS = (
     "rewards/chosen",
@@ -108,38 +106,9 @@ class DPOObjective(PairedObjective):
         }
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(PreferenceTrainer):
     """TRL's `DPOTrainer` call on lorakit's loop; the reference is the model with its adapters
-    switched off (pass a base model and `peft_config`, or a model with fresh adapters)."""
+    switched off (pass a base model and `peft_config`, or a model with fresh adapters), or the
+    model as given (reference="start")."""
 
-    def __init__(
-        self,
-        model,
-        ref_model: Any = None,
-        args: DPOConfig | None = None,
-        data_collator: Any = None,
-        train_dataset: Any = None,
-        eval_dataset: Any = None,
-        processing_class: Any = None,
-        compute_metrics: Any = None,
-        callbacks: list[Any] | None = None,
-        optimizers: Any = (None, None),
-        peft_config: Any = None,
-        launch: Launch | None = None,
-        options: DPOOptions | None = None,
-        reference: str | None = None,
-    ) -> None:
-        """TRL's call, plus lorakit's: `args` a TrainConfig with DPO's `options` beside it (a
-        DPOConfig is both), `launch` the run's placement, `reference` "base" (adapters off) or
-        "start" (the model as given; default for a model that arrives with its adapters)."""
-        args = args or DPOConfig()
-        options = options or (args if isinstance(args, DPOOptions) else DPOOptions())
-        model, tokenizer, from_start = trainer_parts(
-            "DPOTrainer", model, args, peft_config, processing_class, reference,
-            ref_model=ref_model, data_collator=data_collator, compute_metrics=compute_metrics,
-            optimizers=optimizers,
-        )  # fmt: skip
-        launch = launch if launch is not None else resolve_launch(args)
-        objective = DPOObjective(model, tokenizer, args, options, from_start=from_start)
-        self.tokenizer = tokenizer
-        super().__init__(model, objective, args, train_dataset, eval_dataset, launch, callbacks)
+    objective_class, config_class, options_class = DPOObjective, DPOConfig, DPOOptions

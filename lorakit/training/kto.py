@@ -27,11 +27,9 @@ from torch import nn
 
 from lorakit.data.preference import UnpairedData, prepare_unpaired
 from lorakit.errors import ConfigError
-from lorakit.training.config import KTOConfig, KTOOptions, TrainConfig
-from lorakit.training.launch import Launch, resolve_launch
-from lorakit.training.loop import Trainer
+from lorakit.training.config import KTOConfig, KTOOptions
 from lorakit.training.objective import Batch, Terms
-from lorakit.training.paired import PairedObjective, trainer_parts
+from lorakit.training.paired import PairedObjective, PreferenceTrainer
 
 CLASSES = ("chosen", "rejected")  # TRL's metric names for desirable and undesirable rows
 
@@ -131,36 +129,7 @@ class KTOObjective(PairedObjective):
         }
 
 
-class KTOTrainer(Trainer):
-    """TRL's `KTOTrainer` call on lorakit's loop; the reference is the model with its adapters
-    switched off (pass a base model and `peft_config`, or a model with fresh adapters)."""
+class KTOTrainer(PreferenceTrainer):
+    """TRL's `KTOTrainer` call on lorakit's loop; the reference as DPOTrainer's."""
 
-    def __init__(
-        self,
-        model,
-        ref_model: Any = None,
-        args: KTOConfig | None = None,
-        data_collator: Any = None,
-        train_dataset: Any = None,
-        eval_dataset: Any = None,
-        processing_class: Any = None,
-        compute_metrics: Any = None,
-        callbacks: list[Any] | None = None,
-        optimizers: Any = (None, None),
-        peft_config: Any = None,
-        launch: Launch | None = None,
-        options: KTOOptions | None = None,
-        reference: str | None = None,
-    ) -> None:
-        """TRL's call, plus lorakit's `launch`, `options` and `reference` (as DPOTrainer's)."""
-        args: TrainConfig = args or KTOConfig()
-        options = options or (args if isinstance(args, KTOOptions) else KTOOptions())
-        model, tokenizer, from_start = trainer_parts(
-            "KTOTrainer", model, args, peft_config, processing_class, reference,
-            ref_model=ref_model, data_collator=data_collator, compute_metrics=compute_metrics,
-            optimizers=optimizers,
-        )  # fmt: skip
-        launch = launch if launch is not None else resolve_launch(args)
-        objective = KTOObjective(model, tokenizer, args, options, from_start=from_start)
-        self.tokenizer = tokenizer
-        super().__init__(model, objective, args, train_dataset, eval_dataset, launch, callbacks)
+    objective_class, config_class, options_class = KTOObjective, KTOConfig, KTOOptions

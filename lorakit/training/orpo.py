@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.training.config import ORPOConfig, ORPOOptions, TrainConfig
-from lorakit.training.launch import Launch, resolve_launch
-from lorakit.training.loop import Trainer
+from lorakit.training.config import ORPOConfig, ORPOOptions
+from lorakit.training.launch import Launch
 from lorakit.training.objective import Batch, Terms
-from lorakit.training.paired import PairedObjective, token_logps, trainer_parts
+from lorakit.training.paired import PairedObjective, PreferenceTrainer, token_logps
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +78,10 @@ class ORPOObjective(PairedObjective):
         }
 
 
-class ORPOTrainer(Trainer):
+class ORPOTrainer(PreferenceTrainer):
     """The call of TRL's `ORPOTrainer` (trl.experimental.orpo) on lorakit's loop."""
+
+    objective_class, config_class, options_class = ORPOObjective, ORPOConfig, ORPOOptions
 
     def __init__(
         self,
@@ -100,15 +101,9 @@ class ORPOTrainer(Trainer):
         options: ORPOOptions | None = None,
     ) -> None:
         """TRL's call, plus lorakit's `launch` and `options` (as DPOTrainer's)."""
-        args: TrainConfig = args or ORPOConfig()
-        options = options or (args if isinstance(args, ORPOOptions) else ORPOOptions())
-        model, tokenizer, _ = trainer_parts(
-            "ORPOTrainer", model, args, peft_config, processing_class, None,
-            data_collator=data_collator, model_init=model_init, optimizers=optimizers,
+        self._setup(
+            model, args, (train_dataset, eval_dataset), processing_class, callbacks, peft_config,
+            launch, options, None, data_collator=data_collator, model_init=model_init,
+            optimizers=optimizers, compute_metrics=compute_metrics,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            compute_metrics=compute_metrics,
         )  # fmt: skip
-        launch = launch if launch is not None else resolve_launch(args)
-        objective = ORPOObjective(model, tokenizer, args, options)
-        self.tokenizer = tokenizer
-        super().__init__(model, objective, args, train_dataset, eval_dataset, launch, callbacks)

@@ -22,6 +22,8 @@ from lorakit.data.preference import PreferenceData, prepare_preferences
 from lorakit.errors import ConfigError
 from lorakit.training import trl_call
 from lorakit.training.config import TrainConfig
+from lorakit.training.launch import Launch, resolve_launch
+from lorakit.training.loop import Trainer
 from lorakit.training.loss import split_head
 from lorakit.training.objective import Batch, Objective
 from lorakit.training.pairs import pack_pairs
@@ -223,29 +225,68 @@ class PairedObjective(Objective):
         }
 
 
-def trainer_parts(
-    name: str,
-    model: Any,
-    args: TrainConfig,
-    peft_config: Any,
-    processing_class: Any,
-    reference: str | None,
-    **refused: Any,
-) -> tuple[Any, Any, bool]:
-    """(LoraModel, tokenizer, from_start) from TRL's preference-trainer call. `refused`: TRL's
-    arguments lorakit does not take, failing by name when given. A model that arrives with its
-    adapters (an SFT adapter to improve on) is its own reference as it is now ("start");
-    fresh adapters (peft_config) have the base as theirs ("base")."""
-    for key, value in refused.items():
-        if value is not None and value != (None, None):
-            raise ConfigError(f"{name}: {key} is not supported: {_WHY_REFUSED[key]}")
-    reference = reference or ("base" if peft_config is not None else "start")
-    if reference not in ("base", "start"):
-        raise ConfigError(f"{name}: reference={reference!r}: use 'base' or 'start'")
-    model, tokenizer = trl_call.lora_model_for(model, args, peft_config, processing_class)
-    if getattr(args, "disable_dropout", False):
-        disable_dropout(model)
-    return model, tokenizer, reference == "start"
+class PreferenceTrainer(Trainer):
+    """TRL's preference-trainer call (DPOTrainer's, KTOTrainer's) on lorakit's loop. Subclasses
+    name their objective, config and options classes."""
+
+    objective_class: type[PairedObjective]
+    config_class: type[TrainConfig]
+    options_class: type
+
+    def __init__(
+        self,
+        model,
+        ref_model: Any = None,
+        args: TrainConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Any = None,
+        callbacks: list[Any] | None = None,
+        optimizers: Any = (None, None),
+        peft_config: Any = None,
+        launch: Launch | None = None,
+        options: Any = None,
+        reference: str | None = None,
+    ) -> None:
+        """TRL's call, plus lorakit's: `args` a TrainConfig with the objective's `options`
+        beside it (its Config is both), `launch` the run's placement, `reference` "base"
+        (adapters off) or "start" (the model as given; the default for a model that arrives
+        with its adapters)."""
+        self._setup(
+            model, args, (train_dataset, eval_dataset), processing_class, callbacks, peft_config,
+            launch, options, reference, ref_model=ref_model, data_collator=data_collator,
+            compute_metrics=compute_metrics, optimizers=optimizers,
+        )  # fmt: skip
+
+    def _setup(
+        self, model, args, data, processing_class, callbacks, peft_config, launch, options,
+        reference: str | None, **refused: Any,
+    ) -> None:  # fmt: skip
+        """`refused`: TRL's arguments lorakit does not take, failing by name when given. A
+        model that arrives with its adapters (an SFT adapter to improve on) is its own
+        reference as it is now ("start"); fresh adapters (peft_config) have the base as theirs
+        ("base")."""
+        name = type(self).__name__
+        for key, value in refused.items():
+            if value is not None and value != (None, None):
+                raise ConfigError(f"{name}: {key} is not supported: {_WHY_REFUSED[key]}")
+        args = args or self.config_class()
+        options = options or (args if isinstance(args, self.options_class) else None)
+        options = options or self.options_class()
+        reference = reference or ("base" if peft_config is not None else "start")
+        if reference not in ("base", "start"):
+            raise ConfigError(f"{name}: reference={reference!r}: use 'base' or 'start'")
+        model, tokenizer = trl_call.lora_model_for(model, args, peft_config, processing_class)
+        if getattr(args, "disable_dropout", False):
+            disable_dropout(model)
+        objective = self.objective_class(
+            model, tokenizer, args, options, from_start=reference == "start"
+        )
+        self.tokenizer = tokenizer
+        launch = launch if launch is not None else resolve_launch(args)
+        super().__init__(model, objective, args, *data, launch, callbacks)
 
 
 _WHY_REFUSED = {
