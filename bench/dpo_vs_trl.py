@@ -1,7 +1,9 @@
-"""DPO on adapters: lorakit's DPOTrainer against TRL's DPOTrainer + PEFT, and lorakit's own SFT.
+"""Preference tuning on adapters: lorakit's DPOTrainer (or KTOTrainer, ORPOTrainer) against TRL's
++ PEFT, and lorakit's own SFT.
 
-    .venv/bin/python bench/dpo_vs_trl.py                      # fp32, 10 steps, batch 8
+    .venv/bin/python bench/dpo_vs_trl.py                      # DPO, fp32, 10 steps, batch 8
     .venv/bin/python bench/dpo_vs_trl.py --steps 4 --repeats 2
+    .venv/bin/python bench/dpo_vs_trl.py --objective kto --sides lorakit trl
 
 Model: the embedded SmolLM2-135M-Instruct, fp32; LoRA r=16 alpha=32 on all linear layers,
 dropout 0; AdamW lr 5e-5, linear schedule, no warm-up, gradient checkpointing off on every side;
@@ -11,8 +13,10 @@ prompt asks for a date in ISO form, chosen = the right answer, rejected = day an
 per process), in the order lorakit DPO, TRL DPO, lorakit SFT (prompt + chosen as a completion:
 the same rows and batches without the rejected answers and the reference).
 
-Prints pairs/s over the wall time of train(), peak RSS, and the eval reward accuracy on 32
-held-out pairs (each side's own evaluate()), then the ratios the issue's targets are about.
+Prints examples/s (pairs; KTO: rows, both trainers unpairing the same pairs as TRL does) over
+the wall time of train(), peak RSS, and the eval reward accuracy on 32 held-out pairs (each side's
+own evaluate(); KTO has none), then the ratios the issue's targets are about. ORPO's TRL side is
+trl.experimental.orpo.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     model_dir = str(default_model_dir())
+    # KTO: each pair is two rows, so as many pairs as rows are drawn over the run
     train, held = make_pairs(args.batch * args.steps, 32)
     common = dict(output_dir=args.out, per_device_train_batch_size=args.batch,
                   per_device_eval_batch_size=8, max_steps=args.steps, learning_rate=5e-5,
@@ -64,10 +69,18 @@ def worker(args: argparse.Namespace) -> None:
         import trl
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if args.objective == "orpo":  # experimental: imported only when asked for
+            from trl.experimental.orpo import ORPOConfig as config_class
+            from trl.experimental.orpo import ORPOTrainer as trainer_class
+        else:
+            trainer_class, config_class = {
+                "dpo": (trl.DPOTrainer, trl.DPOConfig),
+                "kto": (trl.KTOTrainer, trl.KTOConfig),
+            }[args.objective]
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        trainer = trl.DPOTrainer(
-            model=model, args=trl.DPOConfig(**common, beta=0.1),
+        trainer = trainer_class(
+            model=model, args=config_class(**common, beta=0.1),
             train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(held),
             processing_class=tokenizer,
             peft_config=peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear"))
@@ -76,8 +89,13 @@ def worker(args: argparse.Namespace) -> None:
 
         peft_config = lorakit.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear")
         if args.side == "lorakit":
-            trainer = lorakit.DPOTrainer(
-                model=model_dir, args=lorakit.DPOConfig(**common, beta=0.1),
+            trainer_class, config_class = {
+                "dpo": (lorakit.DPOTrainer, lorakit.DPOConfig),
+                "kto": (lorakit.KTOTrainer, lorakit.KTOConfig),
+                "orpo": (lorakit.ORPOTrainer, lorakit.ORPOConfig),
+            }[args.objective]
+            trainer = trainer_class(
+                model=model_dir, args=config_class(**common, beta=0.1),
                 train_dataset=train, eval_dataset=held, peft_config=peft_config)
         else:  # lorakit SFT on prompt + chosen
             rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in train]
@@ -96,6 +114,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objective", default="dpo", choices=["dpo", "kto", "orpo"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
@@ -112,25 +131,27 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as out:
                 proc = subprocess.run(
                     [sys.executable, __file__, "--side", side, "--out", out, "--steps",
-                     str(args.steps), "--batch", str(args.batch)],
+                     str(args.steps), "--batch", str(args.batch), "--objective", args.objective],
                     capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{side} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
             results[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(results[side][-1], flush=True)
     best = {side: min(rs, key=lambda r: r["seconds"]) for side, rs in results.items()}
-    print("\n| side | pairs/s | peak RSS MiB | eval reward accuracy |\n|---|---|---|---|")
+    unit = "rows" if args.objective == "kto" else "pairs"
+    print(f"\n| {args.objective} side | {unit}/s | peak RSS MiB | eval reward accuracy |")
+    print("|---|---|---|---|")
     for side, r in best.items():
         acc = "" if r["eval_accuracy"] is None else f"{r['eval_accuracy']:.3f}"
         print(f"| {side} | {r['pairs_per_s']:.2f} | {r['peak_rss_mib']:.0f} | {acc} |")
     ours, theirs, sft = (best.get(side) for side in ("lorakit", "trl", "sft"))
     if ours and theirs:
-        print(f"\nlorakit / TRL pairs/s: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x "
+        print(f"\nlorakit / TRL {unit}/s: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x "
               "(target >= 2)")
         print(f"peak RSS lorakit / TRL: {ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x "
               "(target <= 0.6)")
     if ours and sft:
-        print(f"peak RSS lorakit DPO / lorakit SFT: "
+        print(f"peak RSS lorakit {args.objective} / lorakit SFT: "
               f"{ours['peak_rss_mib'] / sft['peak_rss_mib']:.2f}x (target <= 1.15)")
 
 
