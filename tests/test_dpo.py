@@ -319,3 +319,22 @@ def test_cli_bad_pairs_fail_in_one_line(tmp_path, tiny_chat_dir, row, message):
     assert res.returncode == 2, res.stdout + res.stderr
     errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "error" in ln]
     assert len(errors) == 1 and message in errors[0] and "line 1" in errors[0], errors
+
+
+def test_chunked_head_log_probs_equal_the_plain_head():
+    """The chunked frozen head (no logits kept for backward) gives the plain head's token
+    log-probs and hidden-state gradients, in float64 and across chunk boundaries."""
+    from lorakit.training.loss import _ChunkedTokenLogProbs
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=True).double().requires_grad_(False)
+    targets = torch.randint(0, 50, (7,), generator=g)
+    weights = torch.randn(7, generator=g, dtype=torch.float64)
+    plain = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None]).squeeze(1)
+    (want,) = torch.autograd.grad((plain * weights).sum(), hidden)
+    for rows in (1, 3, 7):
+        ours = _ChunkedTokenLogProbs.apply(hidden, head.weight, head.bias, targets, rows)
+        (grad,) = torch.autograd.grad((ours * weights).sum(), hidden)
+        torch.testing.assert_close(ours.double(), plain, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(grad, want, atol=1e-12, rtol=1e-12)

@@ -104,6 +104,48 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None
 
 
+class _ChunkedTokenLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weightᵀ + bias)[target] for each row, `rows` rows at a time, for a
+    frozen head: the forward keeps, per row, the gradient of its log-prob with respect to its
+    hidden state ((one-hot − softmax) @ weight, [n, d]); the backward scales it by each row's
+    incoming gradient. The full logits never exist."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows: int):
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32 at least
+        out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for lo in range(0, hidden.shape[0], rows):
+            h, y = hidden[lo : lo + rows], targets[lo : lo + rows]
+            raw = F.linear(h, weight, bias)
+            logits = raw.to(torch.promote_types(raw.dtype, torch.float32))
+            lse = torch.logsumexp(logits, dim=-1)
+            out[lo : lo + rows] = logits.gather(1, y[:, None]).squeeze(1) - lse
+            if grad_h is not None:
+                g = logits.sub_(lse[:, None]).exp_().neg_()  # −softmax, in place of the logits
+                g[torch.arange(len(y), device=g.device), y] += 1
+                grad_h[lo : lo + rows] = g.to(raw.dtype) @ weight.to(raw.dtype)
+        ctx.save_for_backward(grad_h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        grad = None if grad_h is None else grad_h * grad_out[:, None].to(grad_h.dtype)
+        return grad, None, None, None, None
+
+
+def head_token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of each hidden row [n, d] under `head`, in fp32. A frozen plain linear
+    head runs chunked (_ChunkedTokenLogProbs); any other head, its own forward."""
+    frozen = not any(p.requires_grad for p in head.parameters())
+    if type(head) is nn.Linear and frozen and not compat.has_forward_hooks(head):
+        rows = max(1, CHUNK_ELEMENTS // head.out_features)
+        return _ChunkedTokenLogProbs.apply(hidden, head.weight, head.bias, targets, rows)
+    logits = head(hidden).float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
 def _logits_loss(
     logits: torch.Tensor, targets: torch.Tensor, count_correct: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

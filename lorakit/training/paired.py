@@ -24,7 +24,7 @@ from lorakit.training import trl_call
 from lorakit.training.config import TrainConfig
 from lorakit.training.launch import Launch, resolve_launch
 from lorakit.training.loop import Trainer
-from lorakit.training.loss import split_head
+from lorakit.training.loss import head_token_logps, split_head
 from lorakit.training.objective import Batch, Objective
 from lorakit.training.pairs import pack_pairs
 from lorakit.training.prefix import as_attention_mask, prefix_sharing_problem
@@ -33,7 +33,8 @@ from lorakit.training.prefix import as_attention_mask, prefix_sharing_problem
 def token_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p of each scored token, its row in the [first; second] layout, whether it is an
     answer token), from a packed batch or a padded one; the output head runs on the scored
-    positions only. Padded rows score their answer tokens, or `score_mask`'s where given."""
+    positions only, chunked (lorakit.training.loss.head_token_logps). Padded rows score their
+    answer tokens, or `score_mask`'s where given."""
     if "seen" in batch:
         backbone, head = split_head(model)
         hidden = backbone(
@@ -42,25 +43,23 @@ def token_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Ten
             attention_mask=as_attention_mask(batch["seen"], backbone)[None, None],
             use_cache=False,
         ).last_hidden_state[0]
-        logits, targets = head(hidden[batch["pred"]]), batch["targets"]
-        return _log_softmax_at(logits, targets), batch["rows"], batch["answer"]
+        token = head_token_logps(hidden[batch["pred"]], head, batch["targets"])
+        return token, batch["rows"], batch["answer"]
     ids = batch["input_ids"]
     score = batch.get("score_mask", batch["completion_mask"])[:, 1:].bool()
     kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False}
+    targets = ids[:, 1:][score]
     parts = split_head(model)
     if parts is None:  # a model that post-processes its logits: its own forward
-        logits = model(input_ids=ids, **kwargs).logits[:, :-1][score]
+        logits = model(input_ids=ids, **kwargs).logits[:, :-1][score].float()
+        token = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     else:
         backbone, head = parts
-        logits = head(backbone(input_ids=ids, **kwargs).last_hidden_state[:, :-1][score])
+        hidden = backbone(input_ids=ids, **kwargs).last_hidden_state[:, :-1][score]
+        token = head_token_logps(hidden, head, targets)
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(score)[score]
     answer = batch["completion_mask"][:, 1:][score].bool()
-    return _log_softmax_at(logits, ids[:, 1:][score]), rows, answer
-
-
-def _log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return token, rows, answer
 
 
 def answer_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
