@@ -55,12 +55,18 @@ def trl_step(tokenizer, loss_type, tmp_path):
         peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                     init_lora_weights=False),
     )
+    return trainer, *trl_first_step(trainer)
+
+
+def trl_first_step(trainer, store: str = "_metrics"):
+    """A TRL trainer's loss on its first batch, with backward: (loss, the metrics it stored in
+    `store`, its adapter gradients)."""
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return trainer, float(loss), metrics, peft_grads(trainer.model)
+    metrics = {k: v[-1] for k, v in getattr(trainer, store)["train"].items()}
+    return float(loss), metrics, peft_grads(trainer.model)
 
 
 def peft_grads(model) -> dict[str, torch.Tensor]:
@@ -93,6 +99,18 @@ def first_step(trainer, packed: bool):
     units = objective.count(batch)[0]
     (terms.loss / units).backward()
     return terms, units
+
+
+def train_both(theirs, ours, steps: int) -> list[float]:
+    """Train TRL's trainer and lorakit's; each logs `steps` losses, and lorakit's follow TRL's
+    to 1e-4. Returns lorakit's."""
+    theirs.train()
+    ours.train()
+    trl_losses = [r["loss"] for r in theirs.state.log_history if "loss" in r]
+    our_losses = [r["loss"] for r in ours.state.log_history if "loss" in r]
+    assert len(our_losses) == len(trl_losses) == steps
+    assert our_losses == pytest.approx(trl_losses, abs=1e-4)
+    return our_losses
 
 
 def assert_grads_equal(ours, grads: dict[str, torch.Tensor]) -> None:
@@ -202,12 +220,7 @@ def test_ten_steps_follow_trls_losses(smol_tokenizer, tmp_path):
         peft_config=lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
     )
     copy_peft_adapter(theirs.model, ours.model)
-    theirs.train()
-    ours.train()
-    trl_losses = [r["loss"] for r in theirs.state.log_history if "loss" in r]
-    our_losses = [r["loss"] for r in ours.state.log_history if "loss" in r]
-    assert len(our_losses) == len(trl_losses) == 10
-    assert our_losses == pytest.approx(trl_losses, abs=1e-4)
+    our_losses = train_both(theirs, ours, steps=10)
     assert our_losses[-1] < our_losses[0] - 0.05
     rewards = [r["rewards/accuracies"] for r in ours.state.log_history if "loss" in r]
     assert rewards[-1] == 1.0
@@ -242,12 +255,8 @@ def test_from_an_sft_adapter_the_reference_is_that_adapter_as_trl(smol_tokenizer
         args=lorakit.DPOConfig(output_dir=str(tmp_path / "ours"), bf16=False, save_steps=2,
                                **common),
         train_dataset=Dataset.from_list(ROWS), processing_class=smol_tokenizer)
-    theirs.train()
-    ours.train()
-    trl_losses = [r["loss"] for r in theirs.state.log_history if "loss" in r]
-    our_losses = [r["loss"] for r in ours.state.log_history if "loss" in r]
+    our_losses = train_both(theirs, ours, steps=4)
     assert our_losses[0] == pytest.approx(0.693147, abs=1e-5)
-    assert our_losses == pytest.approx(trl_losses, abs=1e-4)
     saved = (tmp_path / "ours" / "checkpoint-2" / "objective.safetensors")
     assert saved.is_file()
 

@@ -15,7 +15,14 @@ import trl
 from conftest import tiny_chat_model
 from datasets import Dataset
 from test_dpo import ROWS as PAIRS
-from test_dpo import assert_grads_equal, copy_peft_adapter, first_step, peft_grads, run_cli
+from test_dpo import (
+    assert_grads_equal,
+    copy_peft_adapter,
+    first_step,
+    run_cli,
+    train_both,
+    trl_first_step,
+)
 
 import lorakit
 from lorakit.data import DataError
@@ -69,12 +76,7 @@ def trainers(tokenizer, tmp_path, rows=ROWS, loss_type="kto", **common):
 ])
 def test_first_step_equals_trl(smol_tokenizer, tmp_path, loss_type, packed):
     theirs, ours = trainers(smol_tokenizer, tmp_path, loss_type=loss_type)
-    batch = next(iter(theirs.get_train_dataloader()))
-    theirs.model.train()
-    loss = theirs.compute_loss(theirs.model, batch)
-    loss.backward()
-    metrics = {k: v[-1] for k, v in theirs._metrics["train"].items()}
-    grads = peft_grads(theirs.model)
+    loss, metrics, grads = trl_first_step(theirs)
 
     terms, rows = first_step(ours, packed)
     assert rows == len(ROWS)
@@ -92,12 +94,7 @@ def test_ten_steps_follow_trls_losses(smol_tokenizer, tmp_path):
     batch is short), AdamW at lr 1e-3 on a linear schedule: the losses agree to 1e-4."""
     theirs, ours = trainers(smol_tokenizer, tmp_path, batch=3, max_steps=10,
                             learning_rate=1e-3, logging_steps=1)
-    theirs.train()
-    ours.train()
-    trl_losses = [r["loss"] for r in theirs.state.log_history if "loss" in r]
-    our_losses = [r["loss"] for r in ours.state.log_history if "loss" in r]
-    assert len(our_losses) == len(trl_losses) == 10
-    assert our_losses == pytest.approx(trl_losses, abs=1e-4)
+    train_both(theirs, ours, steps=10)
 
 
 def test_pairs_are_unpaired_and_tokenized_as_trl(smol_tokenizer, tmp_path):

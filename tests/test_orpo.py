@@ -18,7 +18,14 @@ import torch
 import trl  # noqa: F401  (trl.experimental needs trl imported first)
 from conftest import tiny_chat_model
 from datasets import Dataset
-from test_dpo import assert_grads_equal, copy_peft_adapter, first_step, peft_grads, run_cli
+from test_dpo import (
+    assert_grads_equal,
+    copy_peft_adapter,
+    first_step,
+    run_cli,
+    train_both,
+    trl_first_step,
+)
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 import lorakit
@@ -74,12 +81,7 @@ def test_first_step_equals_trl(smol_tokenizer, tmp_path, packed):
     for mine, row in zip(ours.train_data.examples, theirs.train_dataset):  # the same tokens
         assert mine["prompt_ids"] + mine["chosen_ids"] == row["chosen_input_ids"]
         assert mine["prompt_ids"] + mine["rejected_ids"] == row["rejected_input_ids"]
-    batch = next(iter(theirs.get_train_dataloader()))
-    theirs.model.train()
-    loss = theirs.compute_loss(theirs.model, batch)
-    loss.backward()
-    metrics = {k: v[-1] for k, v in theirs._stored_metrics["train"].items()}
-    grads = peft_grads(theirs.model)
+    loss, metrics, grads = trl_first_step(theirs, "_stored_metrics")
 
     terms, pairs = first_step(ours, packed)
     assert pairs == len(ROWS)
@@ -93,12 +95,7 @@ def test_first_step_equals_trl(smol_tokenizer, tmp_path, packed):
 def test_ten_steps_follow_trls_losses(smol_tokenizer, tmp_path):
     theirs, ours = trainers(smol_tokenizer, tmp_path, max_steps=10, learning_rate=1e-3,
                             logging_steps=1)
-    theirs.train()
-    ours.train()
-    trl_losses = [r["loss"] for r in theirs.state.log_history if "loss" in r]
-    our_losses = [r["loss"] for r in ours.state.log_history if "loss" in r]
-    assert len(our_losses) == len(trl_losses) == 10
-    assert our_losses == pytest.approx(trl_losses, abs=1e-4)
+    our_losses = train_both(theirs, ours, steps=10)
     assert our_losses[-1] < our_losses[0]
 
 
