@@ -155,6 +155,8 @@ def test_inspect_reads_a_peft_adapter(tiny_dir, tmp_path):
     (["train", "--data", "missing.jsonl", "--max-steps", "1"], "missing.jsonl"),
     (["train", "--data", "x.jsonl", "--set", "training.learning_rat=1"], "did you mean 'learning_rate'"),
     (["train", "--data", "x.jsonl", "--r", "0"], "r=0"),
+    (["train", "--data", "x.jsonl", "--beta", "0.2"], "the objective is 'sft'"),
+    (["train", "--data", "x.jsonl", "--objective", "kto", "--loss-type", "ipo"], "apo_zero"),
     (["inspect", "nowhere"], "not an adapter directory"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, needle, tmp_path, tiny_dir):
