@@ -185,3 +185,12 @@ def test_generated_predictions_batched_equal_one_by_one(smol_tokenizer):
     model.lm_head = SaysImEnd()
     assert generate_texts(model, tok, prompts[:2], max_new_tokens=4) == ["", ""]
     assert generate_texts(model, tok, []) == []
+
+
+def test_the_demo_run_config_builds(tmp_path):
+    """The demo builds its RunConfig in code: a section added to RunConfig must not break it
+    (a required `dpo` section once did, and nothing but `lorakit demo` noticed)."""
+    from lorakit.demo.run import _run_config
+
+    cfg = _run_config(tmp_path, max_steps=4, seed=0)
+    assert cfg.training.max_steps == 4 and "dpo:" in cfg.to_yaml()
