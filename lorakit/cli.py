@@ -279,7 +279,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorakit.demo.run import run_demo
 
-    return run_demo(output_dir=args.output, max_steps=args.max_steps, n_eval=args.eval_rows)
+    return run_demo(
+        output_dir=args.output,
+        max_steps=args.max_steps,
+        n_eval=args.eval_rows,
+        objective=args.objective,
+    )
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -473,6 +478,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--output", default="lorakit-demo")
     d.add_argument("--max-steps", dest="max_steps", type=int, default=None)
     d.add_argument("--eval-rows", dest="eval_rows", type=int, default=None)
+    d.add_argument(
+        "--objective",
+        choices=("sft", "dpo"),
+        default="sft",
+        help="dpo: SFT on rows with an annotator's habit, then a DPO step that removes it",
+    )
     d.set_defaults(func=cmd_demo)
 
 

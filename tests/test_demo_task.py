@@ -194,3 +194,24 @@ def test_the_demo_run_config_builds(tmp_path):
 
     cfg = _run_config(tmp_path, max_steps=4, seed=0)
     assert cfg.training.max_steps == 4 and "dpo:" in cfg.to_yaml()
+
+
+def test_the_dpo_demo_rows_carry_the_habit_and_the_pairs_undo_it(tmp_path):
+    """`lorakit demo --objective dpo`: the habit's sentence only on HABIT_STYLES' SFT rows; the
+    pairs, on other dates than the SFT and held-out rows, prefer the bare date to it."""
+    import json
+
+    from lorakit.demo import preference
+    from lorakit.demo.run import _write_task
+
+    examples, pairs = _write_task(tmp_path, 20, seed=0, dpo=True)
+    rows = [json.loads(x) for x in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    habit = [r for r in rows if r["completion"][0]["content"].startswith("The date is ")]
+    assert len(rows) == DEMO_DEFAULTS["n_train"] and 0 < len(habit) < len(rows) // 2
+    d = preference.DPO_DEFAULTS
+    assert len(pairs) == d["max_steps"] * d["batch_size"]
+    for p in pairs:
+        answer = p["chosen"][0]["content"]
+        assert p["rejected"][0]["content"] == f"The date is {answer}."
+    seen = {r["prompt"][-1]["content"] for r in rows} | {e.prompt[-1]["content"] for e in examples}
+    assert not seen & {p["prompt"][-1]["content"] for p in pairs}

@@ -5,6 +5,9 @@
 3. LoRA fine-tuning with progress and checkpoints (the same recipe as `lorakit train`);
 4. exact match again with the adapter, and after merging it into the weights (same answers);
 5. a before/after table, and where the adapter, plot and report are.
+
+With objective="dpo" (`lorakit demo --objective dpo`) the SFT rows carry an annotator's habit and
+a DPO step after SFT removes it (lorakit.demo.preference).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 from lorakit.base.config import ModelConfig
 from lorakit.data.config import DataConfig
-from lorakit.demo.task import DEMO_DEFAULTS, INSTRUCTION, make_task
+from lorakit.demo import preference
+from lorakit.demo.task import DEMO_DEFAULTS, INSTRUCTION, make_examples, to_row
 from lorakit.inference.generate import (
     completion_examples,
     exact_match,
@@ -38,11 +42,12 @@ def run_demo(
     max_steps: int | None = None,
     n_eval: int | None = None,
     seed: int = 0,
+    objective: str = "sft",
 ) -> int:
-    d = DEMO_DEFAULTS
+    d, dpo = DEMO_DEFAULTS, objective == "dpo"
     max_steps = max_steps or d["max_steps"]
     out, t0 = Path(output_dir), time.perf_counter()
-    examples = _write_task(out, n_eval or d["n_eval"], seed)
+    examples, pairs = _write_task(out, n_eval or d["n_eval"], seed, dpo)
     recipe = SFTRecipe(_run_config(out, max_steps, seed), echo_config=False).setup()
     scores = _Scores(recipe, examples)
     with recipe.model.disable_adapters():
@@ -53,11 +58,19 @@ def run_demo(
     )
     outcome = recipe.train(report=False)
     scores.add("with adapter", recipe.model)
+    if dpo:
+        _dpo_step(recipe, scores, pairs, out, seed)
     scores.add("merged model", recipe.model.merge_and_unload())
     outcome.samples = scores.samples(3)
-    shown = {"base": "base model", "adapter": "with adapter", "merged": "merged model"}
+    shown = {
+        "base": "base model",
+        "adapter": "with adapter",
+        "after DPO": "after DPO",
+        "merged": "merged model",
+    }
     recipe.write_report(
-        outcome, {f"exact match, {k}": f"{scores.em[v]:.1%}" for k, v in shown.items()}
+        outcome,
+        {f"exact match, {k}": f"{scores.em[v]:.1%}" for k, v in shown.items() if v in scores.em},
     )
     scores.print_table()
     r = outcome.result
@@ -66,29 +79,57 @@ def run_demo(
         f"eval loss {r.metrics.get('eval_loss', float('nan')):.3f}; "
         f"total {time.perf_counter() - t0:.0f} s"
     )
-    log.info(f"adapter     -> {out / 'adapter'}  (PEFT format)")
+    adapter = out / "dpo" / "adapter" if dpo else out / "adapter"  # the last one trained
+    log.info(f"adapter     -> {adapter}  (PEFT format)")
     log.info(f"loss plot   -> {outcome.plot}")
     log.info(f"report      -> {outcome.report}")
     log.info(
-        f"try it: lorakit generate --adapter {out / 'adapter'} --chat --system "
+        f"try it: lorakit generate --adapter {adapter} --chat --system "
         f'"{INSTRUCTION}" --max-new-tokens 16 "{examples[1].prompt[-1]["content"]}"'
     )
     return 0
 
 
-def _write_task(out: Path, n_eval: int, seed: int) -> list:
-    """The task's rows in out/data; the held-out rows as prompt / reference examples."""
-    train_rows, eval_rows = make_task(DEMO_DEFAULTS["n_train"], n_eval, seed=seed)
+def _write_task(out: Path, n_eval: int, seed: int, dpo: bool) -> tuple[list, list[dict]]:
+    """The task's rows in out/data (with dpo: SFT rows with the annotator's habit, and the DPO
+    step's pairs on rows of further dates); the held-out rows as prompt / reference examples."""
+    n_train = DEMO_DEFAULTS["n_train"]
+    n_pairs = preference.DPO_DEFAULTS["max_steps"] * preference.DPO_DEFAULTS["batch_size"]
+    train, held_out = make_examples(n_train + (n_pairs if dpo else 0), n_eval, seed=seed)
+    train_rows = preference.habit_rows(train[:n_train]) if dpo else [to_row(e) for e in train]
+    pairs = preference.preference_pairs(train[n_train:]) if dpo else []
+    eval_rows = [to_row(e) for e in held_out]
     (out / "data").mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train_rows), ("eval", eval_rows)):
+    files = {"train": train_rows, "eval": eval_rows} | ({"pairs": pairs} if dpo else {})
+    for name, rows in files.items():
         (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples = completion_examples(eval_rows)
     log.info(
         f"task: normalise dates to YYYY-MM-DD; {len(train_rows)} training rows, "
         f"{len(eval_rows)} held-out rows on other dates -> {out / 'data'}"
     )
+    if dpo:
+        log.info(
+            f"the training rows of {', '.join(preference.HABIT_STYLES)} dates answer "
+            f"{preference.habit('YYYY-MM-DD')!r} (an annotator's habit); {len(pairs)} "
+            "preference pairs prefer the bare date"
+        )
     log.info(f"example: {examples[0].prompt[-1]['content']!r} -> {examples[0].reference!r}")
-    return examples
+    return examples, pairs
+
+
+def _dpo_step(recipe: SFTRecipe, scores: _Scores, pairs: list[dict], out: Path, seed: int):
+    """DPO from the SFT adapter (its own reference), then the held-out score again."""
+    d = preference.DPO_DEFAULTS
+    log.info(
+        f"preference tuning (DPO): {d['max_steps']} steps of {d['batch_size']} pairs, "
+        f"lr {d['lr']}, beta {d['beta']}, from the SFT adapter"
+    )
+    result = preference.dpo_step(
+        recipe.model, recipe.tokenizer, pairs, str(out / "dpo"), recipe.launch, seed
+    )
+    log.info(f"DPO {result.seconds:.0f} s; adapter -> {out / 'dpo' / 'adapter'}")
+    scores.add("after DPO", recipe.model)
 
 
 def _run_config(out: Path, max_steps: int, seed: int) -> RunConfig:
@@ -143,16 +184,19 @@ class _Scores:
         self.em[name] = sum(exact_match(a, r) for a, r in zip(answers, self.refs)) / len(self.refs)
         said = f"{name} exact match: {self.em[name]:.0%}"
         if name == "merged model":
-            same = sum(a == b for a, b in zip(self.answers["with adapter"], answers))
+            same = sum(a == b for a, b in zip(self.answers[self.tuned], answers))
             said += f" (answers identical to the unmerged adapter's on {same}/{len(answers)} rows)"
         else:
             said += f" ({time.perf_counter() - t:.0f} s)"
         log.info(said)
 
+    @property
+    def tuned(self) -> str:
+        """The adapter's last score: after the DPO step where there was one."""
+        return "after DPO" if "after DPO" in self.answers else "with adapter"
+
     def samples(self, n: int) -> list[dict[str, str]]:
-        rows = zip(
-            self.prompts, self.answers["base model"], self.answers["with adapter"], self.refs
-        )
+        rows = zip(self.prompts, self.answers["base model"], self.answers[self.tuned], self.refs)
         return [
             {"prompt": render_prompt(p, self.tokenizer)[0], "before": b, "after": a, "reference": r}
             for p, b, a, r in list(rows)[:n]
@@ -161,18 +205,18 @@ class _Scores:
     def print_table(self) -> None:
         names = {
             "base model": "base SmolLM2-135M-Instruct",
-            "with adapter": "+ LoRA adapter",
+            "with adapter": "+ LoRA adapter (SFT)",
+            "after DPO": "+ DPO step",
             "merged model": "merged into the weights",
         }
         print()
         print(f"  held-out exact match ({len(self.refs)} rows)")
         print("  " + "-" * 40)
         for key, name in names.items():
-            print(f"  {name:30s} {self.em[key]:7.1%}")
+            if key in self.em:
+                print(f"  {name:30s} {self.em[key]:7.1%}")
         print("  " + "-" * 40)
-        rows = zip(
-            self.prompts, self.answers["base model"], self.answers["with adapter"], self.refs
-        )
+        rows = zip(self.prompts, self.answers["base model"], self.answers[self.tuned], self.refs)
         for p, b, a, r in list(rows)[:3]:
             said = f"{p[-1]['content']!r}: base {b.strip()[:30]!r} -> tuned {a.strip()!r}"
             print(f"  {said} (want {r!r})")
