@@ -28,3 +28,9 @@ class OutputExistsError(UserError, FileExistsError):
 class WriteError(UserError, OSError):
     """A file lorakit writes could not be written: disk full, file-size limit, no permission, a
     read-only file system. The message names the path; nothing half-written is left under it."""
+
+
+class ModelFileError(UserError, ValueError):
+    """Model files that cannot be read: a corrupt config.json, truncated or corrupt weights, a
+    GGUF file of an architecture or tensor type transformers cannot read. The message names the
+    file or directory and what the reader said."""

@@ -18,6 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lorakit.base.default_model as dm
+import lorakit.base.gguf_base as gb
 import lorakit.base.loading as loading
 from lorakit.base import (DefaultModelMissing, ModelNotFoundError, load_model, lorakit_home,
                           resolve_dtype)
@@ -57,7 +58,7 @@ def fake_gguf(tmp_path, monkeypatch) -> Path:
     return gguf
 
 
-def _fake_convert(gguf: Path, out_dir: Path) -> None:
+def _fake_convert(gguf: Path, out_dir: Path, *_) -> None:
     (out_dir / "config.json").write_text("{}")
     (out_dir / "model.safetensors").write_bytes(b"")
 
@@ -85,7 +86,7 @@ def test_cache_is_reused_without_converting(default_model_dir, monkeypatch):
     def must_not_convert(*a, **k):
         raise AssertionError("converted although the cache is complete")
 
-    monkeypatch.setattr(dm, "_convert_gguf", must_not_convert)
+    monkeypatch.setattr(gb, "_convert_gguf", must_not_convert)
     t0 = time.perf_counter()
     assert dm.default_model_dir() == default_model_dir
     assert time.perf_counter() - t0 < 1.0
@@ -109,24 +110,24 @@ def test_real_conversion_into_fresh_cache(tmp_path, monkeypatch, capfd, default_
     a = load_file(target / "model.safetensors")
     b = load_file(default_model_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    monkeypatch.setattr(dm, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
+    monkeypatch.setattr(gb, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert dm.default_model_dir() == target
 
 
 def test_failed_conversion_leaves_no_cache(tmp_path, monkeypatch, fake_gguf):
     monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
 
-    def dies_halfway(gguf: Path, out_dir: Path) -> None:
+    def dies_halfway(gguf: Path, out_dir: Path, *_) -> None:
         (out_dir / "config.json").write_text("{}")  # half-written: config but no weights
         raise KeyboardInterrupt  # an interrupt, not just an exception, must clean up too
 
-    monkeypatch.setattr(dm, "_convert_gguf", dies_halfway)
+    monkeypatch.setattr(gb, "_convert_gguf", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         dm.default_model_dir()
     models = tmp_path / "home" / "models"
     assert list(models.iterdir()) == []  # neither the target nor the temp dir
     # the next call converts again and succeeds
-    monkeypatch.setattr(dm, "_convert_gguf", _fake_convert)
+    monkeypatch.setattr(gb, "_convert_gguf", _fake_convert)
     target = dm.default_model_dir()
     assert target == models / dm.DEFAULT_MODEL_NAME and (target / "config.json").is_file()
     assert oct(target.stat().st_mode & 0o777) == oct(0o755)
@@ -136,7 +137,7 @@ def test_incomplete_cache_dir_is_not_trusted(tmp_path, monkeypatch, fake_gguf):
     target = tmp_path / "models" / dm.DEFAULT_MODEL_NAME
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")  # e.g. copied by hand, weights missing
-    monkeypatch.setattr(dm, "_convert_gguf", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+    monkeypatch.setattr(gb, "_convert_gguf", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
     with pytest.raises(RuntimeError):
         dm.default_model_dir(tmp_path)
 
@@ -144,13 +145,13 @@ def test_incomplete_cache_dir_is_not_trusted(tmp_path, monkeypatch, fake_gguf):
 def test_concurrent_conversion_keeps_the_winner(tmp_path, monkeypatch, fake_gguf):
     target = tmp_path / "models" / dm.DEFAULT_MODEL_NAME
 
-    def other_process_wins(gguf: Path, out_dir: Path) -> None:
+    def other_process_wins(gguf: Path, out_dir: Path, *_) -> None:
         _fake_convert(gguf, out_dir)
         target.mkdir()
         _fake_convert(gguf, target)
         (target / "winner").touch()
 
-    monkeypatch.setattr(dm, "_convert_gguf", other_process_wins)
+    monkeypatch.setattr(gb, "_convert_gguf", other_process_wins)
     assert dm.default_model_dir(tmp_path) == target
     assert (target / "winner").exists()
     assert [p.name for p in target.parent.iterdir()] == [dm.DEFAULT_MODEL_NAME]
@@ -158,13 +159,13 @@ def test_concurrent_conversion_keeps_the_winner(tmp_path, monkeypatch, fake_gguf
 
 def test_stale_temp_dirs_are_swept(tmp_path, monkeypatch, fake_gguf):
     models = tmp_path / "models"
-    stale = models / f"{dm.TMP_PREFIX}{dm.DEFAULT_MODEL_NAME}.killed"
-    fresh = models / f"{dm.TMP_PREFIX}{dm.DEFAULT_MODEL_NAME}.running"
+    stale = models / f"{gb.TMP_PREFIX}{dm.DEFAULT_MODEL_NAME}.killed"
+    fresh = models / f"{gb.TMP_PREFIX}{dm.DEFAULT_MODEL_NAME}.running"
     for d in (stale, fresh):
         d.mkdir(parents=True)
-    old = time.time() - 2 * dm._STALE_TMP_S
+    old = time.time() - 2 * gb._STALE_TMP_S
     os.utime(stale, (old, old))
-    monkeypatch.setattr(dm, "_convert_gguf", _fake_convert)
+    monkeypatch.setattr(gb, "_convert_gguf", _fake_convert)
     dm.default_model_dir(tmp_path)
     assert not stale.exists() and fresh.exists()  # a concurrent conversion is left alone
 

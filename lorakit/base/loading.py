@@ -24,9 +24,10 @@ from urllib.parse import urlparse
 import torch
 
 from lorakit import compat
-from lorakit.errors import InputNotFoundError, UserError
+from lorakit.errors import InputNotFoundError, ModelFileError, UserError
 
-from .default_model import default_model_dir
+from .default_model import default_model_dir, gguf_base_dir
+from .gguf_base import is_gguf_file
 from .quantize import QUANT_TYPES, report_unquantized_experts
 
 DTYPES: dict[str, torch.dtype] = {
@@ -41,11 +42,6 @@ DTYPES: dict[str, torch.dtype] = {
 
 class ModelNotFoundError(InputNotFoundError):
     """Neither a local model directory nor a hub id we can reach."""
-
-
-class ModelFileError(UserError, ValueError):
-    """A local model directory whose files cannot be read: a corrupt config.json, truncated or
-    corrupt weights. The message names the directory and what the loader said."""
 
 
 class QuantizationUnsupportedError(UserError, RuntimeError):
@@ -286,8 +282,8 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 def _not_found(name: str, why: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"cannot load model {name!r}: {why}. Pass a local directory holding a transformers model "
-        f"(config.json + weights), a Hugging Face Hub id with the hub reachable, or no name for "
-        f"the embedded default model."
+        f"(config.json + weights), a .gguf file, a Hugging Face Hub id with the hub reachable, "
+        f"or no name for the embedded default model."
     )
 
 
@@ -301,8 +297,10 @@ def resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, dict[st
         if not (path / "config.json").is_file():
             raise _not_found(name, f"the directory {path} holds no config.json")
         return str(path), {}
+    if path.is_file() and is_gguf_file(path):
+        return str(gguf_base_dir(path)), {}
     if path.exists():
-        raise _not_found(name, f"{path} is a file, not a model directory")
+        raise _not_found(name, f"{path} is a file, neither a model directory nor a GGUF file")
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(name):
         raise _not_found(name, f"no such directory: {path.resolve()}")
     if hub_reachable():

@@ -359,7 +359,7 @@ CASES: list[Case] = [
          lambda d, w: f"no such directory: {d / 'nowhere'}",
          cli=lambda d, w: ["generate", "--model", d / "nowhere", "hi"],
          api=lambda d, w: load_model(d / "nowhere")),
-    Case("--model names a file", "paths", ModelNotFoundError, "is a file, not a model directory",
+    Case("--model names a file", "paths", ModelNotFoundError, "is a file, neither a model directory nor a GGUF file",
          setup=text("model.txt", "not a model\n"),
          cli=lambda d, w: ["generate", "--model", d / "model.txt", "hi"],
          api=lambda d, w: load_model(d / "model.txt")),
