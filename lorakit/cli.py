@@ -331,6 +331,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             help=flag.help or None,
             type=field_type(flag.section, flag.key) if flag.choices is None else None,
             choices=flag.choices,
+            nargs=flag.nargs,
         )
     t.add_argument(
         "--resume",

@@ -52,6 +52,8 @@ class TrainState:
     skipped_steps: int = 0  # steps dropped for a NaN/inf loss (TrainConfig.nonfinite="skip")
     log_history: list[dict[str, Any]] = field(default_factory=list)
     max_steps: int = 0  # the run's total steps (set by train())
+    # each experiment tracker's run (mlflow: run id, trackio: run name), continued by a resume
+    trackers: dict[str, str] = field(default_factory=dict)
     # what HF's TrainerState also tells callbacks; per process, never saved
     is_world_process_zero: ClassVar[bool] = True
     best_metric: ClassVar[float | None] = None  # lorakit keeps no "best model"

@@ -14,6 +14,7 @@ import torch
 
 from lorakit.data.formats import FORMATS
 from lorakit.errors import ConfigError
+from lorakit.training.trackers import resolve_report_to
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "sft")  # lorakit.training.dpo
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # lorakit.training.kto
@@ -92,6 +93,12 @@ class TrainConfig:
     save_total_limit: int | None = 2
     seed: int = 42
     disable_tqdm: bool | None = None  # None: a bar on a terminal, log lines otherwise
+    # experiment trackers that get what metrics.jsonl gets (lorakit.training.trackers):
+    # "tensorboard", "mlflow", "trackio", a list or "a,b" of them, "all" (the installed ones) or
+    # "none"; read into a list. run_name: the run's name there; project: trackio's project
+    report_to: str | list[str] | None = None
+    run_name: str | None = None
+    project: str = "lorakit"
     # several processes (torchrun; see lorakit.training.distributed); no effect on one process
     # "replicate" (alias "ddp"): a whole base per rank | "fsdp2": base sharded per layer
     distributed_mode: str = "replicate"
@@ -164,6 +171,7 @@ class TrainConfig:
             raise bad("global_batch_size", "must be an integer >= 1, or None")
         if not isinstance(self.ddp_timeout, int) or self.ddp_timeout < 1:
             raise bad("ddp_timeout", "must be an integer >= 1 (seconds)")
+        self.report_to = resolve_report_to(self.report_to)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,8 +188,6 @@ _UNUSED = {
     "tf32": "TF32 matmuls on NVIDIA GPUs",
     "dataloader_pin_memory": "pinned host memory for GPU copies",
     "use_liger_kernel": "Liger's Triton GPU kernels",
-    "run_name": "the run's name in experiment trackers",
-    "report_to": "experiment trackers; lorakit writes metrics.jsonl and loss.png",
 }
 # transformers' optimizer names for what lorakit runs (AdamW; "paged" only pages GPU memory)
 ADAMW_NAMES = ("adamw_torch_fused", "adamw_torch", "paged_adamw_32bit")
@@ -211,8 +217,8 @@ def _refuse_unknown_options(cls):
 class TRLConfig(TrainConfig):
     """What TRL's trainer configs share, with TRL's defaults where they differ from lorakit's
     (a linear schedule, 3 epochs, gradient checkpointing on, every checkpoint kept): the fields
-    below with a lorakit meaning. GPU and tracker options (tf32, dataloader_pin_memory,
-    use_liger_kernel, run_name, report_to) are accepted and reported once as unused.
+    below with a lorakit meaning. GPU options (tf32, dataloader_pin_memory, use_liger_kernel) are
+    accepted and reported once as unused.
 
     eval_strategy: "no" (evaluate at the end, if there is eval data) or "steps" (every
         `eval_steps`, default `logging_steps`); "epoch" is not supported.
@@ -239,8 +245,6 @@ class TRLConfig(TrainConfig):
     tf32: bool | None = None
     dataloader_pin_memory: bool | None = None
     use_liger_kernel: bool | None = None
-    run_name: str | None = None
-    report_to: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__

@@ -52,6 +52,15 @@ from lorakit.training.evaluate import collate_share, evaluate
 from lorakit.training.launch import Launch, resolve_launch, split_global_batch
 from lorakit.training.objective import Batch, Objective
 from lorakit.training.optim import adapter_param_groups
+from lorakit.training.trackers import (
+    FAILED,
+    FINISHED,
+    KILLED,
+    TrackedRun,
+    Trackers,
+    hyperparameters,
+    resolve_report_to,
+)
 
 log = get_logger(__name__)
 
@@ -185,6 +194,9 @@ class Trainer:
         self.device, self.bf16, self.batch_size = launch.device, launch.bf16, launch.per_rank_batch
         self.state = TrainState()  # where the last train() got to (log_history, as in TRL)
         self.callback_handler = CallbackList(callbacks)
+        # every rank imports the trackers' libraries (a missing one fails alike everywhere);
+        # rank 0 alone opens them
+        self._trackers = Trackers(resolve_report_to(args.report_to))
         self.train_data = objective.prepare(train_data, "train") if train_data is not None else None
         self.eval_data = objective.prepare(eval_data, "eval") if eval_data is not None else None
         self._stop_signal: int | None = None
@@ -197,19 +209,25 @@ class Trainer:
         if self.train_data is None:
             raise ValueError("no train_data was given")
         run = self._start(resume_from_checkpoint)
-        with self._stop_on_signals():
-            while self.state.step < run.total:
-                if not self._step(run):
-                    continue  # a non-finite step, skipped
-                control = self.callback_handler.fire("on_step_end", self.args, self.state)
-                self._log(run, control)
-                if self.eval_data is not None and (
-                    self._every(self.args.eval_steps) or control.should_evaluate
-                ):
-                    run.last_eval = self._evaluate(run)
-                if self._save(run, control):
-                    break
-        return self._finish(run)
+        try:
+            with self._stop_on_signals():
+                while self.state.step < run.total:
+                    if not self._step(run):
+                        continue  # a non-finite step, skipped
+                    control = self.callback_handler.fire("on_step_end", self.args, self.state)
+                    self._log(run, control)
+                    if self.eval_data is not None and (
+                        self._every(self.args.eval_steps) or control.should_evaluate
+                    ):
+                        run.last_eval = self._evaluate(run)
+                    if self._save(run, control):
+                        break
+            result = self._finish(run)
+        except BaseException as e:  # the trackers' run ends as the training did
+            self._trackers.close(KILLED if isinstance(e, KeyboardInterrupt) else FAILED)
+            raise
+        self._trackers.close(KILLED if result.interrupted else FINISHED)
+        return result
 
     def _start(self, resume_from_checkpoint: str | bool | None) -> _Run:
         """The output directory, the model on its device(s), optimizer and schedule, the state
@@ -263,7 +281,22 @@ class Trainer:
             atomic_write_bytes(run.metrics_file, lines.encode())
         model.train()
         self.callback_handler.fire("on_train_begin", args, self.state)
+        self._open_trackers(out, config)
         return run
+
+    def _open_trackers(self, out: Path, config: dict[str, Any]) -> None:
+        """Rank 0 opens the run's trackers; a resumed state names the runs they continue."""
+        if not (self.is_main and self._trackers):
+            return
+        tracked = TrackedRun(
+            output_dir=out,
+            hyperparameters=hyperparameters(config),
+            step=self.state.step,
+            saved=self.state.trackers,
+            run_name=self.args.run_name,
+            project=self.args.project,
+        )
+        self._trackers.open(tracked)
 
     def _step(self, run: _Run) -> bool:
         """One optimizer step on the next global batch; False if it was skipped (non-finite)."""
@@ -618,6 +651,7 @@ class Trainer:
             return
         with writing(metrics_file), open(metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self._trackers.log(record)
         # metrics.jsonl above keeps every digit; people read 4 significant ones
         if bar is not None:
             shown = ("loss", "tokens_per_s", "eval_loss")

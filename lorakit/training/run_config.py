@@ -71,6 +71,7 @@ class Flag:
     # script name, so `--r` reads as an ambiguous abbreviation of its --rdzv-*, --role, ...
     # options; every other spelling must pass torchrun (tests/test_torchrun_flags.py)
     aliases: tuple[str, ...] = field(default=())
+    nargs: str | None = None  # argparse's: "+" takes several values (a list)
 
 
 TRAIN_FLAGS: dict[str, Flag] = {
@@ -107,6 +108,12 @@ TRAIN_FLAGS: dict[str, Flag] = {
         OBJECTIVE,
         "loss_type",
         "dpo: sigmoid | ipo | hinge | robust | sft (or a,b); kto: kto | apo_zero_unpaired",
+    ),
+    "--report-to": Flag(
+        "training",
+        "report_to",
+        "experiment trackers: tensorboard, mlflow, trackio (several, or a,b), all, none",
+        nargs="+",
     ),
 }
 SINGLE_PROCESS_ALIASES: dict[str, str] = {
