@@ -50,6 +50,13 @@ class AdapterPool:
         self.paths: dict[str, Path] = {}  # every adapter a request may name
         self.resident: OrderedDict[str, None] = OrderedDict()  # in the model, oldest use first
         self.pins: Counter[str] = Counter()  # rows currently decoding with each adapter
+        # what `lorakit serve` reports on GET /metrics, by adapter: installs into the model, LRU
+        # evictions to make room, and requests admitted whose adapter was (hits) or was not
+        # (misses) in the model when the scheduler first looked at them
+        self.loads: Counter[str] = Counter()
+        self.evictions: Counter[str] = Counter()
+        self.hits: Counter[str] = Counter()
+        self.misses: Counter[str] = Counter()
         self._reads: dict[str, Future] = {}  # files being read for these names
         self._lock = threading.Lock()  # paths and _reads are also read by the HTTP thread
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="lorakit-adapter-read")
@@ -99,6 +106,7 @@ class AdapterPool:
             )
         install_adapter(self.model, files.name, files.config, files.weights, files.path)
         self.resident[files.name] = None
+        self.loads[files.name] += 1
         with self._lock:
             self.paths[files.name] = files.path
 
@@ -109,11 +117,14 @@ class AdapterPool:
             if idle is None:
                 return False
             self._evict(idle)
+            self.evictions[idle] += 1
         return True
 
-    def use(self, name: str) -> None:
+    def use(self, name: str, hit: bool = True) -> None:
+        """Pin a resident adapter for one more row (`hit`: it was resident when asked for)."""
         self.resident.move_to_end(name)
         self.pins[name] += 1
+        (self.hits if hit else self.misses)[name] += 1
 
     def release(self, name: str) -> None:
         self.pins[name] -= 1

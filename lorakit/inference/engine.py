@@ -82,6 +82,20 @@ class Event:
     completion_tokens: int
     finish_reason: str | None = None  # "stop" (end of text, stop string) or "length"
     error: Exception | None = None
+    # when each token new in this event was picked (time.monotonic()); text may lag behind
+    # tokens (an incomplete character, a possible stop string), these times do not
+    token_times: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The scheduler's load at one moment: the adapters of the rows taken (decoding, or a
+    prompt being prefilled in chunks) and of the requests waiting (BASE_ADAPTER: the base)."""
+
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
+    waiting_count: int  # requests submitted and not yet admitted (also those not yet seen)
+    max_rows: int
 
 
 @dataclass(eq=False)
@@ -95,7 +109,9 @@ class Request:
     cancelled: bool = False
     # scheduler state
     generated: list[int] = field(default_factory=list)
+    picked: list[float] = field(default_factory=list)  # times of tokens not yet in an event
     sent: int = 0  # characters of the decoded completion already sent
+    adapter_missed: bool = False  # its adapter was not in the model when first looked at
     generator: torch.Generator | None = None
     done: bool = False
     # a prompt prefilled in chunks: its tokens in `cache` so far
@@ -220,6 +236,20 @@ class Engine:
         """Rows decoding now."""
         return len(self.batch)
 
+    def snapshot(self) -> Snapshot:
+        """The load now, read from any thread without stopping the scheduler: a request
+        admitted at that moment may be in neither list (good enough for a gauge)."""
+        # tuple() of a list or deque copies it without letting another thread run meanwhile
+        rows = tuple(self.batch.rows)
+        partial = self.partial
+        rows += (partial,) if partial is not None else ()
+        return Snapshot(
+            running=tuple(r.adapter for r in rows),
+            waiting=tuple(r.adapter for r in tuple(self.waiting)),
+            waiting_count=self._waiting_count,
+            max_rows=self.max_batch,
+        )
+
     # -- scheduler thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -295,7 +325,7 @@ class Engine:
                 kept.append(request)
                 continue
             try:
-                state = self._adapter_ready(request.adapter)
+                state = self._adapter_ready(request)
             except Exception as e:  # unreadable, unloaded, or not for this base
                 self._left_queue()
                 self._finish(request, error=e)
@@ -306,7 +336,8 @@ class Engine:
                 continue
             self._left_queue()
             if request.adapter != BASE_ADAPTER:
-                self.adapters.use(request.adapter)  # pinned now: no later load evicts it
+                # pinned now: no later load evicts it
+                self.adapters.use(request.adapter, hit=not request.adapter_missed)
             if request.sampling.seed is not None:
                 request.generator = torch.Generator().manual_seed(request.sampling.seed)
             if len(request.prompt_ids) > budget:  # the first of this step, and too long
@@ -338,11 +369,14 @@ class Engine:
         if request.adapter != BASE_ADAPTER:
             self.adapters.release(request.adapter)
 
-    def _adapter_ready(self, name: str) -> str:
-        """ "ready" if the adapter is in the model; else its files are read in the background
-        ("reading") and installed once read and a slot is free ("no slot" until then)."""
+    def _adapter_ready(self, request: Request) -> str:
+        """ "ready" if the request's adapter is in the model; else its files are read in the
+        background ("reading") and installed once read and a slot is free ("no slot" until
+        then)."""
+        name = request.adapter
         if name == BASE_ADAPTER or name in self.adapters.resident:
             return "ready"
+        request.adapter_missed = True  # it waits for a load, or makes one now
         if not self.adapters.read(name, self._adapter_path(name)).done():
             return "reading"
         if not self.adapters.make_room():
@@ -483,6 +517,7 @@ class Engine:
             self._finish(request, reason="stop")
             return
         request.generated.append(token)
+        request.picked.append(time.monotonic())
         text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
         cut = _first_stop(text, sampling.stop, request.sent)
         if cut is not None:
@@ -495,7 +530,7 @@ class Engine:
             while safe > request.sent and text[safe - 1] == "\ufffd":
                 safe -= 1
             if safe > request.sent:
-                self._emit(request, Event(text[request.sent : safe], *self._usage(request)))
+                self._emit(request, self._event(request, text[request.sent : safe]))
                 request.sent = safe
 
     def _finish(
@@ -511,10 +546,13 @@ class Engine:
         if text is None and error is None:
             text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
         rest = "" if text is None else text[request.sent :]
-        self._emit(request, Event(rest, *self._usage(request), finish_reason=reason, error=error))
+        self._emit(request, self._event(request, rest, finish_reason=reason, error=error))
 
-    def _usage(self, request: Request) -> tuple[int, int]:
-        return len(request.prompt_ids), len(request.generated)
+    def _event(self, request: Request, text: str, **end: Any) -> Event:
+        """An event with the request's usage so far and the times of its tokens not yet sent."""
+        times, request.picked = tuple(request.picked), []
+        usage = len(request.prompt_ids), len(request.generated)
+        return Event(text, *usage, token_times=times, **end)
 
     def _emit(self, request: Request, event: Event) -> None:
         if not request.cancelled:

@@ -2,7 +2,9 @@
 and many adapters, backed by the continuous-batching `Engine`.
 
 Every handler checks its request completely (fields, model, lengths) before anything reaches
-the engine; the engine's scheduler thread is the only code that touches the model.
+the engine; the engine's scheduler thread is the only code that touches the model. GET /metrics
+gives Prometheus' text format (`lorakit.serving.metrics`); like every endpoint, it asks for the
+API key when the server has one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +40,9 @@ from lorakit.inference.engine import (
     Sampling,
 )
 from lorakit.lora import BASE_ADAPTER
+from lorakit.serving import metrics as prometheus
 from lorakit.serving import openai_api as api
+from lorakit.serving.metrics import Watch
 from lorakit.serving.openai_api import ApiError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -65,9 +70,11 @@ class Server:
         self.context_length = context_length
         self.tokenizer = engine.tokenizer
         self.stopping = False  # set on SIGTERM: new requests get 503
+        self.metrics = prometheus.create(engine, self.base_name)  # None: no prometheus_client
         self.app = Starlette(
             routes=[
                 Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.prometheus_metrics, methods=["GET"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -88,11 +95,14 @@ class Server:
     async def models(self, request: HttpRequest) -> Response:
         return await self._guarded(request, self._models)
 
+    async def prometheus_metrics(self, request: HttpRequest) -> Response:
+        return await self._guarded(request, self._prometheus_metrics)
+
     async def completions(self, request: HttpRequest) -> Response:
-        return await self._guarded(request, lambda r: self._generate(r, chat=False))
+        return await self._counted(request, chat=False)
 
     async def chat_completions(self, request: HttpRequest) -> Response:
-        return await self._guarded(request, lambda r: self._generate(r, chat=True))
+        return await self._counted(request, chat=True)
 
     async def load_adapter(self, request: HttpRequest) -> Response:
         return await self._guarded(request, self._load_adapter)
@@ -107,6 +117,22 @@ class Server:
             return await handler(request)
         except ApiError as e:
             return JSONResponse(e.body(), e.status, headers=e.headers)
+
+    async def _counted(self, request: HttpRequest, chat: bool) -> Response:
+        """A generation request, counted by adapter and HTTP status once answered."""
+        try:
+            response = await self._guarded(request, lambda r: self._generate(r, chat))
+        except Exception:  # starlette answers 500
+            self._answered(request, 500)
+            raise
+        self._answered(request, response.status_code)
+        return response
+
+    def _answered(self, request: HttpRequest, status: int) -> None:
+        if self.metrics is not None:
+            # set by _generate once the request names a model this server serves
+            adapter = getattr(request.state, "adapter_label", prometheus.UNKNOWN_LABEL)
+            self.metrics.answered(adapter, status)
 
     def _authorize(self, request: HttpRequest) -> None:
         key = self.config.api_key
@@ -131,6 +157,12 @@ class Server:
             }
         )
 
+    async def _prometheus_metrics(self, request: HttpRequest) -> Response:
+        if self.metrics is None:
+            raise ApiError(501, prometheus.MISSING, code="metrics_unavailable")
+        body, content_type = self.metrics.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
     async def _models(self, request: HttpRequest) -> Response:
         root = self.config.base_names[-1]
         cards = [api.model_card(self.base_name, root, None, self.context_length)]
@@ -141,15 +173,21 @@ class Server:
     async def _generate(self, request: HttpRequest, chat: bool) -> Response:
         body = api.check_fields(await self._json(request), api.CHAT if chat else api.COMPLETION)
         adapter = self._adapter_for(body["model"])
+        if adapter == BASE_ADAPTER or adapter in self.engine.adapter_paths():
+            request.state.adapter_label = prometheus.adapter_label(adapter)
         prompt_ids = self._prompt_ids(body, chat)
         sampling = self._sampling(body, len(prompt_ids))
         if self.stopping:
             raise self._unavailable("the server is shutting down")
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = Request(
-            prompt_ids, adapter, sampling, lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
-        )
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        arrived = time.monotonic()
+        on_event = sink if self.metrics is None else self.metrics.watch(adapter, arrived, sink)
+        job = Request(prompt_ids, adapter, sampling, on_event, arrived=arrived)
         try:
             self.engine.submit(job)
         except UserError as e:  # full, shutting down, or an unknown model
@@ -189,8 +227,14 @@ class Server:
             gone.cancel()
             if not work.done():
                 work.cancel()
-                self.engine.cancel(job)
+                self._cancel(job)
         return work.result() if work in done else None
+
+    def _cancel(self, job: Request) -> None:
+        """Drop a request whose client went away."""
+        self.engine.cancel(job)
+        if isinstance(job.on_event, Watch):
+            job.on_event.abort()
 
     async def _stream(
         self, job: Request, events, rid: str, model: str, chat: bool, include_usage: bool
@@ -216,7 +260,7 @@ class Server:
             yield "data: [DONE]\n\n"
         finally:  # also when the client disconnects (starlette cancels the stream)
             if not job.done:
-                self.engine.cancel(job)
+                self._cancel(job)
 
     async def _load_adapter(self, request: HttpRequest) -> Response:
         body = await self._json(request)
