@@ -405,7 +405,14 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("serve", help="serve the base and adapters over an OpenAI-compatible API")
+    s = sub.add_parser(
+        "serve",
+        help="serve the base and adapters over an OpenAI-compatible API",
+        description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter, /health) over the base and "
+        "its adapters, with Prometheus metrics at GET /metrics (vLLM's names under a 'lorakit:' "
+        "prefix; needs pip install 'lorakit[metrics]').",
+    )
     s.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     s.add_argument(
         "--adapter", action="append", metavar="NAME=DIR", help="an adapter to serve (repeatable)"
@@ -415,7 +422,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--api-key",
         dest="api_key",
-        help="require 'Authorization: Bearer KEY' (or set LORAKIT_API_KEY)",
+        help="require 'Authorization: Bearer KEY' on every endpoint, /metrics included (or set "
+        "LORAKIT_API_KEY)",
     )
     s.add_argument(
         "--served-model-name",
