@@ -92,6 +92,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 @contextmanager
+def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
+    """`with atomic_file(out) as tmp:` write the file `tmp` (a library writes it by path); on
+    success it is fsynced and renamed to `out`. On an error nothing changes."""
+    final = Path(final)
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent)
+        os.close(fd)
+    tmp = Path(name)
+    try:
+        with _named(tmp, final), writing(final):
+            yield tmp
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; results are shared
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
 def atomic_directory(final: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
     """`with atomic_directory(out) as tmp:` write into `tmp`; on success its files are fsynced
     and it is renamed to `out`. An existing `out` is replaced, or with `keep_existing` kept (and

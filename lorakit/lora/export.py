@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,17 +44,13 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     return model
 
 
-def _merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict of the plain model a LoRA model on a (quantized) base stands for: each
-    LoRA layer's dense base weight plus its active adapters folded in fp32, quantized layers
-    dequantized, full copies (modules_to_save) under their original names, all cast to `dtype`."""
-    state: dict[str, torch.Tensor] = {}
+def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of the plain model a LoRA model on a (quantized) base stands for, one at a
+    time under their state-dict names: each LoRA layer's dense base weight plus its active
+    adapters folded in fp32, quantized layers dequantized, full copies (modules_to_save) under
+    their original names. Tensors keep their dtype; merged weights are fp32."""
 
-    def put(key: str, t: torch.Tensor) -> None:
-        t = t.detach()
-        state[key] = t.to(dtype) if t.is_floating_point() else t
-
-    def visit(module: nn.Module, prefix: str) -> None:
+    def visit(module: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
         if isinstance(module, LoraLayer):
             base = module.base_layer
             pending = (
@@ -61,34 +58,43 @@ def _merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.
                 if module.disabled
                 else [n for n in module.active_adapters if n not in module.merged_adapters]
             )
-            w = module.merged_weight(pending)
-            put(prefix + "weight", w.t() if backends.is_fan_in_fan_out(base) else w)
+            with torch.no_grad():
+                w = module.merged_weight(pending)
+            yield prefix + "weight", w.t() if backends.is_fan_in_fan_out(base) else w
             if getattr(base, "bias", None) is not None:
-                put(prefix + "bias", base.bias)
+                yield prefix + "bias", base.bias.detach()
             return
         if isinstance(module, ParamLoraLayer):
             pending = [] if module.disabled else module.running()
-            merged = module.merged_parameters(pending)
+            with torch.no_grad():
+                merged = module.merged_parameters(pending)
             for n, t in compat.own_state(module.base_layer):
-                put(prefix + n, merged.get(n, t))
+                yield prefix + n, merged.get(n, t).detach()
             for n, child in module.base_layer.named_children():
-                visit(child, prefix + n + ".")
+                yield from visit(child, prefix + n + ".")
             return
         if isinstance(module, ModulesToSave):
-            return visit(module.current, prefix)
+            yield from visit(module.current, prefix)
+            return
         if backends.is_linear8bit(module) or backends.is_linear4bit(module):
-            put(prefix + "weight", backends.dense_weight(module))
+            with torch.no_grad():
+                dense = backends.dense_weight(module)
+            yield prefix + "weight", dense
             if module.bias is not None:
-                put(prefix + "bias", module.bias)
+                yield prefix + "bias", module.bias.detach()
             return
         for n, t in compat.own_state(module):
-            put(prefix + n, t)
+            yield prefix + n, t.detach()
         for n, child in module.named_children():
-            visit(child, prefix + n + ".")
+            yield from visit(child, prefix + n + ".")
 
-    with torch.no_grad():
-        visit(model, "")
-    return state
+    # no `torch.no_grad()` around the generator: it would stay on in the caller between yields
+    yield from visit(model, "")
+
+
+def _merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`merged_tensors` as a state dict, floating-point tensors cast to `dtype`."""
+    return {k: t.to(dtype) if t.is_floating_point() else t for k, t in merged_tensors(model)}
 
 
 def export_merged(
