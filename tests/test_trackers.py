@@ -25,7 +25,8 @@ from lorakit.training import Trainer
 from lorakit.training.distributed import ProcessGroup
 from lorakit.training.launch import resolve_launch
 from lorakit.training.run_config import run_config
-from lorakit.training.trackers import TRACKERS, TrackerNotInstalledError, Trackers, resolve_report_to
+from lorakit.training.trackers import (TRACKERS, TrackerNotInstalledError, Trackers,
+                                       resolve_report_to)
 
 # trackio reads TRACKIO_DIR once, when first imported: a directory of this session's own
 os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="lorakit-tests-trackio-")
@@ -165,7 +166,7 @@ def test_a_crash_after_the_checkpoint_leaves_each_step_once_in_tensorboard(tmp_p
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
-def test_report_to_reads_as_in_hf():
+def test_report_to_reads_as_in_hf(tmp_path):
     for nothing in (None, "none", [], ["none"]):
         assert resolve_report_to(nothing) == []
     assert resolve_report_to("all") == list(TRACKERS)  # the test extra installs all three
@@ -184,6 +185,26 @@ def test_report_to_reads_as_in_hf():
         args = build_parser().parse_args(["train", *argv])
         cfg = run_config(None, {"--report-to": args.report_to})
         assert cfg.training.report_to == want
+    (tmp_path / "run.yaml").write_text("training:\n  report_to: [mlflow, tensorboard]\n")
+    assert run_config(tmp_path / "run.yaml").training.report_to == ["mlflow", "tensorboard"]
+
+
+IMPORTS = """
+import sys
+from lorakit import TrainConfig
+from lorakit.training.trackers import Trackers
+libraries = {"mlflow", "trackio", "tensorboard"}
+assert not libraries & set(sys.modules)
+Trackers(TrainConfig(report_to="tensorboard").report_to)
+print(sorted(libraries & set(sys.modules)))
+"""
+
+
+def test_a_library_is_imported_only_when_named():
+    res = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "['tensorboard']"
 
 
 def test_a_missing_library_is_one_line_naming_the_extra(monkeypatch, tmp_path, capsys):
