@@ -1,9 +1,10 @@
-"""The `lorakit` command: train, eval, generate, merge, inspect, demo.
+"""The `lorakit` command: train, eval, generate, merge, export, inspect, serve, demo.
 
     lorakit train --config run.yaml --max-steps 200 --lr 2e-4
     lorakit eval --adapter out/adapter --data eval.jsonl
     lorakit generate --adapter out/adapter --chat "Normalise: 5th of March '21"
     lorakit merge --adapter out/adapter --output merged/
+    lorakit export --adapter out/adapter --format gguf --output model.gguf --outtype q8_0
     lorakit inspect out/adapter
     torchrun --nproc_per_node 4 -m lorakit train --config run.yaml   # data-parallel, 4 processes
 
@@ -174,6 +175,56 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lorakit.lora.gguf_export import check_outtype, export_gguf, export_gguf_lora
+    from lorakit.lora.modelfile import write_modelfile
+
+    lora_only = args.format == "gguf-lora"
+    check_outtype(args.outtype, adapter=lora_only)  # before minutes of loading
+    if lora_only and not args.adapter:
+        raise UserError("--format gguf-lora writes an adapter: pass --adapter DIR")
+    out = Path(args.output)
+    if out.is_dir():
+        raise OutputExistsError(f"--output {out} is a directory; name the .gguf file to write")
+    if out.exists() and not args.overwrite:
+        raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
+    # merged in fp32 (a quantized base dequantized exactly) and rounded once to --outtype
+    model, tokenizer, lora = _load_with_adapters(
+        args.model,
+        [args.adapter] if args.adapter else [],
+        "float32",
+        args.quantization,
+        allow_pickle=args.allow_pickle,
+    )
+    if lora_only:
+        export_gguf_lora(lora, out, outtype=args.outtype)
+        base = _base_gguf(args.model)
+        modelfile = write_modelfile(out, tokenizer, base or "./base.gguf", f"./{out.name}")
+        if base is None:
+            print(
+                f"lorakit: {modelfile.name} expects the base as ./base.gguf beside it: "
+                f"lorakit export --model {args.model} --format gguf --output "
+                f"{out.with_name('base.gguf')}"
+            )
+    else:
+        export_gguf(lora or model, out, tokenizer, args.outtype)
+        modelfile = write_modelfile(out, tokenizer, f"./{out.name}")
+    print(f"lorakit: {args.format} ({args.outtype}) -> {out}")
+    print(f"lorakit: Ollama: ollama create my-model -f {modelfile}")
+    return 0
+
+
+def _base_gguf(model: str | None) -> str | None:
+    """The GGUF file the base was read from (the default model's, or --model file.gguf)."""
+    from lorakit.base.default_model import find_default_gguf
+    from lorakit.base.gguf_base import is_gguf_file
+
+    if model is None:
+        return str(find_default_gguf())
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_file() and is_gguf_file(path) else None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from lorakit.serving.server import LOOPBACK, build, run
 
@@ -314,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     _add_merge(sub)
+    _add_export(sub)
     _add_inspect(sub)
     _add_serve(sub)
     _add_demo(sub)
@@ -394,6 +446,35 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--overwrite", action="store_true")
     _allow_pickle(m)
     m.set_defaults(func=cmd_merge)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "export",
+        help="write base + adapter as one GGUF file, or the adapter as a llama.cpp LoRA GGUF",
+        description="GGUF for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile "
+        "beside it. --format gguf: the merged model (or the base alone, without --adapter); "
+        "--format gguf-lora: the adapter alone, for llama-server --lora and Ollama's ADAPTER.",
+    )
+    e.add_argument("--model", help="base model: directory, .gguf file or hub id (default: "
+                   "the embedded SmolLM2-135M-Instruct)")  # fmt: skip
+    e.add_argument("--adapter", help="adapter directory (PEFT format)")
+    e.add_argument("--format", choices=["gguf", "gguf-lora"], default="gguf")
+    e.add_argument("--output", required=True, help="the .gguf file to write")
+    e.add_argument(
+        "--outtype",
+        default="f16",
+        help="gguf: f32, f16, bf16, q8_0 or q4_0; gguf-lora: f32, f16 or bf16 (default f16)",
+    )
+    e.add_argument(
+        "--quantization",
+        choices=QUANT_TYPES,
+        help="load the base as the adapter was trained on it (QLoRA: nf4); it is dequantized "
+        "exactly before merging",
+    )
+    e.add_argument("--overwrite", action="store_true")
+    _allow_pickle(e)
+    e.set_defaults(func=cmd_export)
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:

@@ -190,9 +190,7 @@ def check_llama_cpp_adapter(lora_model: nn.Module, adapter: str) -> None:
             why.append(f"it adapts the fused expert parameters of {module_name}")
             break
         if isinstance(layer, LoraLayer) and adapter in layer.adapters:
-            if isinstance(layer.base_layer, nn.Embedding):
-                why.append(f"it adapts the embedding {module_name}")
-            elif layer.base_layer is _tied_head(base):
+            if _is_tied_head(base, layer.base_layer):
                 why.append(f"it adapts {module_name}, which the base ties to its embeddings")
     if why:
         raise ConfigError(
@@ -202,10 +200,10 @@ def check_llama_cpp_adapter(lora_model: nn.Module, adapter: str) -> None:
         )
 
 
-def _tied_head(model: nn.Module) -> nn.Module | None:
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return None
-    return model.get_output_embeddings()
+def _is_tied_head(model: nn.Module, layer: nn.Module) -> bool:
+    """llama.cpp has no output tensor for a head tied to the embeddings, nothing to adapt."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return bool(tied) and getattr(layer, "weight", None) is model.get_input_embeddings().weight
 
 
 def _adapter_tensors(lora_model: nn.Module, adapter: str, alpha: float, arch: Architecture):
