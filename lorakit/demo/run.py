@@ -87,6 +87,10 @@ def run_demo(
         f"try it: lorakit generate --adapter {adapter} --chat --system "
         f'"{INSTRUCTION}" --max-new-tokens 16 "{examples[1].prompt[-1]["content"]}"'
     )
+    log.info(
+        f"for llama.cpp / Ollama: lorakit export --adapter {adapter} --format gguf "
+        f"--outtype q8_0 --output {out / 'model.gguf'}"
+    )
     return 0
 
 
