@@ -370,3 +370,17 @@ def test_cli_export_errors_are_one_line(args, message, tmp_path):
     done = lorakit("export", "--output", out, *args, env={})
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert any(m in done.stderr for m in message.split("|")), done.stderr
+
+
+def test_qlora_base_is_dequantized_exactly_before_merging(tmp_path, smol_tokenizer):
+    """A LoRA model on a 4-bit base: the GGUF holds the NF4 values plus the adapters, as
+    `export_merged` (the merge lorakit recommends for QLoRA) writes them."""
+    from lorakit.base import quantize_model
+
+    base = quantize_model(tiny("llama", len(smol_tokenizer), tie_word_embeddings=False), "nf4")
+    lora = adapted(base)
+    export_merged(lora, tmp_path / "merged", "float32")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    read = read_gguf_model(export_gguf(lora, tmp_path / "m.gguf", smol_tokenizer, "f32"))
+    for key, got in read.state_dict().items():
+        assert torch.equal(got, merged[key]), key
