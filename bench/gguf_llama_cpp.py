@@ -109,7 +109,8 @@ def main() -> None:
     }
     ours = lorakit_answers(adapter, prompts, eos)
     sides = {
-        "llama.cpp base f32 GGUF + adapter GGUF": (work / "base-f32.gguf", work / "adapter-f32.gguf"),
+        "llama.cpp base f32 GGUF + adapter GGUF": (work / "base-f32.gguf",
+                                                   work / "adapter-f32.gguf"),
         "llama.cpp merged f32 GGUF": (work / "merged-f32.gguf", None),
         "llama.cpp merged q8_0 GGUF": (work / "merged-q8_0.gguf", None),
         "llama.cpp packaged Q4_1 base + adapter GGUF": (find_default_gguf(),
