@@ -76,6 +76,16 @@ def test_merged_f32_gguf_gives_the_merged_models_logits(arch, tmp_path, smol_tok
     assert diff <= 1e-5, diff
 
 
+def test_a_bare_base_exports_whole(tmp_path, smol_tokenizer):
+    """Without an adapter (`lorakit export` with no --adapter): the causal LM with its head,
+    not the decoder stack a transformers model keeps under `.model`."""
+    model = tiny("llama", len(smol_tokenizer), tie_word_embeddings=False)
+    path = export_gguf(model, tmp_path / "m.gguf", smol_tokenizer, "f32")
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+    ids = torch.randint(0, len(smol_tokenizer), (1, 9), generator=torch.Generator().manual_seed(0))
+    assert (logits(read_gguf_model(path), ids) - logits(model, ids)).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("outtype, dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
 def test_f16_bf16_are_the_merged_weights_rounded_once(outtype, dtype, tmp_path, smol_tokenizer):
     """llama.cpp's convention: matrices in the 16-bit type, 1-D tensors (norms) in F32."""
@@ -252,11 +262,12 @@ def test_expert_parameters_adapter_is_refused(tmp_path, smol_tokenizer):
 @pytest.mark.parametrize("model, match", [
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1,
                                                                    n_head=2)), "supports"),
-    (lambda: tiny("llama", 64, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5,
-                                                "factor": 8.0, "low_freq_factor": 1.0,
-                                                "high_freq_factor": 4.0,
-                                                "original_max_position_embeddings": 64}),
-     "RoPE scaling"),
+    (lambda: tiny("llama", 64, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
+                                                "factor": 4.0,
+                                                "original_max_position_embeddings": 32}),
+     "RoPE types default, linear, llama3"),
+    (lambda: tiny("qwen2", 64, rope_parameters={"rope_type": "linear", "rope_theta": 1e4,
+                                                "factor": 2.0}), "RoPE types default;"),
     (lambda: tiny("qwen3_moe", 64, norm_topk_prob=False), "norm_topk_prob"),
 ])
 def test_models_llama_cpp_would_compute_otherwise_are_refused(model, match, tmp_path,
@@ -384,3 +395,35 @@ def test_qlora_base_is_dequantized_exactly_before_merging(tmp_path, smol_tokeniz
     read = read_gguf_model(export_gguf(lora, tmp_path / "m.gguf", smol_tokenizer, "f32"))
     for key, got in read.state_dict().items():
         assert torch.equal(got, merged[key]), key
+
+
+def llama3_factors(theta: float, dim: int, factor: float, low: float, high: float, old: int):
+    """Meta's Llama 3.1 RoPE scaling in float64: what each pair's frequency is divided by."""
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * np.pi * theta ** (i / dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("rope", ["linear", "llama3"])
+def test_scaled_rope_is_written_as_llama_cpps_rope_freqs(rope, tmp_path, smol_tokenizer):
+    """llama.cpp's llama graph divides each pair's frequency by `rope_freqs`; the closed form
+    (head_dim 16: pairs in all three llama3 regimes with a 64-token original context)."""
+    params = {"rope_type": rope, "rope_theta": 1e4, "factor": 8.0}
+    if rope == "llama3":
+        params.update(low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=64)
+    model = tiny("llama", len(smol_tokenizer), rope_parameters=params)
+    path = export_gguf(model, tmp_path / "m.gguf", smol_tokenizer, "f32")
+    [freqs] = [t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight"]
+    want = (llama3_factors(1e4, 16, 8.0, 1.0, 4.0, 64) if rope == "llama3"
+            else np.full(8, 8.0))
+    assert len(set(np.round(want, 6))) == (4 if rope == "llama3" else 1)
+    np.testing.assert_allclose(np.array(freqs.data), want, rtol=1e-6)

@@ -44,6 +44,12 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     return model
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model a LoraModel wraps, or `model` itself. (A transformers causal LM
+    has a `.model` too, its decoder stack without the head, so that attribute does not tell.)"""
+    return model.model if hasattr(model, "peft_config") else model
+
+
 def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of the plain model a LoRA model on a (quantized) base stands for, one at a
     time under their state-dict names: each LoRA layer's dense base weight plus its active
@@ -110,7 +116,7 @@ def export_merged(
     opens it. The LoRA model itself is left unchanged. The directory appears atomically.
     """
     torch_dtype = resolve_dtype(dtype)
-    base = getattr(lora_model, "model", lora_model)  # LoraModel wraps the transformers model
+    base = unwrapped(lora_model)
     state = _merged_state_dict(base, torch_dtype)
     config = compat.unquantized_config(base.config)
     with torch.device("meta"):  # no allocation, no random init: every tensor is assigned below

@@ -25,11 +25,12 @@ from torch import nn
 
 from lorakit.atomic import atomic_file
 from lorakit.errors import ConfigError
-from lorakit.lora.export import merged_tensors
+from lorakit.lora.export import merged_tensors, unwrapped
 from lorakit.lora.gguf_meta import (
     Architecture,
     architecture_of,
     permute_rows,
+    rope_factors,
     write_hparams,
     write_tokenizer,
 )
@@ -128,6 +129,9 @@ def _model_tensors(model: nn.Module, config: Any, arch: Architecture):
         if key == "lm_head.weight" and tied and np.array_equal(array, embedding):
             continue
         yield from _gguf_tensors(key, array, config, arch, tensor_map)
+    factors = rope_factors(model)
+    if factors is not None:
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
 
 
 def export_gguf(
@@ -140,7 +144,7 @@ def export_gguf(
     """Write the LoRA model (its active adapters merged; a bare transformers model works too)
     as one GGUF model file at `path`, atomically. Returns the path."""
     kind = check_outtype(outtype)
-    base = getattr(lora_model, "model", lora_model)
+    base = unwrapped(lora_model)
     config = base.config
     arch = architecture_of(config)
     file_type, want = OUTTYPES[kind]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gguf
+import numpy as np
 
 from lorakit.errors import ConfigError
 
@@ -26,16 +27,19 @@ class Architecture:
     # its converter permutes the rows of q_proj / k_proj (and of a LoRA B on them) to match
     permute_qk: bool = False
     moe: bool = False
+    # RoPE types whose frequencies llama.cpp's graph takes as `rope_freqs` divisors
+    rope_types: tuple[str, ...] = ("default",)
 
     @property
     def name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.arch]
 
 
+_SCALED = ("default", "linear", "llama3")  # static frequencies, no attention scaling
 # transformers model_type -> llama.cpp architecture (Mistral runs on llama.cpp's llama graph)
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "mistral": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "llama": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_types=_SCALED),
+    "mistral": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True, rope_types=_SCALED),
     "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2),
     "qwen3": Architecture(gguf.MODEL_ARCH.QWEN3),
     "qwen3_moe": Architecture(gguf.MODEL_ARCH.QWEN3MOE, moe=True),
@@ -52,11 +56,11 @@ def architecture_of(config: Any) -> Architecture:
             f"model is {config.model_type!r} (llama.cpp's convert_hf_to_gguf.py may convert "
             f"the merged directory that `lorakit merge` writes)"
         )
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
+    rope = rope_type(config)
+    if rope not in found.rope_types:
         raise ConfigError(
-            f"GGUF export writes models without RoPE scaling; this model uses "
-            f"{rope['rope_type']!r} scaling"
+            f"GGUF export of {config.model_type!r} models takes RoPE types "
+            f"{', '.join(found.rope_types)}; this model uses {rope!r}"
         )
     if found.moe and not getattr(config, "norm_topk_prob", True):
         raise ConfigError(
@@ -64,6 +68,26 @@ def architecture_of(config: Any) -> Architecture:
             "this model does not (norm_topk_prob=False), so its GGUF would compute otherwise"
         )
     return found
+
+
+def rope_type(config: Any) -> str:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def rope_factors(model: Any) -> np.ndarray | None:
+    """llama.cpp's `rope_freqs`: per rotary pair, what its graph divides the unscaled frequency
+    base^(-2i/d) by, read off the frequencies the model itself computes with (linear: the
+    factor everywhere; llama3: 1 for fast pairs, the factor for slow ones, smooth between).
+    None for unscaled RoPE."""
+    config = model.config
+    if rope_type(config) == "default":
+        return None
+    rotary = next(m for m in model.modules() if hasattr(m, "inv_freq"))
+    dim = head_dim(config)
+    unscaled = float(config.rope_parameters["rope_theta"]) ** (
+        -np.arange(0, dim, 2, dtype=np.float64) / dim
+    )
+    return (unscaled / rotary.inv_freq.double().cpu().numpy()).astype(np.float32)
 
 
 def head_dim(config: Any) -> int:
