@@ -6,10 +6,11 @@ transformers: the logits of a tiny random model with a LoRA adapter, merged GGUF
     .venv/bin/python bench/gguf_architectures.py [--tokens 200]
 
 tests/test_gguf.py checks the same files with transformers' GGUF reader, which does not read
-`rope_freqs` and only knows some keys; this is the check in llama.cpp's own graphs (its RoPE
-layout, Qwen3's q/k norms, the MoE expert tensors, scaled RoPE). Models: 2 layers, hidden 64,
-SmolLM2's tokenizer (49152 tokens), LoRA r=4 on all linear layers with random A and B; the
-reference is the merged model in transformers, fp32, on one sequence of random token ids.
+`rope_freqs`, has no Mixtral and only knows some keys; this is the check in llama.cpp's own
+graphs (its RoPE layout, Qwen3's q/k norms, the MoE expert tensors, scaled RoPE). Models: 2
+layers, hidden 64, SmolLM2's tokenizer (49152 tokens), LoRA r=4 on all linear layers with
+random A and B (the MoE models: attention only); the reference is the merged model in
+transformers, fp32, on one sequence of random token ids.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ CASES = {
     "qwen2 (q/k/v biases)": ("qwen2", {}),
     "qwen3 (q/k norms)": ("qwen3", {}),
     "qwen3_moe": ("qwen3_moe", {}),
+    "mixtral": ("mixtral", {}),
 }
 # llama.cpp's LoRA GGUF has no layout lorakit checked for fused expert weights, so the MoE
 # adapter stays on attention (all-linear includes the experts, and the export refuses those)
-ADAPTER = {"qwen3_moe": EXPERTS_KEPT}
+ADAPTER = {"qwen3_moe": EXPERTS_KEPT, "mixtral": EXPERTS_KEPT}
 
 
 def llama_cpp_logits(path: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:

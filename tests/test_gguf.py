@@ -40,7 +40,9 @@ ARCHS = {
     "qwen3": ("Qwen3Config", dict(head_dim=128)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, moe_intermediate_size=768, num_experts=4,
                                          num_experts_per_tok=2, norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
 }
+READABLE = [a for a in ARCHS if a != "mixtral"]  # transformers' GGUF reader has no Mixtral
 
 
 def tiny(arch: str, vocab_size: int, seed: int = 0, **kw):
@@ -65,7 +67,7 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", READABLE)
 def test_merged_f32_gguf_gives_the_merged_models_logits(arch, tmp_path, smol_tokenizer):
     lora = adapted(tiny(arch, len(smol_tokenizer)))
     export_merged(lora, tmp_path / "merged", "float32", smol_tokenizer)
@@ -84,6 +86,30 @@ def test_a_bare_base_exports_whole(tmp_path, smol_tokenizer):
     assert "output.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
     ids = torch.randint(0, len(smol_tokenizer), (1, 9), generator=torch.Generator().manual_seed(0))
     assert (logits(read_gguf_model(path), ids) - logits(model, ids)).abs().max() <= 1e-5
+
+
+def test_mixtral_is_llama_cpps_llama_graph_with_experts(tmp_path, smol_tokenizer):
+    """No transformers reader for Mixtral GGUF: the tensors against the merged checkpoint
+    (experts split into gate, up and down, q/k rows permuted), and the MoE keys llama.cpp reads.
+    bench/gguf_architectures.py runs it in llama.cpp."""
+    lora = adapted(tiny("mixtral", len(smol_tokenizer)))
+    export_merged(lora, tmp_path / "merged", "float32")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    reader = gguf.GGUFReader(export_gguf(lora, tmp_path / "m.gguf", smol_tokenizer, "f32"))
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("llama.")}
+    assert fields["llama.expert_count"] == 4 and fields["llama.expert_used_count"] == 2
+    assert fields["llama.feed_forward_length"] == 96
+    got = {t.name: np.array(t.data) for t in reader.tensors}
+    # transformers saves Mixtral in its original per-expert layout: w1 gate, w3 up, w2 down
+    moe = "model.layers.1.block_sparse_moe."
+    for kind, w in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+        for e in range(4):
+            np.testing.assert_array_equal(got[f"blk.1.ffn_{kind}_exps.weight"][e],
+                                          merged[f"{moe}experts.{e}.{w}.weight"].numpy())
+    np.testing.assert_array_equal(got["blk.1.ffn_gate_inp.weight"],
+                                  merged[moe + "gate.weight"].numpy())
+    np.testing.assert_array_equal(got["blk.1.attn_k.weight"], permute_rows(
+        merged["model.layers.1.self_attn.k_proj.weight"].numpy(), 2))
 
 
 @pytest.mark.parametrize("outtype, dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])

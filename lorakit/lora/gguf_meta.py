@@ -27,6 +27,9 @@ class Architecture:
     # its converter permutes the rows of q_proj / k_proj (and of a LoRA B on them) to match
     permute_qk: bool = False
     moe: bool = False
+    experts: str = "num_experts"  # the config's name for the number of experts
+    # the config's name for one expert's width, where it is not `intermediate_size`
+    expert_width: str | None = "moe_intermediate_size"
     # RoPE types whose frequencies llama.cpp's graph takes as `rope_freqs` divisors
     rope_types: tuple[str, ...] = ("default",)
 
@@ -43,6 +46,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2),
     "qwen3": Architecture(gguf.MODEL_ARCH.QWEN3),
     "qwen3_moe": Architecture(gguf.MODEL_ARCH.QWEN3MOE, moe=True),
+    "mixtral": Architecture(
+        gguf.MODEL_ARCH.LLAMA,
+        permute_qk=True,
+        moe=True,
+        experts="num_local_experts",
+        expert_width=None,
+        rope_types=_SCALED,
+    ),
 }
 
 
@@ -64,7 +75,7 @@ def architecture_of(config: Any) -> Architecture:
         )
     if found.moe and not getattr(config, "norm_topk_prob", True):
         raise ConfigError(
-            "llama.cpp's qwen3moe graph renormalizes the chosen experts' routing weights; "
+            "llama.cpp's MoE graphs renormalize the chosen experts' routing weights; "
             "this model does not (norm_topk_prob=False), so its GGUF would compute otherwise"
         )
     return found
@@ -119,13 +130,12 @@ def write_hparams(writer: gguf.GGUFWriter, config: Any, arch: Architecture) -> N
     if dim != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(dim)
         writer.add_value_length(dim)
+    writer.add_feed_forward_length(config.intermediate_size)
     if arch.moe:
-        writer.add_expert_count(config.num_experts)
+        writer.add_expert_count(getattr(config, arch.experts))
         writer.add_expert_used_count(config.num_experts_per_tok)
-        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-        writer.add_feed_forward_length(config.intermediate_size)
-    else:
-        writer.add_feed_forward_length(config.intermediate_size)
+        if arch.expert_width is not None:
+            writer.add_expert_feed_forward_length(getattr(config, arch.expert_width))
 
 
 # ---------------------------------------------------------------------------------- tokenizer
