@@ -453,3 +453,16 @@ def test_scaled_rope_is_written_as_llama_cpps_rope_freqs(rope, tmp_path, smol_to
             else np.full(8, 8.0))
     assert len(set(np.round(want, 6))) == (4 if rope == "llama3" else 1)
     np.testing.assert_allclose(np.array(freqs.data), want, rtol=1e-6)
+
+
+def test_a_sliding_window_llama_cpp_lacks_is_said(tmp_path, smol_tokenizer, caplog):
+    """Mistral v0.1 looks back 4096 tokens; llama.cpp's llama graph (as its own converter
+    writes Mistral) attends to everything: exported, with one warning line."""
+    model = tiny("mistral", len(smol_tokenizer), sliding_window=4096)
+    with caplog.at_level("WARNING"):
+        export_gguf(model, tmp_path / "m.gguf", smol_tokenizer, "f32")
+    assert "past 4096 tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        export_gguf(tiny("qwen2", len(smol_tokenizer)), tmp_path / "q.gguf", smol_tokenizer)
+    assert "past" not in caplog.text  # Qwen2's window is off unless use_sliding_window

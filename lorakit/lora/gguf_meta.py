@@ -16,6 +16,9 @@ import gguf
 import numpy as np
 
 from lorakit.errors import ConfigError
+from lorakit.log import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ def architecture_of(config: Any) -> Architecture:
         raise ConfigError(
             f"GGUF export of {config.model_type!r} models takes RoPE types "
             f"{', '.join(found.rope_types)}; this model uses {rope!r}"
+        )
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        log.warning(
+            f"llama.cpp's {found.name} graph attends to the whole context; this model looks "
+            f"back {window} tokens only, so its GGUF answers differently past {window} tokens"
         )
     if found.moe and not getattr(config, "norm_topk_prob", True):
         raise ConfigError(
